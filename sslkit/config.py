@@ -1,0 +1,266 @@
+"""The one typed config tree: defaults live here and nowhere else.
+
+A recipe is a YAML file under ``configs/``; the command line layers dotted
+``key=value`` overrides on top. Everything is validated against the dataclasses
+below before any heavy work starts, and unknown keys are refused with a message
+that names the key (and the closest known one).
+
+    cfg = load_config("configs/demo.yaml", ["optim.lr=3e-4", "train.max_steps=50"])
+    cfg.optim.lr  # 0.0003
+"""
+
+from __future__ import annotations
+
+import difflib
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config the user wrote cannot be used; the message says what and how to fix it."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    dir: Optional[str] = None  # default: runs/<name>
+    seed: int = 0
+    resume: str = "auto"  # auto | false | path to a checkpoint directory
+
+
+@dataclass
+class ViewsConfig:
+    recipe: str = "local_global"  # local_global (CCRL) | global_global (both views uncropped)
+    local: str = "query"  # which branch gets the random resized crop: query | key
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])  # b, c, s, hue
+    p_jitter: float = 0.8
+    p_gray: float = 0.2
+    p_blur: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    rotation: float = 180.0  # degrees, uniform in [0, rotation]
+    flips: bool = True
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards/demo/train"  # folder with manifest.json, brace pattern or URL
+    manifest: Optional[str] = None  # default: manifest.json beside the shards
+    size: int = 32
+    channels: int = 3
+    batch_size: int = 256  # per process
+    workers: int = 2
+    shuffle_buffer: int = 2000
+    labels: str = "cls"  # sample field holding the integer class (used by evaluation only in CCRL)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "preact_resnet18"  # any timm model name, or preact_resnet18 (3x3 stem, 32x32)
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {width: 32}
+    in_chans: int = 3
+    projector: list[int] = field(default_factory=lambda: [128, 64])  # hidden, out (input = backbone dim)
+    predictor: list[int] = field(default_factory=lambda: [32, 64])  # hidden, out
+    channels_last: bool = True
+
+
+@dataclass
+class MethodConfig:
+    name: str = "ccrl"
+    tau: float = 0.07
+    queue_size: int = 65536
+    momentum: float = 0.999
+    in_batch_negatives: bool = True  # CCRL: True; MoCo v2: False
+    use_predictor: bool = True
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | constant
+    min_lr: float = 0.0
+    grad_clip: Optional[float] = None
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    precision: str = "no"  # no | bf16 | fp16
+    grad_accum: int = 1
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_ckpts: int = 2
+    eval_every: int = 0  # 0: evaluate only at the end (when called by `demo`)
+    compile: bool = False
+    threads: int = 0  # torch intra-op threads per process; 0 leaves torch's default
+
+
+@dataclass
+class EvalConfig:
+    shards: Optional[str] = None  # default: data.shards
+    encoder: str = "momentum"  # momentum | query
+    features: str = "backbone"  # backbone | projector
+    normalize: bool = True
+    k: Optional[int] = None  # k-means clusters; default: number of classes
+    restarts: int = 5
+    niter: int = 50
+    max_points_per_centroid: int = 1_000_000  # faiss subsamples above k * this; set high on purpose
+    knn_k: int = 20
+    knn_tau: float = 0.07
+    batch_size: int = 512
+    max_samples: Optional[int] = None
+    baselines: bool = True
+
+
+@dataclass
+class TrackerConfig:
+    name: str = "wandb"  # wandb | tensorboard | none
+    project: str = "sslkit"
+    mode: str = "offline"  # offline | online (online needs WANDB_API_KEY)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+
+
+CHOICES = {
+    "data.views.recipe": ("local_global", "global_global"),
+    "data.views.local": ("query", "key"),
+    "method.name": ("ccrl", "moco"),
+    "optim.name": ("adam", "adamw", "sgd"),
+    "optim.schedule": ("cosine", "constant"),
+    "train.precision": ("no", "bf16", "fp16"),
+    "eval.encoder": ("momentum", "query"),
+    "eval.features": ("backbone", "projector"),
+    "tracker.name": ("wandb", "tensorboard", "none"),
+    "tracker.mode": ("offline", "online"),
+}
+
+
+def _known_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in node.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        if isinstance(value, DictConfig) and OmegaConf.get_type(value) is not dict:
+            keys.extend(_known_keys(value, dotted + "."))
+    return keys
+
+
+def _unknown_key_error(err: ConfigKeyError, schema: DictConfig, source: str) -> ConfigError:
+    full_key = getattr(err, "full_key", None) or str(err).split("'")[1]
+    hint = difflib.get_close_matches(full_key, _known_keys(schema), n=1)
+    fix = f" Did you mean '{hint[0]}'?" if hint else " See the sections in configs/ccrl.yaml."
+    return ConfigError(f"Unknown config key '{full_key}' in {source}.{fix}")
+
+
+def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as err:
+        raise _unknown_key_error(err, base, source) from None
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", "?")
+        reason = str(err.msg).splitlines()[0]
+        raise ConfigError(f"Bad value for config key '{key}' in {source}: {reason}.") from None
+
+
+def _parse_override(item: str) -> DictConfig:
+    if "=" not in item:
+        raise ConfigError(f"Override '{item}' is not of the form key=value (for example optim.lr=3e-4).")
+    try:
+        return OmegaConf.from_dotlist([item])
+    except OmegaConfBaseException as err:
+        reason = str(err.msg).splitlines()[0]
+        raise ConfigError(f"Cannot parse override '{item}': {reason}.") from None
+
+
+def validate(cfg: Config) -> None:
+    """Check the values that the types alone cannot; raise ConfigError naming the key."""
+    for dotted, allowed in CHOICES.items():
+        value = OmegaConf.select(OmegaConf.structured(cfg), dotted)
+        if value not in allowed:
+            raise ConfigError(f"Config key '{dotted}' is '{value}'; choose one of {', '.join(allowed)}.")
+    positive = {
+        "data.size": cfg.data.size, "data.batch_size": cfg.data.batch_size,
+        "train.max_steps": cfg.train.max_steps, "train.grad_accum": cfg.train.grad_accum,
+        "method.queue_size": cfg.method.queue_size, "method.tau": cfg.method.tau,
+        "optim.lr": cfg.optim.lr, "eval.knn_k": cfg.eval.knn_k,
+    }
+    for dotted, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"Config key '{dotted}' must be positive, got {value}.")
+    if not 0.0 <= cfg.method.momentum < 1.0:
+        raise ConfigError(f"Config key 'method.momentum' must be in [0, 1), got {cfg.method.momentum}.")
+    if cfg.data.workers < 0:
+        raise ConfigError(f"Config key 'data.workers' must be 0 or more, got {cfg.data.workers}.")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, validated; returns a typed ``Config``."""
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file '{path}' does not exist; pick one of the recipes in configs/.")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as err:  # yaml errors come in many types
+            raise ConfigError(f"Config file '{path}' is not valid YAML: {err}") from None
+        merged = _merge(merged, loaded, str(path))
+    for item in overrides:
+        merged = _merge(merged, _parse_override(item), f"override '{item}'")
+    cfg: Config = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``to_dict`` output (as stored in a run directory)."""
+    return OmegaConf.to_object(_merge(OmegaConf.structured(Config), OmegaConf.create(data), "stored config"))
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / cfg.run.name
+
+
+def git_sha() -> Optional[str]:
+    """The commit of the sslkit checkout, or None when not run from a git clone."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=5, check=True,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+__all__ = ["Config", "ConfigError", "load_config", "to_yaml", "to_dict", "from_dict", "run_dir", "git_sha", "MISSING"]
