@@ -66,7 +66,8 @@ class ModelConfig:
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {width: 32}
     in_chans: int = 3
     projector: list[int] = field(default_factory=lambda: [128, 64])  # hidden, out (input = backbone dim)
-    predictor: list[int] = field(default_factory=lambda: [32, 64])  # hidden, out
+    predictor: list[int] = field(default_factory=lambda: [32, 64])  # hidden, out (out = projector out)
+    head_norm: bool = True  # BatchNorm in the hidden layer of the heads
     channels_last: bool = True
 
 
@@ -101,8 +102,6 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 500
     keep_ckpts: int = 2
-    eval_every: int = 0  # 0: evaluate only at the end (when called by `demo`)
-    compile: bool = False
     threads: int = 0  # torch intra-op threads per process; 0 leaves torch's default
 
 
@@ -145,7 +144,7 @@ class Config:
 CHOICES = {
     "data.views.recipe": ("local_global", "global_global"),
     "data.views.local": ("query", "key"),
-    "method.name": ("ccrl", "moco"),
+    "method.name": ("ccrl",),
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.schedule": ("cosine", "constant"),
     "train.precision": ("no", "bf16", "fp16"),
@@ -209,8 +208,15 @@ def validate(cfg: Config) -> None:
     for dotted, value in positive.items():
         if not value > 0:
             raise ConfigError(f"Config key '{dotted}' must be positive, got {value}.")
-    if not 0.0 <= cfg.method.momentum < 1.0:
-        raise ConfigError(f"Config key 'method.momentum' must be in [0, 1), got {cfg.method.momentum}.")
+    if len(cfg.model.projector) != 2 or len(cfg.model.predictor) != 2:
+        raise ConfigError("Config keys 'model.projector' and 'model.predictor' are [hidden, out] lists.")
+    if cfg.model.predictor[1] != cfg.model.projector[1]:
+        raise ConfigError(
+            f"Config key 'model.predictor' must end at the projector's size {cfg.model.projector[1]}, "
+            f"got {cfg.model.predictor[1]}."
+        )
+    if not 0.0 <= cfg.method.momentum <= 1.0:
+        raise ConfigError(f"Config key 'method.momentum' must be in [0, 1], got {cfg.method.momentum}.")
     if cfg.data.workers < 0:
         raise ConfigError(f"Config key 'data.workers' must be 0 or more, got {cfg.data.workers}.")
 
@@ -227,11 +233,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except Exception as err:  # yaml errors come in many types
             raise ConfigError(f"Config file '{path}' is not valid YAML: {err}") from None
         merged = _merge(merged, loaded, str(path))
+    return apply_overrides(OmegaConf.to_object(merged), overrides)
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """``cfg`` with dotted ``key=value`` overrides applied, validated."""
+    merged = OmegaConf.structured(cfg)
     for item in overrides:
         merged = _merge(merged, _parse_override(item), f"override '{item}'")
-    cfg: Config = OmegaConf.to_object(merged)
-    validate(cfg)
-    return cfg
+    out: Config = OmegaConf.to_object(merged)
+    validate(out)
+    return out
 
 
 def to_yaml(cfg: Config) -> str:
@@ -263,4 +275,4 @@ def git_sha() -> Optional[str]:
         return None
 
 
-__all__ = ["Config", "ConfigError", "load_config", "to_yaml", "to_dict", "from_dict", "run_dir", "git_sha", "MISSING"]
+__all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "to_yaml", "to_dict", "from_dict", "run_dir", "git_sha", "MISSING"]

@@ -1,0 +1,159 @@
+"""The ``sslkit`` command. Every training command runs unchanged under ``accelerate launch``:
+
+    sslkit demo
+    sslkit shard synthetic --out shards/demo/train --num 20000
+    sslkit pretrain configs/ccrl.yaml data.shards=shards/consep optim.lr=3e-4
+    accelerate launch --config_file launch/cpu-2proc.yaml -m sslkit pretrain demo
+    sslkit evaluate runs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from sslkit.config import ConfigError
+
+RECIPES = Path(__file__).resolve().parent / "configs"
+
+
+def recipe_path(name: str) -> Path:
+    """A YAML path as given, or a recipe name such as ``demo`` or ``ccrl`` shipped with sslkit."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    packaged = RECIPES / f"{name}.yaml"
+    if packaged.is_file():
+        return packaged
+    known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+    raise ConfigError(f"No config file or recipe named '{name}'; give a YAML path or one of: {known}.")
+
+
+def _cmd_shard_synthetic(args: argparse.Namespace) -> None:
+    from sslkit.sharding.synthetic import make_synthetic
+
+    manifest = make_synthetic(args.out, num_samples=args.num, size=args.size, seed=args.seed,
+                              shard_size=args.shard_size, prefix=args.prefix)
+    print(f"Wrote {manifest['num_samples']} crops in {len(manifest['shards'])} shards to {args.out}.")
+
+
+def _cmd_shard_verify(args: argparse.Namespace) -> None:
+    from sslkit.sharding.manifest import verify_shards
+
+    report = verify_shards(args.folder)
+    print(json.dumps(report, indent=2))
+    if not report["ok"]:
+        raise SystemExit(1)
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> None:
+    from sslkit.config import load_config
+    from sslkit.engine import train
+
+    cfg = load_config(recipe_path(args.config), args.overrides)
+    out = train(cfg)
+    print(f"Run directory: {out}")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from sslkit.evaluate.run import evaluate_run, format_table
+
+    results = evaluate_run(args.run_dir, overrides=args.overrides)
+    print(format_table(results))
+
+
+def _cmd_embed(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from sslkit.data.stream import resolve_shards
+    from sslkit.embed import embed_shards
+    from sslkit.evaluate.run import load_trained
+
+    cfg, method, _ = load_trained(Path(args.run_dir))
+    shards = resolve_shards(args.shards or cfg.eval.shards or cfg.data.shards)
+    fn = lambda x: method.embed(x, encoder=args.encoder, features=args.features)  # noqa: E731
+    feats, labels, keys = embed_shards(fn, shards, size=cfg.data.size, channels=cfg.data.channels,
+                                       batch_size=cfg.eval.batch_size, workers=cfg.data.workers)
+    out = Path(args.out or Path(args.run_dir) / "embeddings")
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "embeddings.npy", feats)
+    np.save(out / "labels.npy", labels)
+    (out / "keys.txt").write_text("\n".join(keys) + "\n")
+    print(f"Wrote {feats.shape[0]} x {feats.shape[1]} embeddings to {out}.")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from sslkit.demo import run_demo
+
+    run_demo(shards=Path(args.shards), overrides=args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sslkit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    shard = sub.add_parser("shard", help="write WebDataset shards + manifest.json")
+    shard_sub = shard.add_subparsers(dest="source", required=True)
+    syn = shard_sub.add_parser("synthetic", help="procedural H&E-like nucleus crops (the demo data)",
+                               epilog="example: sslkit shard synthetic --out shards/demo/train --num 20000")
+    syn.add_argument("--out", required=True, help="output folder")
+    syn.add_argument("--num", type=int, default=20000, help="number of crops (default 20000)")
+    syn.add_argument("--size", type=int, default=32, help="crop side in pixels (default 32)")
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--shard-size", type=int, default=2000, help="crops per shard (default 2000)")
+    syn.add_argument("--prefix", default="demo")
+    syn.set_defaults(fn=_cmd_shard_synthetic)
+    ver = shard_sub.add_parser("verify", help="re-hash shards and check them against manifest.json",
+                               epilog="example: sslkit shard verify shards/demo/train")
+    ver.add_argument("folder")
+    ver.set_defaults(fn=_cmd_shard_verify)
+
+    pre = sub.add_parser("pretrain", help="pretrain a method on shards",
+                         epilog="example: sslkit pretrain configs/ccrl.yaml data.shards=shards/consep train.max_steps=1000")
+    pre.add_argument("config", help="YAML file or recipe name (demo, ccrl)")
+    pre.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    pre.set_defaults(fn=_cmd_pretrain)
+
+    ev = sub.add_parser("evaluate", help="k-means + kNN of a run's embeddings, with baselines",
+                        epilog="example: sslkit evaluate runs/demo eval.encoder=query")
+    ev.add_argument("run_dir")
+    ev.add_argument("overrides", nargs="*", help="dotted key=value overrides (eval.*)")
+    ev.set_defaults(fn=_cmd_evaluate)
+
+    emb = sub.add_parser("embed", help="write embeddings.npy, labels.npy, keys.txt for shards",
+                         epilog="example: sslkit embed runs/demo --shards shards/demo/eval")
+    emb.add_argument("run_dir")
+    emb.add_argument("--shards", help="shards to embed (default: eval.shards, else data.shards)")
+    emb.add_argument("--encoder", choices=("momentum", "query"), default="momentum")
+    emb.add_argument("--features", choices=("backbone", "projector"), default="backbone")
+    emb.add_argument("--out", help="output folder (default RUN_DIR/embeddings)")
+    emb.set_defaults(fn=_cmd_embed)
+
+    demo = sub.add_parser("demo", help="make demo shards, pretrain CCRL, evaluate against baselines",
+                          epilog="example: sslkit demo train.max_steps=100")
+    demo.add_argument("--shards", default="shards/demo", help="demo shard folder (created on first use)")
+    demo.add_argument("overrides", nargs="*", help="dotted key=value overrides of configs/demo.yaml")
+    demo.set_defaults(fn=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.fn(args)
+    except (ConfigError, FileNotFoundError) as err:
+        if args.debug:
+            raise
+        print(f"sslkit: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

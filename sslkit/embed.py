@@ -1,0 +1,48 @@
+"""Embeddings from shards: every rank embeds its share, the main process gets them all.
+
+    feats, labels, keys = embed_shards(lambda x: method.embed(x), shards, size=32, channels=3, ...)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sslkit import dist
+from sslkit.data.stream import ShardSet, eval_loader
+
+
+@torch.no_grad()
+def embed_shards(
+    fn: Callable[[Tensor], Tensor], shards: ShardSet, *, size: int, channels: int, batch_size: int = 512,
+    workers: int = 2, device: torch.device | str = "cpu", max_samples: int | None = None,
+    desc: str = "embed", channels_last: bool = False,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Apply ``fn`` ((B, C, H, W) -> (B, D)) to every sample once; returns (N, D) float32, (N,) labels, keys.
+
+    Rows are sorted by sample key, so the result does not depend on the number of ranks.
+    """
+    loader = eval_loader(shards, size=size, channels=channels, batch_size=batch_size, workers=workers,
+                         rank=dist.rank(), world_size=dist.world_size(), max_samples=max_samples)
+    feats, labels, keys = [], [], []
+    total = shards.num_samples if max_samples is None else min(max_samples, shards.num_samples or max_samples)
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not dist.is_main_process(), dynamic_ncols=True, leave=False)
+    for batch in loader:
+        images = batch["image"].to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        feats.append(fn(images).float().cpu().numpy())
+        labels.append(batch["label"].numpy())
+        keys.extend(batch["key"])
+        bar.update(len(batch["key"]))
+    bar.close()
+    parts = dist.gather_objects((feats, labels, keys))
+    all_feats = np.concatenate([f for p in parts for f in p[0]]).astype(np.float32)
+    all_labels = np.concatenate([lab for p in parts for lab in p[1]]).astype(np.int64)
+    all_keys = [k for p in parts for k in p[2]]
+    order = np.argsort(np.asarray(all_keys), kind="stable")
+    return all_feats[order], all_labels[order], [all_keys[i] for i in order]

@@ -1,0 +1,147 @@
+"""train(cfg): the one training loop, readable top to bottom.
+
+Runs unchanged as one CPU process, under ``accelerate launch`` on N GPUs, or across
+nodes. Each rank builds its own shard stream (split by node and worker, equal batch
+counts); Accelerate wraps the model in DDP and handles precision and checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from sslkit.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from sslkit.config import Config, git_sha, run_dir, to_dict, to_yaml
+from sslkit.data.augment import build_views
+from sslkit.data.stream import ShardSet, resolve_shards, train_loader
+from sslkit.methods import build_method
+from sslkit.optim import build_lr_schedule, build_optimizer, set_lr
+from sslkit.tracking import RunLogger, tracker_backend
+
+log = logging.getLogger(__name__)
+
+
+def build_accelerator(cfg: Config, *, out_dir: Path) -> Accelerator:
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),  # without this, CPU ranks under a launcher run alone
+        mixed_precision=cfg.train.precision,
+        log_with=tracker_backend(cfg.tracker),
+        project_dir=str(out_dir),
+        # Each rank streams its own shards: never let Accelerate dispatch or split our batches.
+        dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False),
+        # The queue and BN statistics are buffers; broadcasting them every step costs and changes nothing.
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
+
+
+def batch_stream(shards: ShardSet, cfg: Config, *, batches_per_epoch: int, start: int) -> Iterator[dict[str, Any]]:
+    """Batches from micro-batch index ``start`` on; epoch e is seeded by (seed, e), so a resumed
+    run sees the batches a straight run would (the skipped part of the epoch is decoded and dropped)."""
+    views = build_views(cfg.data.views, size=cfg.data.size, channels=cfg.data.channels)
+    index = start
+    while True:
+        epoch, skip = divmod(index, batches_per_epoch)
+        loader = train_loader(shards, cfg.data, views=views, seed=cfg.run.seed,
+                              steps_per_epoch=batches_per_epoch, epoch=epoch)
+        for i, batch in enumerate(loader):
+            if i >= skip:
+                yield batch
+        index = (epoch + 1) * batches_per_epoch
+
+
+def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
+    out = {}
+    for name, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if channels_last and value.ndim == 4:
+                value = value.contiguous(memory_format=torch.channels_last)
+        out[name] = value
+    return out
+
+
+def train(cfg: Config) -> Path:
+    """Pretrain ``cfg.method.name`` for ``cfg.train.max_steps`` optimizer steps; returns the run directory."""
+    out_dir = run_dir(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    accelerator = build_accelerator(cfg, out_dir=out_dir)
+    set_seed(cfg.run.seed)  # identical initial weights on every rank
+
+    shards = resolve_shards(cfg.data.shards, manifest=cfg.data.manifest)
+    world = accelerator.num_processes
+    if shards.num_samples is None:
+        raise ValueError(f"Shards at '{cfg.data.shards}' have no manifest.json with num_samples; "
+                         "write one with `sslkit shard ...` or point data.manifest at it.")
+    batches_per_epoch = max(1, shards.num_samples // (cfg.data.batch_size * world))
+
+    model = build_method(cfg)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg.optim, model=model)
+    lrs = build_lr_schedule(cfg.optim, total_steps=cfg.train.max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    method = accelerator.unwrap_model(model)
+
+    ckpt_root = out_dir / "checkpoints"
+    state: dict[str, Any] = {"step": 0, "run_id": None}
+    resume_from = resolve_resume(cfg.run.resume, root=ckpt_root)
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, resume_from)
+        accelerator.print(f"Resuming from {resume_from} at step {state['step']}.")
+    tracker = RunLogger(accelerator, cfg, run_dir=out_dir, run_id=state.get("run_id"))
+    tracker.start()
+    if accelerator.is_main_process:
+        (out_dir / "config.yaml").write_text(f"# git: {git_sha() or 'unknown'}\n" + to_yaml(cfg))
+
+    step = int(state["step"])
+    accum = cfg.train.grad_accum
+    batches = batch_stream(shards, cfg, batches_per_epoch=batches_per_epoch, start=step * accum)
+    progress = tqdm(total=cfg.train.max_steps, initial=step, desc="pretrain", unit="step",
+                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    model.train()
+    corrupt, t0, done_since_log = 0, time.perf_counter(), 0
+    while step < cfg.train.max_steps:
+        set_lr(optimizer, float(lrs[step]))
+        for micro in range(accum):
+            batch = next(batches)
+            corrupt += int(batch.pop("corrupt", 0))
+            batch = _to_device(batch, accelerator.device, cfg.model.channels_last)
+            sync = nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
+            with sync:
+                out = model(batch)
+                accelerator.backward(out.loss / accum)
+        if cfg.optim.grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.after_optimizer_step(step)
+        step += 1
+        done_since_log += 1
+        progress.update(1)
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            elapsed = time.perf_counter() - t0
+            loss = accelerator.reduce(out.loss.detach(), reduction="mean").item()
+            pairs = done_since_log * accum * cfg.data.batch_size * world / max(elapsed, 1e-9)
+            logs = {**{k: float(v) for k, v in out.logs.items()}, "loss": loss,
+                    "lr": float(lrs[step - 1]), "pairs_per_s": pairs, "corrupt_samples": corrupt}
+            tracker.log(logs, step=step)
+            progress.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{pairs:.0f}")
+            t0, done_since_log = time.perf_counter(), 0
+        if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
+            state = {"step": step, "run_id": tracker.run_id, "config": to_dict(cfg), "git": git_sha()}
+            save_checkpoint(accelerator, root=ckpt_root, state=state, keep=cfg.train.keep_ckpts)
+    progress.close()
+    tracker.finish()
+    accelerator.wait_for_everyone()
+    return out_dir

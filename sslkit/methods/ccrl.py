@@ -1,0 +1,86 @@
+"""CCRL: momentum contrast for cell crops (Nakhli et al., 2023; METHODS.md section 1).
+
+Query side: backbone -> projector (512-128-64) -> predictor (64-32-64).
+Key side:   momentum copy of backbone + projector (no predictor), m = 0.999.
+Loss:       InfoNCE over the batch's keys from all ranks (in-batch negatives) and a
+            queue of past keys. With ``in_batch_negatives=False`` and no predictor this
+            is MoCo v2.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sslkit import dist
+from sslkit.config import Config
+from sslkit.losses import info_nce
+from sslkit.methods.base import StepOutput, register
+from sslkit.models import KeyQueue, MLPHead, MomentumEncoder, create_backbone
+
+
+class CCRL(nn.Module):
+    def __init__(
+        self, *, backbone: nn.Module, projector: nn.Module, predictor: nn.Module | None,
+        queue_size: int, key_dim: int, tau: float, momentum: float, in_batch_negatives: bool,
+    ) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(OrderedDict(backbone=backbone, projector=projector))
+        self.predictor = predictor
+        self.key_encoder = MomentumEncoder(self.encoder)
+        self.queue = KeyQueue(queue_size, key_dim)
+        self.tau, self.momentum, self.in_batch_negatives = tau, momentum, in_batch_negatives
+        self._pending: list[tuple[Tensor, Tensor]] = []  # gathered keys waiting for the optimizer step
+
+    def forward(self, batch: dict[str, Tensor]) -> StepOutput:
+        q = self.encoder(batch["query"])  # (B, P)
+        if self.predictor is not None:
+            q = self.predictor(q)  # (B, P)
+        with torch.no_grad():
+            k = F.normalize(self.key_encoder(batch["key"]).float(), dim=1)  # (B, P)
+        keys = dist.gather_no_grad(k)  # (world * B, P), rank order
+        labels = batch.get("label")
+        labels = torch.full((k.shape[0],), -1, dtype=torch.long, device=k.device) if labels is None else labels
+        positive = torch.arange(k.shape[0], device=k.device) + dist.rank() * k.shape[0]  # (B,)
+        queued, _ = self.queue.current()  # (F, P), F <= Q
+        loss = info_nce(q.float(), keys, positive=positive, queue=queued, tau=self.tau,
+                        in_batch=self.in_batch_negatives)
+        self._pending.append((keys, dist.gather_no_grad(labels)))
+        with torch.no_grad():
+            pos_sim = (F.normalize(q.float(), dim=1) * k).sum(dim=1).mean()
+        return StepOutput(loss, {"loss": loss.detach(), "pos_sim": pos_sim, "queue_filled": self.queue.filled.float()})
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int) -> None:
+        """theta_k <- m theta_k + (1 - m) theta_q, then enqueue this step's keys (all ranks')."""
+        self.key_encoder.update(self.encoder, self.momentum)
+        for keys, labels in self._pending:
+            self.queue.push(keys, labels)
+        self._pending.clear()
+
+    @torch.no_grad()
+    def embed(self, images: Tensor, *, encoder: str = "momentum", features: str = "backbone") -> Tensor:
+        """(N, C, H, W) -> (N, D) from the momentum (default) or query encoder."""
+        net = self.key_encoder.ema if encoder == "momentum" else self.encoder
+        return net.backbone(images) if features == "backbone" else net(images)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.encoder.backbone
+
+
+@register("ccrl")
+def build_ccrl(cfg: Config) -> CCRL:
+    m = cfg.model
+    backbone = create_backbone(m.backbone, in_chans=m.in_chans, **m.backbone_kwargs)
+    hidden, out = m.projector
+    projector = MLPHead(backbone.num_features, hidden, out, norm=m.head_norm)
+    predictor = MLPHead(out, m.predictor[0], m.predictor[1], norm=m.head_norm) if cfg.method.use_predictor else None
+    return CCRL(
+        backbone=backbone, projector=projector, predictor=predictor, queue_size=cfg.method.queue_size,
+        key_dim=out, tau=cfg.method.tau, momentum=cfg.method.momentum,
+        in_batch_negatives=cfg.method.in_batch_negatives,
+    )

@@ -1,0 +1,122 @@
+"""Tests of sslkit.evaluate.knn against a hand-worked vote and an independent torch kNN."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sslkit.evaluate import knn_eval, knn_predict
+
+
+def _torch_knn(bank, bank_y, query, *, k, tau, num_classes, leave_one_out=False):
+    """Reference: cosine matmul + topk + exp(sim / tau) vote, all in torch."""
+    b = torch.nn.functional.normalize(torch.as_tensor(bank, dtype=torch.float64), dim=1)
+    q = torch.nn.functional.normalize(torch.as_tensor(query, dtype=torch.float64), dim=1)
+    sim = q @ b.T  # (M, N)
+    if leave_one_out:
+        sim.fill_diagonal_(-float("inf"))
+    top_sim, top_idx = sim.topk(k, dim=1)  # (M, k)
+    labels = torch.as_tensor(bank_y)[top_idx]
+    scores = torch.zeros(q.shape[0], num_classes, dtype=torch.float64)
+    scores.scatter_add_(1, labels, (top_sim / tau).exp())
+    return scores.argmax(1).numpy(), scores.numpy()
+
+
+@pytest.mark.parametrize("leave_one_out", [False, True])
+def test_agrees_with_torch_reference(leave_one_out: bool) -> None:
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(5, 32))
+    bank_y = rng.integers(0, 5, size=600)
+    bank = centers[bank_y] * 0.4 + rng.normal(size=(600, 32))
+    query = bank if leave_one_out else rng.normal(size=(200, 32)) + centers[rng.integers(0, 5, 200)] * 0.4
+    preds, scores = knn_predict(
+        bank, bank_y, query, k=20, tau=0.07, num_classes=5, leave_one_out=leave_one_out
+    )
+    ref_preds, ref_scores = _torch_knn(
+        bank, bank_y, query, k=20, tau=0.07, num_classes=5, leave_one_out=leave_one_out
+    )
+    np.testing.assert_array_equal(preds, ref_preds)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-4)
+    assert len(np.unique(preds)) > 1  # not a degenerate all-one-class case
+
+
+def test_hand_worked_vote() -> None:
+    # Bank (not normalised on purpose): b0 = (2, 0) class 0, b1 = (0, 5) class 1,
+    # b2 = (3, 3) class 1. Query (1, 0). Cosine sims: 1, 0, 1/sqrt(2).
+    bank = np.array([[2.0, 0.0], [0.0, 5.0], [3.0, 3.0]])
+    bank_y = np.array([0, 1, 1])
+    query = np.array([[1.0, 0.0]])
+    s = 1 / math.sqrt(2)
+    # tau = 0.5: class 0 = e^2 = 7.389; class 1 = e^0 + e^(2s) = 1 + 4.113 = 5.113 -> 0.
+    preds, scores = knn_predict(bank, bank_y, query, k=3, tau=0.5)
+    np.testing.assert_allclose(scores[0], [math.exp(2), 1 + math.exp(2 * s)], rtol=1e-6)
+    assert preds[0] == 0
+    # tau = 1: class 0 = e = 2.718; class 1 = 1 + e^s = 1 + 2.028 = 3.028 -> 1.
+    preds, scores = knn_predict(bank, bank_y, query, k=3, tau=1.0)
+    np.testing.assert_allclose(scores[0], [math.e, 1 + math.exp(s)], rtol=1e-6)
+    assert preds[0] == 1
+    # k = 2 keeps b0 and b2 only: class 1 = e^s = 2.028 < e -> 0.
+    preds, scores = knn_predict(bank, bank_y, query, k=2, tau=1.0)
+    np.testing.assert_allclose(scores[0], [math.e, math.exp(s)], rtol=1e-6)
+    assert preds[0] == 0
+
+
+def _triplet_bank() -> tuple[np.ndarray, np.ndarray]:
+    # 8 well-separated groups of 3 nearby points labelled 0, 1, 2: every point's
+    # neighbours inside its group carry the two other labels.
+    rng = np.random.default_rng(5)
+    centers = rng.normal(size=(8, 16)) * 10
+    x = np.repeat(centers, 3, axis=0) + rng.normal(size=(24, 16)) * 0.05
+    y = np.tile(np.arange(3), 8)
+    return x, y
+
+
+def test_leave_one_out_excludes_self() -> None:
+    x, y = _triplet_bank()
+    # Without leave-one-out, each query finds itself first (sim 1, the largest weight),
+    # and the other two labels get one smaller vote each -> always right.
+    assert knn_eval(x, y, x, y, k=1)["top1"] == 1.0
+    assert knn_eval(x, y, x, y, k=3)["top1"] == 1.0
+    # Leave-one-out: the neighbours are the two others in the group -> always wrong.
+    assert knn_eval(x, y, k=1)["top1"] == 0.0
+    assert knn_eval(x, y, k=2)["top1"] == 0.0
+
+
+def test_leave_one_out_with_exact_duplicates_keeps_k_neighbours() -> None:
+    x = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    y = np.array([0, 1, 0, 1])
+    preds, scores = knn_predict(x, y, x, k=1, tau=0.1, leave_one_out=True)
+    # Each point's only other point at sim 1 is its duplicate, whose label differs.
+    np.testing.assert_array_equal(preds, [1, 0, 1, 0])
+    np.testing.assert_allclose(scores.sum(axis=1), math.exp(10), rtol=1e-6)
+
+
+@pytest.mark.parametrize("leave_one_out", [False, True])
+def test_chunking_does_not_change_result(leave_one_out: bool) -> None:
+    rng = np.random.default_rng(3)
+    bank = rng.normal(size=(300, 12))
+    bank_y = rng.integers(0, 4, size=300)
+    query = bank if leave_one_out else rng.normal(size=(101, 12))
+    kwargs = dict(k=10, tau=0.07, leave_one_out=leave_one_out)
+    p_one, s_one = knn_predict(bank, bank_y, query, chunk_size=10_000, **kwargs)
+    for chunk in (1, 7, 64):
+        p, s = knn_predict(bank, bank_y, query, chunk_size=chunk, **kwargs)
+        np.testing.assert_array_equal(p, p_one)
+        np.testing.assert_allclose(s, s_one, rtol=1e-12)
+
+
+def test_knn_eval_arbitrary_labels_and_errors() -> None:
+    x, y = _triplet_bank()
+    names = np.array(["lymph", "tumour", "stroma"])[y]
+    assert knn_eval(x, names, x, names, k=1)["top1"] == 1.0
+    with pytest.raises(ValueError, match="k=30 is out of range for a bank of 24 points"):
+        knn_eval(x, y, k=30)
+    with pytest.raises(ValueError, match="together"):
+        knn_eval(x, y, x)
+    with pytest.raises(ValueError, match="dimension 3 but bank_x has 16"):
+        knn_predict(x, y, np.ones((2, 3)))
+    with pytest.raises(ValueError, match="integer class indices"):
+        knn_predict(x, names, x)
