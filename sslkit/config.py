@@ -68,7 +68,7 @@ class ModelConfig:
     projector: list[int] = field(default_factory=lambda: [128, 64])  # hidden, out (input = backbone dim)
     predictor: list[int] = field(default_factory=lambda: [32, 64])  # hidden, out (out = projector out)
     head_norm: bool = True  # BatchNorm in the hidden layer of the heads
-    channels_last: bool = True
+    channels_last: bool = False  # see README: channels_last + CPU + checkpointing corrupted memory in torch 2.14
 
 
 @dataclass

@@ -45,10 +45,12 @@ class RunLogger:
         init_kwargs: dict[str, Any] = {}
         if self.cfg.tracker.name == "wandb":
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.run_id = self.run_id or _new_wandb_id()
+            # Resuming passes the stored id, so W&B continues the same run.
             init_kwargs["wandb"] = {"dir": str(self.run_dir), "id": self.run_id, "resume": "allow",
                                     "name": self.cfg.run.name, "mode": _wandb_mode(self.cfg.tracker)}
         self.accelerator.init_trackers(self.cfg.tracker.project, config=to_dict(self.cfg), init_kwargs=init_kwargs)
+        if self.cfg.tracker.name == "wandb" and self.accelerator.is_main_process:
+            self.run_id = self.accelerator.get_tracker("wandb", unwrap=True).id
 
     def log(self, values: dict[str, Any], *, step: int) -> None:
         clean = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in values.items()}
@@ -61,9 +63,3 @@ class RunLogger:
     def finish(self) -> None:
         if self.cfg.tracker.name != "none":
             self.accelerator.end_training()
-
-
-def _new_wandb_id() -> str:
-    import wandb
-
-    return wandb.util.generate_id()

@@ -1,0 +1,403 @@
+"""Reading shards: shard list -> rank/worker split -> shuffle -> decode -> views -> batches.
+
+    shards = resolve_shards(cfg.data.shards, manifest=cfg.data.manifest)
+    views = build_views(cfg.data.views, size=cfg.data.size, channels=cfg.data.channels)
+    loader = train_loader(shards, cfg.data, views=views, seed=cfg.run.seed, steps_per_epoch=n)
+    for batch in loader:  # exactly n batches per pass, on every rank
+        batch["query"], batch["key"]  # (B, C, H, W) float32
+        batch["label"]                # (B,) long, -1 where a sample has no label
+        batch["corrupt"]              # () long: samples/shards this worker skipped since its last batch
+
+Training streams are *resampled*: every global worker (rank x DataLoader worker) draws
+shards with replacement, seeded from (seed, epoch, global worker id), so none runs dry
+and every rank yields the same number of batches whatever the shard count (uneven ranks
+hang DDP). Each pass over the loader is one epoch (workers are persistent); pass
+``epoch=`` when rebuilding it on resume. With ``workers=0`` the views and the shuffle
+draw from the calling process's RNGs. Evaluation streams read every sample exactly
+once: shards split by rank, then by worker, in order, no resampling.
+
+Under Accelerate each rank builds its own loader (rank and world size come from
+``torch.distributed`` when it is initialised, else 0 and 1). Do NOT pass it through
+``accelerator.prepare`` -- or only with ``DataLoaderConfiguration(dispatch_batches=False,
+split_batches=False)``: otherwise Accelerate reads batches on rank 0 and scatters them,
+or re-splits them. Move batches to the device yourself.
+
+Corrupt data is never fatal: an undecodable image or label skips the sample, an
+unreadable shard or truncated member the rest of that shard; each is counted in
+``batch["corrupt"]`` and logged once per worker with its shard and key. Only 1,000
+failures in a row without one good sample stop reading, with an error.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import random
+import tarfile
+from dataclasses import dataclass
+from itertools import accumulate, islice
+from typing import Any, Callable, Iterator, Optional
+
+import braceexpand
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, get_worker_info
+from webdataset.tariterators import base_plus_ext
+from webdataset.utils import make_seed
+
+from sslkit.config import DataConfig
+from sslkit.data.augment import build_eval_transform
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "sslkit-shards/1"
+IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp", "tif", "tiff")
+MAX_FAILURES_IN_A_ROW = 1000
+_MAKE_IT = "create it with `sslkit shard synthetic --out {}` or point data.shards at existing shards"
+
+
+@dataclass
+class ShardSet:
+    """Where the shards are and what the manifest says about them."""
+
+    urls: list[str]
+    manifest: Optional[dict]
+    num_samples: Optional[int]  # manifest's num_samples; else counted from local tar headers; else None (remote)
+    classes: Optional[list[str]]
+    samples_per_shard: Optional[list[int]] = None  # aligned with urls, when known
+
+
+# ---------------------------------------------------------------- finding shards
+
+
+def _is_remote(spec: str) -> bool:
+    return ("://" in spec and not spec.startswith("file://")) or spec.startswith("pipe:")
+
+
+def _read_manifest(path: Optional[str]) -> Optional[dict]:
+    if path is None:
+        return None
+    fix = "rewrite it with `sslkit shard` or set data.manifest to a valid one"
+    try:
+        with wds.gopen(path) as stream:
+            manifest = json.load(stream)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"Manifest '{path}' cannot be read ({err}); {fix}.") from None
+    if not all(isinstance(s, dict) and "name" in s for s in manifest.get("shards", [])):
+        raise ValueError(f"Manifest '{path}' has a shard entry without a 'name'; {fix}.")
+    if manifest.get("format") != MANIFEST_FORMAT:
+        logger.warning("Manifest %s has format %r, not %r; reading it anyway.", path, manifest.get("format"),
+                       MANIFEST_FORMAT)
+    return manifest
+
+
+def _beside(folder: str) -> Optional[str]:
+    path = os.path.join(folder, "manifest.json")
+    return path if os.path.isfile(path) else None
+
+
+def _count_local(urls: list[str]) -> list[int]:
+    """Samples per local shard from the tar headers alone (no member data is read)."""
+    counts = []
+    for url in urls:
+        keys: set = set()
+        try:
+            with tarfile.open(url.removeprefix("file://"), mode="r:") as tar:
+                keys.update(base_plus_ext(member.name)[0] for member in tar)
+        except (OSError, tarfile.TarError) as err:  # counted up to the damage; reading skips it too
+            logger.warning("Shard %s is damaged (%s); counting the %d samples before it.", url, err, len(keys))
+        counts.append(len(keys - {None}))
+    return counts
+
+
+def _check_local(spec: str, urls: list[str]) -> None:
+    missing = [u for u in urls if not os.path.isfile(u.removeprefix("file://"))]
+    if not missing:
+        return
+    folder = os.path.dirname(missing[0]) or "."
+    if not spec.endswith(".tar") and "{" not in spec:  # a folder name, not a shard pattern
+        folder, what = spec, f"Shard folder '{spec}' does not exist"
+    elif not os.path.isdir(folder):
+        what = f"Shard folder '{folder}' does not exist"
+    else:
+        what = f"Shard '{missing[0]}' does not exist ({len(missing)} of {len(urls)} missing)"
+    raise FileNotFoundError(f"{what}; {_MAKE_IT.format(folder)}.")
+
+
+def resolve_shards(spec: str, *, manifest: Optional[str] = None) -> ShardSet:
+    """Shard URLs from a folder holding manifest.json (or *.tar), a brace pattern, or a URL/pipe.
+
+    ``manifest`` overrides where the manifest is read (a path or URL); by default it is
+    ``manifest.json`` in the folder or beside the first local shard. Sample counts come from
+    the manifest; without one, local shards are counted from their tar headers and remote
+    ones stay unknown (``num_samples=None``: size training by steps, eval reads to the end).
+    Raises FileNotFoundError naming the path when the folder or a local shard is missing.
+    """
+    spec = str(spec)
+    if os.path.isdir(spec):  # shard names in the manifest are relative to this folder
+        data = _read_manifest(manifest or _beside(spec))
+        names = [s["name"] for s in (data or {}).get("shards", [])]
+        urls = [n if "://" in n else os.path.join(spec, n) for n in names]
+        urls = urls or sorted(glob.glob(os.path.join(spec, "*.tar")))
+        if not urls:
+            raise FileNotFoundError(
+                f"Shard folder '{spec}' holds no manifest.json and no .tar shards; {_MAKE_IT.format(spec)}."
+            )
+    else:
+        urls = list(braceexpand.braceexpand(spec))
+        data = _read_manifest(manifest or (None if _is_remote(spec) else _beside(os.path.dirname(urls[0]))))
+    if not _is_remote(spec):
+        _check_local(spec, urls)
+    per_shard = _samples_per_shard(urls, data)
+    if per_shard is None and not _is_remote(spec):
+        per_shard = _count_local(urls)
+        logger.info("No per-shard counts in a manifest for %s; counted %d samples from tar headers.", spec,
+                    sum(per_shard))
+    num_samples = sum(per_shard) if per_shard is not None else (data or {}).get("num_samples")
+    return ShardSet(urls, data, num_samples, (data or {}).get("classes"), per_shard)
+
+
+def _samples_per_shard(urls: list[str], manifest: Optional[dict]) -> Optional[list[int]]:
+    by_name = {os.path.basename(s["name"]): s.get("samples") for s in (manifest or {}).get("shards", [])}
+    counts = [by_name.get(os.path.basename(u)) for u in urls]
+    return None if None in counts else counts
+
+
+def _rank_world() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed when it is initialised, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+# ---------------------------------------------------------------- pipeline stages
+
+
+class _Skips:
+    """This worker's tally of skipped samples/shards; also the webdataset error handler."""
+
+    def __init__(self) -> None:
+        self.pending, self.in_a_row, self.logged = 0, 0, set()
+
+    def __call__(self, exn: Exception) -> bool:  # wds handler for unreadable shards and tar members
+        args = getattr(exn, "args", ())
+        url = args[-1] if len(args) > 1 and isinstance(args[-1], str) else "a shard"
+        self.skip(url, None, args[0] if args else exn)
+        return True
+
+    def skip(self, url: Optional[str], key: Optional[str], err: Any) -> None:
+        self.pending, self.in_a_row = self.pending + 1, self.in_a_row + 1
+        if self.in_a_row > MAX_FAILURES_IN_A_ROW:
+            raise RuntimeError(
+                f"{self.in_a_row} samples or shards in a row could not be read (last: {url} {key or ''}: {err}); "
+                "check the shards with `sslkit shard verify` or point data.shards elsewhere."
+            )
+        if (url, key) not in self.logged:
+            self.logged.add((url, key))
+            logger.warning("Skipped %s of shard %s: %s", f"sample {key}" if key else "the rest", url, err)
+
+    def ok(self) -> None:
+        self.in_a_row = 0
+
+    def take(self) -> int:
+        n, self.pending = self.pending, 0
+        return n
+
+
+class _Decode:
+    """Stage: raw samples -> {"image": PIL, "label": int, "key": str}; corrupt ones skipped and counted."""
+
+    def __init__(self, *, label_key: str, skips: _Skips) -> None:
+        self.label_key, self.skips = label_key, skips
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        for sample in src:
+            try:
+                data = next(sample[f] for f in IMAGE_FIELDS if f in sample)
+                image = Image.open(io.BytesIO(data))
+                image.load()
+                label = int(sample[self.label_key]) if self.label_key in sample else -1
+            except Exception as err:  # noqa: BLE001 -- whatever breaks decoding these bytes marks the sample corrupt
+                why = "no image field" if isinstance(err, StopIteration) else err
+                self.skips.skip(sample.get("__url__"), sample.get("__key__"), why)
+                continue
+            self.skips.ok()
+            yield {"image": image, "label": label, "key": sample["__key__"]}
+
+
+def _views(src: Iterator[dict], views: Callable) -> Iterator[dict]:
+    for sample in src:
+        query, key = views(sample["image"])
+        yield {"query": query, "key": key, "label": sample["label"]}
+
+
+def _transform(src: Iterator[dict], transform: Callable) -> Iterator[dict]:
+    for sample in src:
+        yield {"image": transform(sample["image"]), "label": sample["label"], "key": sample["key"]}
+
+
+class _Collate:
+    """List of samples -> batch dict: tensors stacked (B, ...), ints (B,) long, strings a list; plus
+    "corrupt", the () long count of samples/shards this worker skipped since its previous batch."""
+
+    def __init__(self, skips: _Skips) -> None:
+        self.skips = skips
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch: dict[str, Any] = {}
+        for name, first in samples[0].items():
+            values = [s[name] for s in samples]
+            if torch.is_tensor(first):
+                batch[name] = torch.stack(values)
+            else:
+                batch[name] = torch.tensor(values, dtype=torch.long) if isinstance(first, int) else values
+        batch["corrupt"] = torch.tensor(self.skips.take(), dtype=torch.long)
+        return batch
+
+
+class _WorkerShare:
+    """Stage: this DataLoader worker's share of ``total`` items, so all workers together yield exactly ``total``."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+
+    def __call__(self, src: Iterator) -> Iterator:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        yield from islice(src, self.total // workers + (worker < self.total % workers))
+
+
+class _ResampledStream(torch.utils.data.IterableDataset):
+    """Source: {"url"} forever, shards drawn with replacement (wds.ResampledShards).
+
+    Every pass first reseeds this worker -- shard draws, shuffle buffer (``self.rng``) and
+    the torch RNG used by the views -- from (seed, epoch, global worker id), then advances
+    the epoch. Global worker id = rank * workers + DataLoader worker id.
+    """
+
+    def __init__(self, urls: list[str], *, seed: int, epoch: int, rank: int, workers: int) -> None:
+        super().__init__()
+        self.seed, self.epoch, self.rank, self.workers = seed, epoch, rank, max(1, workers)
+        self.rng = random.Random(seed)
+        self.shards = wds.ResampledShards(urls, seed=seed, worker_seed=self.global_worker, deterministic=True)
+
+    def global_worker(self) -> int:
+        info = get_worker_info()
+        return self.rank * self.workers + (info.id if info is not None else 0)
+
+    def __iter__(self) -> Iterator[dict]:
+        seed = make_seed(self.seed, self.epoch, self.global_worker())
+        self.rng.seed(seed)
+        if get_worker_info() is not None:  # in the main process (workers=0) the caller owns torch's RNG
+            torch.manual_seed(seed)
+        self.shards.epoch = self.epoch - 1  # ResampledShards adds one on entry: it draws with self.epoch
+        self.epoch += 1
+        yield from self.shards
+
+
+class _Pipeline(wds.DataPipeline):
+    """wds.DataPipeline with a fixed ``__len__`` (picklable, unlike ``with_length``)."""
+
+    def __init__(self, *stages: Any, length: int) -> None:
+        super().__init__(*stages)
+        self.batches = length
+
+    def __len__(self) -> int:
+        return self.batches
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def train_loader(
+    shards: ShardSet, cfg: DataConfig, *, views: Callable, seed: int, steps_per_epoch: int, epoch: int = 0
+) -> DataLoader:
+    """Endless resampled stream cut into passes of exactly ``steps_per_epoch`` full batches per rank.
+
+    ``views``: PIL image -> (query, key) tensors, e.g. ``build_views(...)``. Batches are dicts
+    ``{"query": (B,C,H,W), "key": (B,C,H,W), "label": (B,) long, "corrupt": () long}``;
+    ``len(loader) == steps_per_epoch``.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch is {steps_per_epoch}; pass at least 1 (lower data.batch_size or add samples).")
+    rank, _ = _rank_world()
+    skips = _Skips()
+    stream = _ResampledStream(shards.urls, seed=seed, epoch=epoch, rank=rank, workers=cfg.workers)
+    pipeline = _Pipeline(
+        stream,  # {"url"}: this global worker's seeded draws of shards, forever
+        wds.tarfile_to_samples(handler=skips),  # {"__key__", "__url__", "png", "cls", "json"}: raw bytes
+        wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=stream.rng),  # same, mixed across shards
+        _Decode(label_key=cfg.labels, skips=skips),  # {"image": PIL, "label": int, "key": str}; corrupt skipped
+        wds.pipelinefilter(_views)(views),  # {"query": (C,H,W), "key": (C,H,W), "label": int}
+        wds.batched(cfg.batch_size, collation_fn=_Collate(skips), partial=False),  # (B,C,H,W), (B,), "corrupt": ()
+        _WorkerShare(steps_per_epoch),  # this worker's share of the pass's batches
+        length=steps_per_epoch,
+    )
+    return DataLoader(
+        pipeline, batch_size=None, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def eval_loader(
+    shards: ShardSet, *, size: int, channels: int, batch_size: int, workers: int, rank: Optional[int] = None,
+    world_size: Optional[int] = None, max_samples: Optional[int] = None, label_key: str = "cls",
+) -> DataLoader:
+    """Every sample exactly once across ranks and workers, in a fixed order for a given world size.
+
+    Shards are split by rank (``urls[rank::world_size]``), then by worker; each worker's last
+    batch may be partial, and a rank with fewer shards yields fewer batches (gather with
+    sizes). ``rank``/``world_size`` default to torch.distributed's. ``max_samples`` keeps the
+    first samples in shard order when per-shard counts are known, else an even share per
+    rank and worker. Batches: ``{"image": (B,C,H,W), "label": (B,) long, "key": list[str],
+    "corrupt": () long}``.
+    """
+    rank, world_size = (rank if rank is not None else _rank_world()[0]), (world_size or _rank_world()[1])
+    urls = shards.urls[rank::world_size]
+    limit: list[Callable] = []
+    if max_samples is not None and shards.samples_per_shard is not None:
+        offsets = dict(zip(shards.urls, accumulate(shards.samples_per_shard, initial=0)))
+        urls = [u for u in urls if offsets[u] < max_samples]
+        limit = [_Prefix(offsets, max_samples)]
+    elif max_samples is not None:
+        limit = [_WorkerShare(max_samples // world_size + (rank < max_samples % world_size))]
+    if not urls:
+        logger.warning("Rank %d of %d has no shards to evaluate (%d shards in all); it yields no batches.",
+                       rank, world_size, len(shards.urls))
+        return DataLoader([], batch_size=None)
+    skips = _Skips()
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(urls),  # {"url"}: this rank's shards, in order
+        wds.split_by_worker,  # this worker's shards
+        wds.tarfile_to_samples(handler=skips),  # {"__key__", "__url__", "png", "cls", "json"}: raw bytes
+        *limit,  # same, only the first max_samples
+        _Decode(label_key=label_key, skips=skips),  # {"image": PIL, "label": int, "key": str}
+        wds.pipelinefilter(_transform)(build_eval_transform(size=size, channels=channels)),  # "image": (C,H,W)
+        wds.batched(batch_size, collation_fn=_Collate(skips), partial=True),  # (B,C,H,W), (B,), list[str], ()
+    )
+    workers = min(workers, len(urls))  # a worker without a shard would only idle
+    return DataLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available())
+
+
+class _Prefix:
+    """Stage: keep samples whose global index (shard order, then position in the shard) is below ``limit``."""
+
+    def __init__(self, offsets: dict[str, int], limit: int) -> None:
+        self.offsets, self.limit = offsets, limit
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        url, position = None, 0
+        for sample in src:
+            if sample["__url__"] != url:
+                url, position = sample["__url__"], 0
+            if self.offsets[url] + position >= self.limit:
+                return  # this worker's later shards come later in the global order too
+            position += 1
+            yield sample
+
+
+__all__ = ["ShardSet", "resolve_shards", "train_loader", "eval_loader", "MANIFEST_FORMAT"]
