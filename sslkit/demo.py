@@ -24,9 +24,10 @@ def ensure_demo_shards(root: Path, *, size: int = 32, splits: dict[str, dict[str
     for split, spec in splits.items():
         folder = root / split
         try:
-            read_manifest(folder)
-            continue
-        except (FileNotFoundError, ValueError):
+            manifest = read_manifest(folder)
+            if manifest["num_samples"] == spec["num_samples"] and manifest["image"]["height"] == size:
+                continue
+        except (FileNotFoundError, ValueError, KeyError):
             pass
         print(f"Making demo shards in {folder} ({spec['num_samples']} crops, seed {spec['seed']}) ...")
         make_synthetic(folder, num_samples=spec["num_samples"], size=size, seed=spec["seed"],
@@ -42,6 +43,8 @@ def run_demo(*, shards: Path = Path("shards/demo"), overrides: list[str] | tuple
     cfg = load_config(recipe_path("demo"), [f"data.shards={shards / 'train'}",
                                             f"eval.shards={shards / 'eval'}", *overrides])
     ensure_demo_shards(shards, size=cfg.data.size, splits=splits)
+    print(f"CCRL on {shards / 'train'}: {cfg.train.max_steps} steps of {cfg.data.batch_size} crop pairs; "
+          f"run directory {run_dir(cfg)}")
     out = train(cfg)
     results = evaluate_run(out)
     print()

@@ -139,7 +139,8 @@ def train(cfg: Config) -> Path:
             progress.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{pairs:.0f}")
             t0, done_since_log = time.perf_counter(), 0
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
-            state = {"step": step, "run_id": tracker.run_id, "config": to_dict(cfg), "git": git_sha()}
+            state = {"step": step, "run_id": tracker.run_id, "world_size": world, "config": to_dict(cfg),
+                     "git": git_sha()}
             save_checkpoint(accelerator, root=ckpt_root, state=state, keep=cfg.train.keep_ckpts)
     progress.close()
     tracker.finish()
