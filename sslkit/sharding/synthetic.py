@@ -49,8 +49,9 @@ _FIELD_SIGMAS = (0.6, 1.3, 4.0, 3.0)  # px at size 32: fine chromatin, coarse ch
 # Per-class ranges (lo, hi), lengths in px at size 32. major: semi-major axis;
 # aspect: major/minor; taper: narrowing towards the poles (0 = ellipse); bend: curvature;
 # lobes: outline harmonic amplitude; density: hematoxylin inside; rim: extra hematoxylin
-# along the membrane; nucleoli: expected count; fine/coarse: chromatin texture
-# amplitudes; halo: cytoplasm eosin.
+# along the membrane; nucleoli: count (rounded); fine/coarse: chromatin texture
+# amplitudes; halo: cytoplasm eosin (the same range for every class on purpose: colour
+# around the nucleus must not give the class away).
 _MORPH = {
     "epithelial": dict(major=(6.8, 8.2), aspect=(1.1, 1.4), taper=(0, 0), bend=(0, 0), lobes=(0.02, 0.06),
                        density=(0.25, 0.38), rim=(0.6, 0.9), nucleoli=(1, 2), fine=(0.25, 0.35),
@@ -174,29 +175,43 @@ def _outline(c: np.ndarray, s: np.ndarray, p: dict[str, np.ndarray]) -> np.ndarr
 def _windows(p: dict[str, np.ndarray], canvas: int, width: int) -> tuple[np.ndarray, ...]:
     """Each nucleus is drawn in a (width, width) window around its centre pixel.
 
-    Returns the window's canvas rows (B, K, W, 1) and columns (B, K, 1, W) (may fall
-    outside the canvas) and the pixel offsets from the nucleus centre, dy and dx.
+    Returns the windows' top rows and left columns on the canvas (B, K) (they may fall
+    outside it) and the pixel offsets from the nucleus centres, dy (B, K, W, 1) and
+    dx (B, K, 1, W).
     """
     origin = (canvas - 1) / 2
-    steps = np.arange(width) - width // 2
-    index = {}
+    steps = np.arange(width)
+    corner, offset = {}, {}
     for axis in ("cy", "cx"):
-        centre = np.floor(p[axis] + origin + 0.5).astype(np.int64)  # (B, K)
-        index[axis] = centre[..., None] + steps  # (B, K, W)
-    offset = {k: (index[k] - origin - p[k][..., None]).astype(np.float32) for k in index}
-    return (index["cy"][..., :, None], index["cx"][..., None, :],
-            offset["cy"][..., :, None], offset["cx"][..., None, :])
+        corner[axis] = np.floor(p[axis] + origin + 0.5).astype(np.int64) - width // 2  # (B, K)
+        offset[axis] = (corner[axis][..., None] + steps - origin - p[axis][..., None]).astype(np.float32)
+    return corner["cy"], corner["cx"], offset["cy"][..., :, None], offset["cx"][..., None, :]
 
 
-def _scatter(windows: np.ndarray, rows: np.ndarray, cols: np.ndarray, canvas: int) -> np.ndarray:
-    """Sum (B, K, W, W, C) windows into (B, S, S, C) canvases at their rows/columns."""
-    low, high = min(rows.min(), cols.min()), max(rows.max(), cols.max())
-    pad = max(0, -int(low), int(high) - canvas + 1)
+def _margin(top: np.ndarray, left: np.ndarray, width: int, canvas: int) -> int:
+    """Padding that holds every window, wherever it sits relative to the canvas."""
+    low, high = min(top.min(), left.min()), max(top.max(), left.max()) + width
+    return max(0, -int(low), int(high) - canvas)
+
+
+def _gather(fields: np.ndarray, top: np.ndarray, left: np.ndarray, width: int) -> np.ndarray:
+    """(B, S, S, F) periodic fields cut at every window -> (B, K, W, W, F)."""
+    pad = _margin(top, left, width, fields.shape[1])
+    padded = np.pad(fields, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="wrap")
+    out = np.empty(top.shape + (width, width, fields.shape[-1]), dtype=fields.dtype)
+    for (b, k), t in np.ndenumerate(top):  # B * K slices: far cheaper than fancy indexing
+        out[b, k] = padded[b, t + pad:t + pad + width, left[b, k] + pad:left[b, k] + pad + width]
+    return out
+
+
+def _scatter(windows: np.ndarray, top: np.ndarray, left: np.ndarray, canvas: int) -> np.ndarray:
+    """Sum (B, K, W, W, C) windows into (B, S, S, C) canvases at their corners."""
+    width = windows.shape[2]
+    pad = _margin(top, left, width, canvas)
     full = canvas + 2 * pad  # room for windows that stick out of the canvas
     out = np.zeros((windows.shape[0], full, full, windows.shape[-1]), dtype=np.float32)
-    batch = np.arange(windows.shape[0])[:, None, None]
-    for k in range(windows.shape[1]):  # one nucleus per crop per slot: no repeated indices
-        out[batch, rows[:, k] + pad, cols[:, k] + pad] += windows[:, k]
+    for (b, k), t in np.ndenumerate(top):
+        out[b, t + pad:t + pad + width, left[b, k] + pad:left[b, k] + pad + width] += windows[b, k]
     return out[:, pad:pad + canvas, pad:pad + canvas]
 
 
@@ -204,7 +219,7 @@ def _nuclei(p: dict[str, np.ndarray], fields: np.ndarray, scale: float) -> tuple
     """(B, S, S) each: hematoxylin of all nuclei, their footprint, footprint x cytoplasm eosin."""
     canvas = fields.shape[-1]
     width = 2 * int(np.ceil(12 * scale)) + 2
-    rows, cols, dy, dx = _windows(p, canvas, width)
+    top, left, dy, dx = _windows(p, canvas, width)
     col = {k: p[k][..., None, None] for k in ("angle", "major", "minor", "taper", "bend", "density",
                                              "rim", "fine", "coarse", "halo", "present")}
     cos, sin = np.cos(col["angle"]), np.sin(col["angle"])
@@ -218,8 +233,7 @@ def _nuclei(p: dict[str, np.ndarray], fields: np.ndarray, scale: float) -> tuple
     sd = (1 - d) * np.sqrt(a * b) * np.float32(0.85)  # ~signed distance to the border in px, inside > 0
     inside = np.clip(0.5 + 1.1 * sd, 0, 1) * col["present"]
     ring = np.maximum(1 - ((sd - 0.9) / 1.1) ** 2, 0) ** 2
-    batch = np.arange(len(fields))[:, None, None, None]
-    texture = fields[:, :2].transpose(0, 2, 3, 1)[batch, rows % canvas, cols % canvas]  # (B, K, W, W, 2)
+    texture = _gather(fields[:, :2].transpose(0, 2, 3, 1), top, left, width)  # (B, K, W, W, 2)
     chromatin = col["fine"] * texture[..., 0] + col["coarse"] * texture[..., 1]
     chromatin = col["density"] * np.clip(1 + chromatin, 0.1, None)
     pos, amp = p["nuc_pos"][..., None, None], p["nuc_amp"][..., None, None]
@@ -227,7 +241,7 @@ def _nuclei(p: dict[str, np.ndarray], fields: np.ndarray, scale: float) -> tuple
         r2 = (u - pos[:, :, 2 * j] * a) ** 2 + (v - pos[:, :, 2 * j + 1] * b) ** 2
         chromatin = chromatin + amp[:, :, j] * np.maximum(1 - r2 / 2.5, 0) ** 2
     hema = inside * (chromatin + col["rim"] * ring)
-    out = _scatter(np.stack([hema, inside, inside * col["halo"]], -1), rows, cols, canvas)
+    out = _scatter(np.stack([hema, inside, inside * col["halo"]], -1), top, left, canvas)
     return out[..., 0], np.minimum(out[..., 1], 1), out[..., 2]
 
 
@@ -253,7 +267,8 @@ def _render(raw: dict[str, np.ndarray], size: int) -> np.ndarray:
     fields = _smooth_fields(raw["fields"], scale)
     hema, footprint, halo = _nuclei(p, fields, scale)
     hema = hema + p["bg_h"][:, None, None] * (1 + 0.5 * fields[:, 0])
-    cyto = np.minimum(2.0 * gaussian_filter(halo, sigma=(0, 2.5 * scale, 2.5 * scale), mode="constant"), 0.6)
+    cyto = gaussian_filter(halo, sigma=(0, 2.5 * scale, 2.5 * scale), mode="constant")
+    cyto = np.minimum(2.0 * cyto, 0.6)  # cytoplasm: a soft pink skirt around each nucleus
     eosin = (_stroma(p, fields, grid) + cyto) * (1 - 0.75 * footprint)  # nuclei take up little eosin
     conc = np.stack([hema * p["h_scale"][:, None, None], eosin * p["e_scale"][:, None, None]], -1)
     od = np.clip(conc, 0, None) @ p["stain"][:, None]  # (B, S, S, 2) @ (B, 1, 2, 3) -> (B, S, S, 3)
@@ -299,6 +314,8 @@ def render_batch(indices: Iterable[int], *, size: int, seed: int) -> tuple[np.nd
     indices = list(indices)
     labels = np.array([i % len(CLASSES) for i in indices], dtype=np.int64)
     _check(0, size)
+    if not indices:
+        return np.zeros((0, size, size, 3), dtype=np.uint8), labels
     draws = [_draw(sample_rng(seed, i), int(k), _canvas(size), size) for i, k in zip(indices, labels)]
     return _render(_stack(draws), size), labels
 
@@ -317,6 +334,8 @@ def make_synthetic(
     """Write ``num_samples`` crops (class = index % 4) as shards; returns the manifest."""
     if num_samples <= 0:
         raise ValueError(f"num_samples must be positive, got {num_samples}.")
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}.")
     _check(0, size)
     params = {"generator": "sslkit.sharding.synthetic", "generator_version": GENERATOR_VERSION,
               "num_samples": num_samples, "size": size, "seed": seed, "shard_size": shard_size}

@@ -66,11 +66,17 @@ def test_render_crop_shape_and_dtype(size: int) -> None:
     assert 20 < crop.std() and crop.min() < 128 < crop.max()
 
 
-def test_render_crop_rejects_bad_arguments() -> None:
+def test_bad_arguments_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="out of range"):
         render_crop(np.random.default_rng(0), len(CLASSES), size=32)
     with pytest.raises(ValueError, match="size"):
         render_crop(np.random.default_rng(0), 0, size=8)
+    with pytest.raises(ValueError, match="num_samples"):
+        make_synthetic(tmp_path, num_samples=0, progress=False)
+    with pytest.raises(ValueError, match="seed"):
+        make_synthetic(tmp_path, num_samples=4, seed=-1, progress=False)
+    assert not (tmp_path / "manifest.json").exists()
+    assert render_batch([], size=32, seed=0)[0].shape == (0, 32, 32, 3)
 
 
 def test_crops_do_not_depend_on_chunking() -> None:
