@@ -37,12 +37,14 @@ class RunConfig:
 class ViewsConfig:
     recipe: str = "local_global"  # local_global (CCRL) | global_global (both views uncropped)
     local: str = "query"  # which branch gets the random resized crop: query | key
+    backend: str = "tensor"  # tensor: whole batches on the training device | pil: per image in the workers
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])  # b, c, s, hue
     p_jitter: float = 0.8
     p_gray: float = 0.2
     p_blur: float = 0.5
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    blur_kernel: int = 0  # odd kernel size; 0: about a tenth of data.size, MoCo v2's rule (3 at 32x32)
     rotation: float = 180.0  # degrees, uniform in [0, rotation]
     flips: bool = True
 
@@ -144,6 +146,7 @@ class Config:
 CHOICES = {
     "data.views.recipe": ("local_global", "global_global"),
     "data.views.local": ("query", "key"),
+    "data.views.backend": ("tensor", "pil"),
     "method.name": ("ccrl",),
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.schedule": ("cosine", "constant"),
@@ -219,6 +222,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"Config key 'method.momentum' must be in [0, 1], got {cfg.method.momentum}.")
     if cfg.data.workers < 0:
         raise ConfigError(f"Config key 'data.workers' must be 0 or more, got {cfg.data.workers}.")
+    kernel = cfg.data.views.blur_kernel
+    if kernel != 0 and (kernel < 3 or kernel % 2 == 0):
+        raise ConfigError(f"Config key 'data.views.blur_kernel' must be 0 (about a tenth of data.size) "
+                          f"or an odd size of at least 3, got {kernel}.")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from sslkit.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from sslkit.config import Config, git_sha, run_dir, to_dict, to_yaml
-from sslkit.data.augment import build_views
+from sslkit import dist
+from sslkit.data.augment import BatchViews, build_views
 from sslkit.data.stream import ShardSet, resolve_shards, train_loader
 from sslkit.methods import build_method
 from sslkit.optim import build_lr_schedule, build_optimizer, set_lr
@@ -44,8 +45,10 @@ def build_accelerator(cfg: Config, *, out_dir: Path) -> Accelerator:
 
 def batch_stream(shards: ShardSet, cfg: Config, *, batches_per_epoch: int, start: int) -> Iterator[dict[str, Any]]:
     """Batches from micro-batch index ``start`` on; epoch e is seeded by (seed, e), so a resumed
-    run sees the batches a straight run would (the skipped part of the epoch is decoded and dropped)."""
-    views = build_views(cfg.data.views, size=cfg.data.size, channels=cfg.data.channels)
+    run sees the batches a straight run would (the skipped part of the epoch is decoded and dropped).
+    With the tensor back-end the batches hold uint8 ``image``s; ``make_views`` turns them into views."""
+    views = build_views(cfg.data.views, size=cfg.data.size, channels=cfg.data.channels) \
+        if cfg.data.views.backend == "pil" else None
     index = start
     while True:
         epoch, skip = divmod(index, batches_per_epoch)
@@ -57,15 +60,33 @@ def batch_stream(shards: ShardSet, cfg: Config, *, batches_per_epoch: int, start
         index = (epoch + 1) * batches_per_epoch
 
 
-def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
-    out = {}
-    for name, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if channels_last and value.ndim == 4:
-                value = value.contiguous(memory_format=torch.channels_last)
-        out[name] = value
-    return out
+class _DeviceViews:
+    """Tensor back-end: {"image": uint8} on the device -> {"query", "key"}, made by ``BatchViews``.
+
+    Micro-batch i on rank r draws from a generator seeded by (seed, r, i), so a resumed run
+    makes the views a straight run would, and ranks differ."""
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.views = BatchViews(cfg.data.views, channels=cfg.data.channels)
+        self.seed, self.rank = cfg.run.seed, dist.rank()
+        self.generator = torch.Generator(device=device)
+
+    def __call__(self, batch: dict[str, Any], index: int) -> dict[str, Any]:
+        if "image" not in batch:  # PIL back-end: the workers made the views
+            return batch
+        self.generator.manual_seed(((self.seed * 1_000_003 + self.rank) * 1_000_003 + index) % 2**63)
+        batch["query"], batch["key"] = self.views(batch.pop("image"), generator=self.generator)
+        return batch
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {name: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+            for name, value in batch.items()}
+
+
+def _channels_last(batch: dict[str, Any]) -> dict[str, Any]:
+    return {name: value.contiguous(memory_format=torch.channels_last) if torch.is_tensor(value) and value.ndim == 4
+            else value for name, value in batch.items()}
 
 
 def train(cfg: Config) -> Path:
@@ -106,6 +127,7 @@ def train(cfg: Config) -> Path:
     step = int(state["step"])
     accum = cfg.train.grad_accum
     batches = batch_stream(shards, cfg, batches_per_epoch=batches_per_epoch, start=step * accum)
+    make_views = _DeviceViews(cfg, accelerator.device)
     progress = tqdm(total=cfg.train.max_steps, initial=step, desc="pretrain", unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     model.train()
@@ -115,7 +137,9 @@ def train(cfg: Config) -> Path:
         for micro in range(accum):
             batch = next(batches)
             corrupt += int(batch.pop("corrupt", 0))
-            batch = _to_device(batch, accelerator.device, cfg.model.channels_last)
+            batch = make_views(_to_device(batch, accelerator.device), step * accum + micro)
+            if cfg.model.channels_last:
+                batch = _channels_last(batch)
             sync = nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
             with sync:
                 out = model(batch)

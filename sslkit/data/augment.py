@@ -14,8 +14,21 @@ reflecting the crop's own border (pad, rotate, centre-crop) instead of a constan
 that no real crop contains; pass ``rotation_fill=255`` (say) for a constant. The
 reflection costs about 20 % of view throughput on 32x32 crops.
 
-Ops run on PIL images (faster than uint8 tensors at 32x32: about 2x for rotation
-and jitter); the tensor conversion and normalisation come last.
+Two back-ends, chosen by ``cfg.backend``:
+
+- ``tensor`` (default): ``BatchViews`` augments a whole uint8 batch at once on the
+  training device, every sample with its own random parameters (torchvision v2 draws one
+  set per call, so it cannot do this). DataLoader workers only decode and resize; the
+  views are made in the training process -- on a GPU, or on a CPU without spending the
+  cores on per-image Python:
+
+      views = BatchViews(cfg.data.views, channels=3)
+      query, key = views(images_uint8, generator=g)  # (B, C, H, W) float32 each
+
+- ``pil``: ``build_views`` makes the two views of one PIL image inside the workers
+  (ops on PIL images are about 2x faster than on uint8 tensors at 32x32). Use it when
+  crops are much larger than ``data.size``: the local crop is then cut from the
+  full-resolution image instead of the resized one.
 """
 
 from __future__ import annotations
@@ -24,7 +37,9 @@ import math
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import Tensor
 from torchvision.transforms import v2
 
 from sslkit.config import ViewsConfig
@@ -64,7 +79,7 @@ def _branch(cfg: ViewsConfig, *, local: bool, size: int, channels: int, rotation
     ]
     if channels == 3:  # one channel: no saturation, hue or grayscale
         ops.append(v2.RandomGrayscale(cfg.p_gray))
-    ops.append(v2.RandomApply([v2.GaussianBlur(max(3, (size // 10) | 1), sigma=tuple(cfg.blur_sigma))], p=cfg.p_blur))
+    ops.append(v2.RandomApply([v2.GaussianBlur(blur_kernel(cfg, size), sigma=tuple(cfg.blur_sigma))], p=cfg.p_blur))
     if cfg.flips:
         ops += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
     if cfg.rotation > 0:
@@ -76,6 +91,15 @@ def _branch(cfg: ViewsConfig, *, local: bool, size: int, channels: int, rotation
         else:
             ops.append(rotate)
     return v2.Compose(ops + _to_tensor(channels))
+
+
+def blur_kernel(cfg: ViewsConfig, size: int) -> int:
+    """``cfg.blur_kernel``, or by default about a tenth of the crop (odd, at least 3)."""
+    if cfg.blur_kernel == 0:
+        return max(3, (size // 10) | 1)
+    if cfg.blur_kernel < 3 or cfg.blur_kernel % 2 == 0:
+        raise ValueError(f"data.views.blur_kernel is {cfg.blur_kernel}; use an odd size of at least 3, or 0 for the default.")
+    return cfg.blur_kernel
 
 
 class TwoViews:
@@ -113,4 +137,181 @@ def build_eval_transform(*, size: int, channels: int) -> v2.Compose:
     return v2.Compose([_Mode(channels), v2.Resize((size, size), antialias=True), *_to_tensor(channels)])
 
 
-__all__ = ["MEAN", "STD", "TwoViews", "build_views", "build_eval_transform"]
+def build_decode_transform(*, size: int, channels: int) -> v2.Compose:
+    """PIL image -> (C, size, size) uint8: what workers hand to ``BatchViews``."""
+    return v2.Compose([_Mode(channels), v2.Resize((size, size), antialias=True), v2.ToImage()])
+
+
+# ------------------------------------------------------------ batched (tensor back-end)
+
+_GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
+def _gray(x: Tensor) -> Tensor:
+    """(B, 3, H, W) -> (B, 1, H, W) luma."""
+    r, g, b = x.unbind(1)
+    return (_GRAY[0] * r + _GRAY[1] * g + _GRAY[2] * b).unsqueeze(1)
+
+
+def _rgb_to_hsv(x: Tensor) -> Tensor:
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc
+    s = delta / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
+    d = torch.where(delta == 0, torch.ones_like(delta), delta)
+    rc, gc, bc = (maxc - r) / d, (maxc - g) / d, (maxc - b) / d
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta == 0, torch.zeros_like(h), h)
+    return torch.stack([(h / 6.0) % 1.0, s, maxc], 1)
+
+
+def _hsv_to_rgb(x: Tensor) -> Tensor:
+    h, s, v = x.unbind(1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.long() % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    table = torch.stack([  # (6 sectors, 3 channels, B, H, W)
+        torch.stack([v, t, p]), torch.stack([q, v, p]), torch.stack([p, v, t]),
+        torch.stack([p, q, v]), torch.stack([t, p, v]), torch.stack([v, p, q]),
+    ])
+    index = i.unsqueeze(0).unsqueeze(0).expand(1, 3, *i.shape)  # (1, 3, B, H, W)
+    return table.gather(0, index).squeeze(0).permute(1, 0, 2, 3)
+
+
+def _per_sample(values: Tensor) -> Tensor:
+    return values.view(-1, 1, 1, 1)
+
+
+class BatchViews:
+    """uint8 batch (B, C, H, W) -> (query, key) float32, normalised with MEAN/STD.
+
+    Each sample draws its own parameters from ``generator``. Per branch, in order:
+    one geometric warp (random resized crop for the local view, horizontal and vertical
+    flips, rotation ~ U(0, cfg.rotation) degrees; bilinear, corners filled by reflecting the
+    image), then ColorJitter with probability ``p_jitter`` (brightness, contrast,
+    saturation, hue -- in this fixed order, where torchvision shuffles it), grayscale with
+    ``p_gray`` and a Gaussian blur with ``p_blur``. Each op on its own, clamped to [0, 1],
+    matches torchvision's functional op (tests/data/test_batch_views.py); unlike
+    torchvision, brightness, contrast and saturation are chained before one clamp, so a
+    bright background is not flattened to white by the first op. The output size is the
+    input size.
+    """
+
+    def __init__(self, cfg: ViewsConfig, *, channels: int) -> None:
+        if cfg.recipe not in ("local_global", "global_global"):
+            raise ValueError(f"data.views.recipe is '{cfg.recipe}'; choose local_global or global_global.")
+        if cfg.local not in ("query", "key"):
+            raise ValueError(f"data.views.local is '{cfg.local}'; choose query or key.")
+        if channels not in (1, 3):
+            raise ValueError(f"data.channels is {channels}; set it to 1 (grayscale) or 3 (RGB).")
+        self.cfg, self.channels = cfg, channels
+        crops = cfg.recipe == "local_global"
+        self.local = {"query": crops and cfg.local == "query", "key": crops and cfg.local == "key"}
+
+    def __call__(self, images: Tensor, *, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+        if images.ndim != 4 or images.shape[1] != self.channels:
+            raise ValueError(f"BatchViews expects (B, {self.channels}, H, W) images; got {tuple(images.shape)}.")
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        query = self.branch(x, local=self.local["query"], generator=generator)
+        key = self.branch(x, local=self.local["key"], generator=generator)
+        return (query - MEAN) / STD, (key - MEAN) / STD
+
+    # -- one branch
+
+    def _uniform(self, n: int, low: float, high: float, x: Tensor, g: Optional[torch.Generator]) -> Tensor:
+        return low + (high - low) * torch.rand(n, generator=g, device=x.device)
+
+    def _coin(self, n: int, p: float, x: Tensor, g: Optional[torch.Generator]) -> Tensor:
+        return torch.rand(n, generator=g, device=x.device) < p
+
+    def branch(self, x: Tensor, *, local: bool, generator: Optional[torch.Generator] = None) -> Tensor:
+        """(B, C, H, W) float in [0, 1] -> one augmented view, same shape, in [0, 1]."""
+        cfg, g, n = self.cfg, generator, x.shape[0]
+        x = warp(x, self.geometry(n, local=local, like=x, generator=g))
+        if cfg.p_jitter > 0:
+            b, c, s, h = cfg.jitter
+            on = self._coin(n, cfg.p_jitter, x, g)
+            y = adjust_brightness(x, self._uniform(n, max(0.0, 1 - b), 1 + b, x, g))
+            y = adjust_contrast(y, self._uniform(n, max(0.0, 1 - c), 1 + c, x, g))
+            if self.channels == 3:
+                y = adjust_saturation(y, self._uniform(n, max(0.0, 1 - s), 1 + s, x, g))
+                y = adjust_hue(y.clamp(0, 1), self._uniform(n, -h, h, x, g))
+            x = torch.where(_per_sample(on), y.clamp(0, 1), x)
+        if self.channels == 3 and cfg.p_gray > 0:
+            on = self._coin(n, cfg.p_gray, x, g)
+            x = torch.where(_per_sample(on), _gray(x).expand_as(x), x)
+        if cfg.p_blur > 0:
+            on = self._coin(n, cfg.p_blur, x, g)
+            sigma = self._uniform(n, *cfg.blur_sigma, x, g)
+            x = torch.where(_per_sample(on), gaussian_blur(x, sigma, blur_kernel(cfg, x.shape[-1])), x)
+        return x
+
+    def geometry(self, n: int, *, local: bool, like: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """(n, 2, 3) affine maps from output to input coordinates (``F.affine_grid`` convention)."""
+        cfg, g = self.cfg, generator
+        ones = torch.ones(n, device=like.device)
+        if local:  # RandomResizedCrop: area fraction ~ U(scale), log aspect ~ U(log 3/4, log 4/3)
+            area = self._uniform(n, *cfg.crop_scale, like, g)
+            aspect = torch.exp(self._uniform(n, math.log(3 / 4), math.log(4 / 3), like, g))
+            half_w = torch.sqrt(area * aspect).clamp(max=1.0)  # half-extent in [-1, 1] units = width fraction
+            half_h = torch.sqrt(area / aspect).clamp(max=1.0)
+            cx = (1 - half_w) * self._uniform(n, -1.0, 1.0, like, g)
+            cy = (1 - half_h) * self._uniform(n, -1.0, 1.0, like, g)
+        else:
+            half_w, half_h, cx, cy = ones, ones, 0 * ones, 0 * ones
+        flip_x = torch.where(self._coin(n, 0.5, like, g), -ones, ones) if cfg.flips else ones
+        flip_y = torch.where(self._coin(n, 0.5, like, g), -ones, ones) if cfg.flips else ones
+        angle = self._uniform(n, 0.0, math.radians(cfg.rotation), like, g)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        # input = centre + S @ Flip @ R(-angle) @ output: crop, then flip, then rotate the view
+        a = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)  # R(-angle), (n, 2, 2)
+        a = a * torch.stack([half_w * flip_x, half_h * flip_y], 1).unsqueeze(2)
+        return torch.cat([a, torch.stack([cx, cy], 1).unsqueeze(2)], 2)
+
+
+def warp(x: Tensor, theta: Tensor) -> Tensor:
+    """Resample (B, C, H, W) through affine maps ``theta`` (B, 2, 3); outside pixels reflect the image."""
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
+    """Per-sample ``torchvision.transforms.v2.functional.adjust_brightness``, not clamped."""
+    return x * _per_sample(factor)
+
+
+def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
+    """Per-sample ``adjust_contrast``, not clamped: blend with the mean luma (mean intensity for one channel)."""
+    mean = (_gray(x) if x.shape[1] == 3 else x).mean((1, 2, 3), keepdim=True)
+    f = _per_sample(factor)
+    return f * x + (1 - f) * mean
+
+
+def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
+    """Per-sample ``adjust_saturation`` (RGB), not clamped: blend with the luma image."""
+    f = _per_sample(factor)
+    return f * x + (1 - f) * _gray(x)
+
+
+def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
+    """Per-sample ``adjust_hue`` (RGB in [0, 1]): rotate the HSV hue by ``shift`` in [-0.5, 0.5] turns."""
+    hsv = _rgb_to_hsv(x)
+    h = (hsv[:, 0] + shift.view(-1, 1, 1)) % 1.0
+    return _hsv_to_rgb(torch.stack([h, hsv[:, 1], hsv[:, 2]], 1))
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
+    """Per-sample ``gaussian_blur`` with a ``kernel_size`` square kernel and reflected borders."""
+    b, c, h, w = x.shape
+    r = kernel_size // 2
+    offsets = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (offsets / sigma.to(x.dtype).view(-1, 1)) ** 2)  # (B, K)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B * C, K)
+    y = F.pad(x.reshape(1, b * c, h, w), (r, r, r, r), mode="reflect")
+    y = F.conv2d(y, k.view(b * c, 1, 1, kernel_size), groups=b * c)  # along x
+    y = F.conv2d(y, k.view(b * c, 1, kernel_size, 1), groups=b * c)  # along y
+    return y.view(b, c, h, w)
+
+
+__all__ = ["MEAN", "STD", "TwoViews", "BatchViews", "build_views", "build_eval_transform", "build_decode_transform"]

@@ -8,6 +8,10 @@
         batch["label"]                # (B,) long, -1 where a sample has no label
         batch["corrupt"]              # () long: samples/shards this worker skipped since its last batch
 
+With ``views=None`` (``data.views.backend: tensor``) workers only decode and resize, and
+``batch["image"]`` (B, C, size, size) uint8 replaces query and key: the training process
+makes the views with ``BatchViews`` on its device.
+
 Training streams are *resampled*: every global worker (rank x DataLoader worker) draws
 shards with replacement, seeded from (seed, epoch, global worker id), so none runs dry
 and every rank yields the same number of batches whatever the shard count (uneven ranks
@@ -50,7 +54,7 @@ from webdataset.tariterators import base_plus_ext
 from webdataset.utils import make_seed
 
 from sslkit.config import DataConfig
-from sslkit.data.augment import build_eval_transform
+from sslkit.data.augment import build_decode_transform, build_eval_transform
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +239,11 @@ def _views(src: Iterator[dict], views: Callable) -> Iterator[dict]:
         yield {"query": query, "key": key, "label": sample["label"]}
 
 
+def _images(src: Iterator[dict], transform: Callable) -> Iterator[dict]:
+    for sample in src:
+        yield {"image": transform(sample["image"]), "label": sample["label"]}
+
+
 def _transform(src: Iterator[dict], transform: Callable) -> Iterator[dict]:
     for sample in src:
         yield {"image": transform(sample["image"]), "label": sample["label"], "key": sample["key"]}
@@ -314,12 +323,15 @@ class _Pipeline(wds.DataPipeline):
 
 
 def train_loader(
-    shards: ShardSet, cfg: DataConfig, *, views: Callable, seed: int, steps_per_epoch: int, epoch: int = 0
+    shards: ShardSet, cfg: DataConfig, *, views: Optional[Callable], seed: int, steps_per_epoch: int,
+    epoch: int = 0,
 ) -> DataLoader:
     """Endless resampled stream cut into passes of exactly ``steps_per_epoch`` full batches per rank.
 
-    ``views``: PIL image -> (query, key) tensors, e.g. ``build_views(...)``. Batches are dicts
-    ``{"query": (B,C,H,W), "key": (B,C,H,W), "label": (B,) long, "corrupt": () long}``;
+    ``views``: PIL image -> (query, key) tensors, e.g. ``build_views(...)``; batches are then
+    ``{"query": (B,C,H,W), "key": (B,C,H,W), "label": (B,) long, "corrupt": () long}``.
+    ``views=None`` (the tensor back-end, ``BatchViews``): workers only decode and resize, and
+    batches are ``{"image": (B,C,size,size) uint8, "label", "corrupt"}``.
     ``len(loader) == steps_per_epoch``.
     """
     if steps_per_epoch < 1:
@@ -332,7 +344,8 @@ def train_loader(
         wds.tarfile_to_samples(handler=skips),  # {"__key__", "__url__", "png", "cls", "json"}: raw bytes
         wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=stream.rng),  # same, mixed across shards
         _Decode(label_key=cfg.labels, skips=skips),  # {"image": PIL, "label": int, "key": str}; corrupt skipped
-        wds.pipelinefilter(_views)(views),  # {"query": (C,H,W), "key": (C,H,W), "label": int}
+        wds.pipelinefilter(_views)(views) if views is not None  # {"query": (C,H,W), "key": (C,H,W), "label": int}
+        else wds.pipelinefilter(_images)(build_decode_transform(size=cfg.size, channels=cfg.channels)),  # or {"image"}
         wds.batched(cfg.batch_size, collation_fn=_Collate(skips), partial=False),  # (B,C,H,W), (B,), "corrupt": ()
         _WorkerShare(steps_per_epoch),  # this worker's share of the pass's batches
         length=steps_per_epoch,

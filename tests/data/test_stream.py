@@ -121,6 +121,20 @@ def test_train_batches_are_full_dicts(tmp_path: Path) -> None:
     assert labels.min() >= -1 and labels.max() <= 3
 
 
+def test_tensor_backend_batches_hold_the_decoded_pixels(tmp_path: Path) -> None:
+    # views=None: workers only decode and resize; the batch carries the exact PNG pixels as uint8
+    write_shards(tmp_path, shards=1, per_shard=8)
+    cfg = _cfg(tmp_path, workers=0, shuffle_buffer=1, size=SIZE)
+    loader = train_loader(resolve_shards(str(tmp_path)), cfg, views=None, seed=0, steps_per_epoch=2)
+    batches = list(loader)
+    assert len(batches) == 2 and "query" not in batches[0]
+    image = batches[0]["image"]
+    assert image.shape == (4, 3, SIZE, SIZE) and image.dtype == torch.uint8
+    originals = {i: torch.from_numpy(np.array(Image.open(io.BytesIO(_png(i))))).permute(2, 0, 1) for i in range(8)}
+    for picture in torch.cat([b["image"] for b in batches]):
+        assert any(torch.equal(picture, ref) for ref in originals.values())
+
+
 def test_corrupt_samples_are_skipped_and_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     write_shards(tmp_path, corrupt_first=True)  # sample 0 of every shard is garbage
     batches = list(_train(tmp_path, steps=8, workers=2))
