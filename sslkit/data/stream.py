@@ -55,10 +55,11 @@ from webdataset.utils import make_seed
 
 from sslkit.config import DataConfig
 from sslkit.data.augment import build_decode_transform, build_eval_transform
+from sslkit.sharding.manifest import FORMAT as MANIFEST_FORMAT
+from sslkit.sharding.manifest import class_names, parse_manifest
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = "sslkit-shards/1"
 IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp", "tif", "tiff")
 MAX_FAILURES_IN_A_ROW = 1000
 _MAKE_IT = "create it with `sslkit shard synthetic --out {}` or point data.shards at existing shards"
@@ -83,20 +84,16 @@ def _is_remote(spec: str) -> bool:
 
 
 def _read_manifest(path: Optional[str]) -> Optional[dict]:
+    """The manifest at a local path or URL, checked and in the current layout (``parse_manifest``)."""
     if path is None:
         return None
-    fix = "rewrite it with `sslkit shard` or set data.manifest to a valid one"
     try:
         with wds.gopen(path) as stream:
             manifest = json.load(stream)
     except (OSError, ValueError) as err:
-        raise ValueError(f"Manifest '{path}' cannot be read ({err}); {fix}.") from None
-    if not all(isinstance(s, dict) and "name" in s for s in manifest.get("shards", [])):
-        raise ValueError(f"Manifest '{path}' has a shard entry without a 'name'; {fix}.")
-    if manifest.get("format") != MANIFEST_FORMAT:
-        logger.warning("Manifest %s has format %r, not %r; reading it anyway.", path, manifest.get("format"),
-                       MANIFEST_FORMAT)
-    return manifest
+        raise ValueError(f"Manifest '{path}' cannot be read ({err}); rewrite it with `sslkit shard` "
+                         "or set data.manifest to a valid one.") from None
+    return parse_manifest(manifest, f"'{path}'")
 
 
 def _beside(folder: str) -> Optional[str]:
@@ -162,7 +159,7 @@ def resolve_shards(spec: str, *, manifest: Optional[str] = None) -> ShardSet:
         logger.info("No per-shard counts in a manifest for %s; counted %d samples from tar headers.", spec,
                     sum(per_shard))
     num_samples = sum(per_shard) if per_shard is not None else (data or {}).get("num_samples")
-    return ShardSet(urls, data, num_samples, (data or {}).get("classes"), per_shard)
+    return ShardSet(urls, data, num_samples, class_names(data or {}), per_shard)
 
 
 def _samples_per_shard(urls: list[str], manifest: Optional[dict]) -> Optional[list[int]]:

@@ -1,28 +1,38 @@
-"""The ``manifest.json`` beside a shard set: reading it, and checking shards against it.
+"""The ``manifest.json`` beside a shard set: building, reading, and checking shards against it.
 
 The manifest is the contract between the shard writers (``sslkit.sharding``) and the
 readers (``sslkit.data``): readers take shard names and the sample count from it
 instead of scanning tars. Layout (``FORMAT``)::
 
-    {"format": "sslkit-shards/1", "created_by": "<command>", "sslkit_version": "0.1.0",
-     "shards": [{"name": "demo-000000.tar", "samples": 1000, "bytes": 123, "sha256": "..."}],
-     "num_samples": 4000, "classes": ["a", "b"], "class_counts": {"a": 2000, "b": 2000},
-     "image": {"height": 32, "width": 32, "channels": 3, "format": "png"},
-     "sources": [...], "failures": [{"source": "...", "reason": "..."}], "params": {...}}
+    {"format": "sslkit-shards/2", "kind": "wsi", "created_by": "<command>", "sslkit_version": "0.1.0",
+     "num_samples": 4000,
+     "classes": {"a": 2000, "b": 2000},           # name -> count, in label-index order; null without labels
+     "shards": [{"name": "wsi-r000-w00-000000.tar", "samples": 1000, "bytes": 123, "sha256": "..."}],
+     "image": {"height": 256, "width": 256, "channels": 3, "format": "jpg"},  # null where samples differ
+     "sources": [{"id": "slide-1", "path": "...", "status": "done", "samples": 812, ...}],
+     "failed": [{"source": "bad.svs", "reason": "..."}],
+     "params": {...}}
+
+Manifests of format 1 (``classes`` a list beside ``class_counts``, ``failures``) are read
+and returned in this layout.
 
     manifest = read_manifest("shards/demo/train")   # the folder or the file
+    names = class_names(manifest)                   # label index -> name, or None
     report = verify_shards("shards/demo/train")     # report["ok"] is False on any problem
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
+import os
 import tarfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-FORMAT = "sslkit-shards/1"
+FORMAT = "sslkit-shards/2"
+FORMATS = ("sslkit-shards/1", FORMAT)
 MANIFEST_NAME = "manifest.json"
 _REQUIRED = ("format", "shards", "num_samples")
 
@@ -42,6 +52,79 @@ def manifest_path(path: str | Path) -> Path:
     return path / MANIFEST_NAME if path.is_dir() else path
 
 
+def _sslkit_version() -> str:
+    try:
+        return importlib.metadata.version("sslkit")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def merge_image_info(seen: Optional[dict], new: Optional[dict]) -> Optional[dict]:
+    """The ``image`` block of two sample groups: fields that differ become null."""
+    if seen is None or new is None:
+        return new if seen is None else seen
+    return {k: (v if new.get(k) == v else None) for k, v in seen.items()}
+
+
+def build_manifest(*, kind: str, command: str, shards: list[dict], classes: Optional[list[str]],
+                   label_counts: dict[int, int], image: Optional[dict], sources: list[dict],
+                   failed: list[dict], params: dict) -> dict[str, Any]:
+    """A format-2 manifest; ``label_counts`` maps label index -> samples."""
+    if classes is not None:
+        counts: Optional[dict] = {name: int(label_counts.get(i, 0)) for i, name in enumerate(classes)}
+    elif label_counts:
+        counts = {str(i): int(n) for i, n in sorted(label_counts.items())}
+    else:
+        counts = None
+    return {
+        "format": FORMAT, "kind": kind, "created_by": command, "sslkit_version": _sslkit_version(),
+        "num_samples": sum(int(s["samples"]) for s in shards), "classes": counts,
+        "shards": shards, "image": image, "sources": sources, "failed": failed, "params": params,
+    }
+
+
+def write_manifest(folder: str | Path, manifest: dict) -> Path:
+    """Write ``folder/manifest.json`` atomically (a uniquely named temporary file, then rename)."""
+    final = Path(folder) / MANIFEST_NAME
+    tmp = final.with_name(f"{MANIFEST_NAME}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, final)
+    return final
+
+
+def class_names(manifest: dict) -> Optional[list[str]]:
+    """Label index -> class name, from a manifest of either format; None without classes."""
+    classes = manifest.get("classes")
+    return list(classes) if classes else None
+
+
+def parse_manifest(manifest: Any, where: str) -> dict[str, Any]:
+    """Check a loaded manifest and bring format 1 to the format-2 layout; ``where`` names it in errors."""
+    fix = "regenerate the shard set with `sslkit shard ...` or point to its folder"
+    if not isinstance(manifest, dict) or any(k not in manifest for k in _REQUIRED):
+        raise ValueError(f"Shard manifest {where} lacks one of {list(_REQUIRED)}; {fix}.")
+    if manifest["format"] not in FORMATS:
+        raise ValueError(
+            f"Shard manifest {where} has format {manifest['format']!r}, expected one of {list(FORMATS)}; {fix}."
+        )
+    if not all(isinstance(s, dict) and "name" in s and "samples" in s for s in manifest["shards"]):
+        raise ValueError(f"Shard manifest {where} has a shard entry without 'name' or 'samples'; {fix}.")
+    counted = sum(int(s["samples"]) for s in manifest["shards"])
+    if counted != manifest["num_samples"]:
+        raise ValueError(
+            f"Shard manifest {where} says num_samples={manifest['num_samples']} but its shards "
+            f"hold {counted}; run `sslkit shard verify` on its folder and {fix}."
+        )
+    if manifest["format"] == "sslkit-shards/1":
+        manifest = dict(manifest, format=FORMAT)
+        names, counts = manifest.get("classes"), manifest.pop("class_counts", None) or {}
+        manifest["classes"] = ({n: counts.get(n, 0) for n in names} if isinstance(names, list)
+                               else (counts or None))
+        manifest["failed"] = manifest.pop("failures", [])
+        manifest["sources"] = [s if isinstance(s, dict) else {"path": s} for s in manifest.get("sources", [])]
+    return manifest
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """Load and check a shard manifest; ``path`` is the manifest file or its folder.
 
@@ -50,26 +133,16 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         ValueError: the file is not a valid sslkit manifest.
     """
     file = manifest_path(path)
-    fix = "regenerate the shard set (e.g. `sslkit shard synthetic ...`) or point to its folder"
     if not file.is_file():
-        raise FileNotFoundError(f"No shard manifest at {file}; {fix}.")
+        raise FileNotFoundError(
+            f"No shard manifest at {file}; make the shard set with `sslkit shard ...` (a run that is still "
+            "going, or whose other ranks have not finished, writes it at the end) or point to its folder."
+        )
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"Shard manifest {file} is not valid JSON ({err}); {fix}.") from None
-    if not isinstance(manifest, dict) or any(k not in manifest for k in _REQUIRED):
-        raise ValueError(f"Shard manifest {file} lacks one of {list(_REQUIRED)}; {fix}.")
-    if manifest["format"] != FORMAT:
-        raise ValueError(
-            f"Shard manifest {file} has format {manifest['format']!r}, expected {FORMAT!r}; {fix}."
-        )
-    counted = sum(int(s["samples"]) for s in manifest["shards"])
-    if counted != manifest["num_samples"]:
-        raise ValueError(
-            f"Shard manifest {file} says num_samples={manifest['num_samples']} but its shards "
-            f"hold {counted}; run `sslkit shard verify {file.parent}` and {fix}."
-        )
-    return manifest
+        raise ValueError(f"Shard manifest {file} is not valid JSON ({err}); regenerate the shard set.") from None
+    return parse_manifest(manifest, str(file))
 
 
 def count_tar_samples(path: str | Path) -> int:

@@ -36,6 +36,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 from tqdm.auto import tqdm
 
+from sslkit.sharding.source import Progress, Sample, Unit
 from sslkit.sharding.writer import ShardSetWriter
 
 CLASSES = ["epithelial", "inflammatory", "spindle", "misc"]
@@ -351,6 +352,41 @@ def make_synthetic(
                                  meta={"index": i, "class": CLASSES[label]})
                 bar.update(len(indices))
     return writer.manifest
+
+
+class SyntheticSource:
+    """The demo crops as a ``Source`` for ``sslkit.sharding.runner``: units of ``chunk`` consecutive indices.
+
+    Same crops, keys and labels as ``make_synthetic`` (``{prefix}-{index:07d}``, class =
+    index % 4), but sharded in parallel, over ranks and resumably.
+    """
+
+    kind, classes, encode, quality, handles_skip = "synthetic", CLASSES, "png", 90, False
+    unit_noun, sample_noun = "chunk", "crop"
+
+    def __init__(self, *, num_samples: int, size: int = 32, seed: int = 0, chunk: int = 256,
+                 prefix: str = "demo") -> None:
+        if num_samples <= 0 or chunk <= 0:
+            raise ValueError(f"num_samples ({num_samples}) and chunk ({chunk}) must be positive.")
+        _check(0, size)
+        self.num_samples, self.size, self.seed, self.chunk, self.prefix = num_samples, size, seed, chunk, prefix
+
+    def params(self) -> dict[str, Any]:
+        return {"generator_version": GENERATOR_VERSION, "num_samples": self.num_samples, "size": self.size,
+                "seed": self.seed, "chunk": self.chunk, "prefix": self.prefix}
+
+    def units(self) -> list[Unit]:
+        return [Unit(id=f"{self.prefix}-{start:07d}", path=f"synthetic[{start}:{stop}]", cost=stop - start,
+                     payload=(start, stop))
+                for start in range(0, self.num_samples, self.chunk)
+                for stop in [min(start + self.chunk, self.num_samples)]]
+
+    def produce(self, unit: Unit, *, skip: int, progress: Progress) -> Iterable[Sample]:
+        start, stop = unit.payload
+        progress.total(stop - start)
+        images, labels = render_batch(range(start, stop), size=self.size, seed=self.seed)
+        for i, image, label in zip(range(start, stop), images, labels):
+            yield Sample(f"{self.prefix}-{i:07d}", image, int(label), {"index": i, "class": CLASSES[label]})
 
 
 def contact_sheet(images: np.ndarray, labels: np.ndarray, classes: list[str], *,

@@ -1,51 +1,51 @@
-"""Atomic WebDataset shard-set writer: ``out_dir/{prefix}-{i:06d}.tar`` + ``manifest.json``.
+"""Writing WebDataset tar shards atomically: sample encoding, rolling shard files, whole shard sets.
 
-Each shard is written as ``<name>.tmp`` and renamed once complete; the manifest is
-written last (tmp file + ``os.replace``), so a folder with a manifest always holds a
-complete, consistent shard set. A sample in a tar is::
+A sample in a tar is::
 
-    <key>.png    PNG bytes (RGB for 3 channels, L for grayscale)
-    <key>.cls    the integer label as ASCII text (only when a label is given)
-    <key>.json   meta dict, plus "source" when given (only when either is given)
+    <key>.png | <key>.jpg   the image (RGB for 3 channels, L for grayscale)
+    <key>.cls               the integer label as ASCII text (only when a label is given)
+    <key>.json              meta dict (only when there is one)
+
+Every shard is written as ``<name>.tmp``, flushed to disk and renamed once complete, so a
+``*.tar`` file is always whole. Tars are written with the standard library in the
+member layout of ``webdataset.TarWriter`` (mode 0444, integer ``mtime=0``: short headers and
+reproducible bytes); importing webdataset would pull in torch, about 700 MB per sharding
+worker process. The sha256 of a shard is computed while it is written.
 
     with ShardSetWriter("shards/demo", prefix="demo", maxcount=1000, classes=names) as w:
         w.write("demo-0000000", image, label=2, meta={"index": 0})
     manifest = w.manifest  # also returned by close()
 
-Writing into a folder that already holds a shard set replaces it: the old manifest is
-removed at once, and old ``{prefix}-*.tar`` files that the new set did not overwrite are
-removed on close. On an exception inside ``with`` the partial shard is removed, finished
-shards are kept, and no manifest is written (so readers refuse the folder).
+``ShardSetWriter`` writes a whole set from one process. Writing into a folder that already
+holds a shard set replaces it: the old manifest is removed at once, and old
+``{prefix}-*.tar`` files that the new set did not overwrite are removed on close. On an
+exception inside ``with`` the partial shard is removed, finished shards are kept, and no
+manifest is written (so readers refuse the folder). Parallel, resumable jobs over many
+inputs use ``ShardFiles`` through ``sslkit.sharding.runner``.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
+import hashlib
 import io
 import json
 import os
 import re
 import shlex
 import sys
+import tarfile
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, Callable, Optional
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
-from sslkit.sharding.manifest import FORMAT, MANIFEST_NAME, sha256_file
+from sslkit.sharding.manifest import build_manifest, merge_image_info, write_manifest
+
+ENCODINGS = {"png": "png", "jpeg": "jpg", "jpg": "jpg"}  # --encode value -> tar member extension
 
 
-def _sslkit_version() -> str:
-    try:
-        return importlib.metadata.version("sslkit")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """PNG bytes of an (H, W, 3) RGB, (H, W, 1) or (H, W) grayscale uint8 array."""
+def _as_pil(image: np.ndarray) -> Image.Image:
     if image.dtype != np.uint8:
         raise ValueError(
             f"Images must be uint8, got {image.dtype}; convert with np.clip(x, 0, 255).astype(np.uint8)."
@@ -58,13 +58,146 @@ def encode_png(image: np.ndarray) -> bytes:
         mode = "RGB"
     else:
         raise ValueError(f"Images must be (H, W), (H, W, 1) or (H, W, 3), got shape {image.shape}.")
+    return Image.fromarray(np.ascontiguousarray(image), mode=mode)
+
+
+def encode_image(image: np.ndarray, *, fmt: str = "png", quality: int = 90) -> tuple[str, bytes]:
+    """(extension, bytes) of an (H, W, 3) RGB, (H, W, 1) or (H, W) grayscale uint8 array.
+
+    ``fmt`` is "png" (lossless) or "jpeg" (``quality`` 1-95, 4:2:0 subsampling as libjpeg's default).
+    """
+    if fmt not in ENCODINGS:
+        raise ValueError(f"Unknown image encoding {fmt!r}; use one of {sorted(set(ENCODINGS) - {'jpg'})}.")
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image), mode=mode).save(buffer, format="PNG")
-    return buffer.getvalue()
+    pil = _as_pil(np.asarray(image))
+    if ENCODINGS[fmt] == "jpg":
+        if not 1 <= quality <= 100:
+            raise ValueError(f"JPEG quality must be between 1 and 100, got {quality}.")
+        pil.save(buffer, format="JPEG", quality=quality)
+    else:
+        pil.save(buffer, format="PNG")
+    return ENCODINGS[fmt], buffer.getvalue()
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of an (H, W, 3) RGB, (H, W, 1) or (H, W) grayscale uint8 array."""
+    return encode_image(image, fmt="png")[1]
+
+
+def image_info(image: np.ndarray, fmt: str) -> dict[str, Any]:
+    """The manifest's ``image`` block for one sample."""
+    return {"height": image.shape[0], "width": image.shape[1],
+            "channels": image.shape[2] if image.ndim == 3 else 1, "format": ENCODINGS[fmt]}
+
+
+def check_key(key: str) -> str:
+    if not isinstance(key, str) or not key or "." in key or "/" in key:
+        raise ValueError(f"Sample key {key!r} must be a non-empty string without '.' or '/'.")
+    return key
+
+
+def sample_fields(image_ext: str, image_bytes: bytes, *, label: Optional[int] = None,
+                  meta: Optional[dict] = None, key: str = "?") -> dict[str, bytes]:
+    """Tar members of one sample (extension -> bytes), in the order they are written."""
+    fields = {image_ext: image_bytes}
+    if label is not None:
+        fields["cls"] = str(int(label)).encode("ascii")
+    if meta:
+        try:
+            fields["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"Metadata of sample {key!r} is not JSON-serialisable ({err}).") from None
+    return fields
+
+
+class _HashingFile(io.RawIOBase):
+    """A write-only file that feeds every byte to sha256 on its way to disk."""
+
+    def __init__(self, path: Path) -> None:
+        self.file, self.digest, self.size = open(path, "wb"), hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.file.write(data)
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+        super().close()
+
+
+class ShardFiles:
+    """Rolling shards ``{stem}-{index:06d}.tar`` of at most ``maxcount`` samples each.
+
+    ``on_shard(entry)`` is called after each rename with ``{"name", "samples", "bytes",
+    "sha256"}``; ``start_index`` continues a numbering (on resume).
+    """
+
+    def __init__(self, out_dir: str | Path, *, stem: str, maxcount: int, start_index: int = 0,
+                 on_shard: Optional[Callable[[dict], None]] = None) -> None:
+        if maxcount <= 0:
+            raise ValueError(f"maxcount must be a positive number of samples per shard, got {maxcount}.")
+        self.out_dir, self.stem, self.maxcount = Path(out_dir), stem, maxcount
+        self.index, self.on_shard = start_index, on_shard
+        self.in_shard = 0
+        self._file: Optional[_HashingFile] = None
+        self._tar: Optional[tarfile.TarFile] = None
+
+    @property
+    def name(self) -> str:
+        """Name of the shard being written (or next to be written)."""
+        return f"{self.stem}-{self.index:06d}.tar"
+
+    def add(self, key: str, fields: dict[str, bytes]) -> None:
+        """Append one sample's members; finishes the shard when it reaches ``maxcount``."""
+        if self._tar is None:
+            self._file = _HashingFile(self.out_dir / (self.name + ".tmp"))
+            self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT)
+        for ext, data in fields.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            info.uname = info.gname = "bigdata"
+            self._tar.addfile(info, io.BytesIO(data))
+        self.in_shard += 1
+        if self.in_shard >= self.maxcount:
+            self.finish()
+
+    def finish(self) -> Optional[dict]:
+        """Close, flush and rename the open shard; returns its entry (None when none was open)."""
+        if self._tar is None:
+            return None
+        self._tar.close()
+        self._file.close()
+        final = self.out_dir / self.name
+        os.replace(self.out_dir / (self.name + ".tmp"), final)
+        entry = {"name": final.name, "samples": self.in_shard, "bytes": self._file.size,
+                 "sha256": self._file.digest.hexdigest()}
+        self._tar, self._file, self.in_shard = None, None, 0
+        self.index += 1
+        if self.on_shard is not None:
+            self.on_shard(entry)
+        return entry
+
+    def abort(self) -> None:
+        """Drop the shard in progress (its .tmp file); finished shards stay."""
+        if self._tar is None:
+            return
+        try:
+            self._tar.close()  # lets tarfile flush into the doomed file instead of on garbage collection
+            self._file.close()
+        finally:
+            (self.out_dir / (self.name + ".tmp")).unlink(missing_ok=True)
+            self._tar, self._file, self.in_shard = None, None, 0
 
 
 class ShardSetWriter:
-    """Write samples to ``out_dir/{prefix}-{i:06d}.tar`` (at most ``maxcount`` per shard)."""
+    """Write samples to ``out_dir/{prefix}-{i:06d}.tar`` (at most ``maxcount`` per shard) + manifest."""
 
     def __init__(
         self,
@@ -75,79 +208,53 @@ class ShardSetWriter:
         classes: list[str] | None = None,
         params: dict | None = None,
         command: str | None = None,
+        encode: str = "png",
+        quality: int = 90,
+        kind: str | None = None,
     ) -> None:
-        if maxcount <= 0:
-            raise ValueError(f"maxcount must be a positive number of samples per shard, got {maxcount}.")
         if not prefix or "/" in prefix or "." in prefix:
             raise ValueError(f"Shard prefix {prefix!r} must be a non-empty name without '/' or '.'.")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.prefix, self.maxcount = prefix, maxcount
+        self.prefix, self.encode, self.quality = prefix, encode, quality
         self.classes = list(classes) if classes is not None else None
-        self.params = dict(params or {})
+        self.params, self.kind = dict(params or {}), kind or prefix
         self.command = command if command is not None else shlex.join(sys.argv)
         self.manifest: dict[str, Any] | None = None
         self._shards: list[dict[str, Any]] = []
-        self._file: BinaryIO | None = None
-        self._tar: wds.TarWriter | None = None
-        self._in_shard = 0
+        self._files = ShardFiles(self.out_dir, stem=prefix, maxcount=maxcount, on_shard=self._shards.append)
         self._keys: set[str] = set()
-        self._class_counts: dict[str, int] = {}
-        self._sources: dict[str, None] = {}  # insertion-ordered set
-        self._failures: list[dict[str, str]] = []
+        self._label_counts: dict[int, int] = {}
+        self._sources: dict[str, int] = {}  # insertion-ordered: source -> samples
+        self._failed: list[dict[str, str]] = []
         self._image: dict[str, Any] | None = None
-        (self.out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # the old set is no longer valid
+        (self.out_dir / "manifest.json").unlink(missing_ok=True)  # the old set is no longer valid
 
-    # ---- samples -------------------------------------------------------------------
-    def write(
-        self,
-        key: str,
-        image: np.ndarray,
-        *,
-        label: int | None = None,
-        meta: dict | None = None,
-        source: str | None = None,
-    ) -> None:
+    def write(self, key: str, image: np.ndarray, *, label: int | None = None, meta: dict | None = None,
+              source: str | None = None) -> None:
         """Add one sample; ``image`` is (H, W, C) or (H, W) uint8."""
         if self.manifest is not None:
             raise RuntimeError(f"ShardSetWriter for {self.out_dir} is closed; open a new one to write more.")
-        sample = self._encode(key, image, label=label, meta=meta, source=source)
-        if self._tar is None:
-            self._open_shard()
-        self._tar.write(sample)
-        self._keys.add(key)
-        self._in_shard += 1
-        if self._in_shard >= self.maxcount:
-            self._finish_shard()
-
-    def record_failure(self, source: str, reason: str) -> None:
-        """Note an input that could not be turned into samples (listed in the manifest)."""
-        self._failures.append({"source": str(source), "reason": str(reason)})
-
-    def _encode(self, key: str, image: np.ndarray, *, label: int | None, meta: dict | None,
-                source: str | None) -> dict[str, Any]:
-        if not isinstance(key, str) or not key or "." in key:
-            raise ValueError(f"Sample key {key!r} must be a non-empty string without '.'.")
+        check_key(key)
         if key in self._keys:
             raise ValueError(f"Sample key {key!r} was already written; keys must be unique in a shard set.")
         image = np.asarray(image)
-        sample: dict[str, Any] = {"__key__": key, "png": encode_png(image)}
-        self._note_image(image)
+        ext, data = encode_image(image, fmt=self.encode, quality=self.quality)
         if label is not None:
             label = self._check_label(label)
-            sample["cls"] = str(label).encode("ascii")
-            name = self.classes[label] if self.classes is not None else str(label)
-            self._class_counts[name] = self._class_counts.get(name, 0) + 1
-        if meta is not None or source is not None:
-            record = dict(meta or {})
-            if source is not None:
-                record["source"] = str(source)
-                self._sources.setdefault(str(source), None)
-            try:
-                sample["json"] = json.dumps(record, sort_keys=True).encode("utf-8")
-            except TypeError as err:
-                raise ValueError(f"Metadata of sample {key!r} is not JSON-serialisable ({err}).") from None
-        return sample
+        record = dict(meta or {})
+        if source is not None:
+            record["source"] = str(source)
+            self._sources[str(source)] = self._sources.get(str(source), 0) + 1
+        self._files.add(key, sample_fields(ext, data, label=label, meta=record or None, key=key))
+        self._keys.add(key)
+        self._image = merge_image_info(self._image, image_info(image, self.encode))
+        if label is not None:
+            self._label_counts[label] = self._label_counts.get(label, 0) + 1
+
+    def record_failure(self, source: str, reason: str) -> None:
+        """Note an input that could not be turned into samples (listed under the manifest's ``failed``)."""
+        self._failed.append({"source": str(source), "reason": str(reason)})
 
     def _check_label(self, label: int) -> int:
         if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)) or label < 0:
@@ -155,41 +262,6 @@ class ShardSetWriter:
         if self.classes is not None and label >= len(self.classes):
             raise ValueError(f"Label {label} is out of range for {len(self.classes)} classes {self.classes}.")
         return int(label)
-
-    def _note_image(self, image: np.ndarray) -> None:
-        info = {"height": image.shape[0], "width": image.shape[1],
-                "channels": image.shape[2] if image.ndim == 3 else 1, "format": "png"}
-        if self._image is None:
-            self._image = info
-        else:  # sizes that vary between samples are recorded as null
-            self._image = {k: (v if info[k] == v else None) for k, v in self._image.items()}
-
-    # ---- shards --------------------------------------------------------------------
-    def _shard_name(self) -> str:
-        return f"{self.prefix}-{len(self._shards):06d}.tar"
-
-    def _open_shard(self) -> None:
-        tmp = self.out_dir / (self._shard_name() + ".tmp")
-        self._file = open(tmp, "wb")
-        # mtime=0: reproducible bytes, and an integer mtime keeps tar headers short.
-        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0)
-        self._in_shard = 0
-
-    def _close_files(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-        if self._file is not None and not self._file.closed:
-            self._file.close()
-        self._tar, self._file = None, None
-
-    def _finish_shard(self) -> None:
-        name = self._shard_name()
-        self._close_files()
-        final = self.out_dir / name
-        os.replace(self.out_dir / (name + ".tmp"), final)
-        self._shards.append({"name": name, "samples": self._in_shard,
-                             "bytes": final.stat().st_size, "sha256": sha256_file(final)})
-        self._in_shard = 0
 
     def _remove_stale(self) -> None:
         """Delete ``{prefix}-*.tar`` / ``.tmp`` files of an earlier set that this one did not write."""
@@ -199,47 +271,24 @@ class ShardSetWriter:
             if pattern.fullmatch(path.name) and path.name not in ours:
                 path.unlink()
 
-    # ---- closing -------------------------------------------------------------------
     def close(self) -> dict[str, Any]:
         """Finish the last shard and write ``manifest.json``; returns the manifest dict."""
         if self.manifest is not None:
             return self.manifest
-        if self._tar is not None:
-            self._finish_shard()
+        self._files.finish()
         self._remove_stale()
-        manifest = {
-            "format": FORMAT,
-            "created_by": self.command,
-            "sslkit_version": _sslkit_version(),
-            "shards": self._shards,
-            "num_samples": sum(s["samples"] for s in self._shards),
-            "classes": self.classes,
-            "class_counts": self._ordered_counts(),
-            "image": self._image,
-            "sources": list(self._sources),
-            "failures": self._failures,
-            "params": self.params,
-        }
-        tmp = self.out_dir / (MANIFEST_NAME + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, self.out_dir / MANIFEST_NAME)
-        self.manifest = manifest
-        return manifest
-
-    def _ordered_counts(self) -> dict[str, int]:
-        if self.classes is None:
-            return dict(sorted(self._class_counts.items(), key=lambda kv: int(kv[0])))
-        return {name: self._class_counts.get(name, 0) for name in self.classes}
+        self.manifest = build_manifest(
+            kind=self.kind, command=self.command, shards=self._shards, classes=self.classes,
+            label_counts=self._label_counts, image=self._image,
+            sources=[{"path": s, "samples": n} for s, n in self._sources.items()],
+            failed=self._failed, params=self.params,
+        )
+        write_manifest(self.out_dir, self.manifest)
+        return self.manifest
 
     def abort(self) -> None:
         """Drop the shard in progress (its .tmp file); finished shards stay, no manifest is written."""
-        if self._tar is None:
-            return
-        name = self._shard_name()
-        try:
-            self._close_files()
-        finally:
-            (self.out_dir / (name + ".tmp")).unlink(missing_ok=True)
+        self._files.abort()
 
     def __enter__(self) -> "ShardSetWriter":
         return self

@@ -12,8 +12,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from sslkit.sharding.manifest import FORMAT, read_manifest, sha256_file, verify_shards
-from sslkit.sharding.writer import ShardSetWriter, encode_png
+from sslkit.sharding.manifest import FORMAT, class_names, read_manifest, sha256_file, verify_shards
+from sslkit.sharding.writer import ShardFiles, ShardSetWriter, encode_image, encode_png
 
 CLASSES = ["a", "b", "c"]
 
@@ -53,11 +53,12 @@ def test_manifest_contents_match_files(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
     assert manifest["format"] == FORMAT and manifest["created_by"] == "pytest"
     assert manifest["num_samples"] == 10
-    assert manifest["class_counts"] == {"a": 4, "b": 3, "c": 3}
-    assert manifest["classes"] == CLASSES
+    assert manifest["classes"] == {"a": 4, "b": 3, "c": 3} and list(manifest["classes"]) == CLASSES
+    assert manifest["kind"] == "t"
     assert manifest["image"] == {"height": 8, "width": 8, "channels": 3, "format": "png"}
-    assert manifest["sources"] == ["img0.png", "img1.png", "img2.png"]
-    assert manifest["failures"] == [{"source": "broken.png", "reason": "cannot decode"}]
+    assert manifest["sources"] == [{"path": "img0.png", "samples": 4}, {"path": "img1.png", "samples": 4},
+                                   {"path": "img2.png", "samples": 2}]
+    assert manifest["failed"] == [{"source": "broken.png", "reason": "cannot decode"}]
     assert manifest["params"] == {"seed": 1}
     for shard in manifest["shards"]:
         path = tmp_path / shard["name"]
@@ -83,7 +84,7 @@ def test_grayscale_without_label_or_meta(tmp_path: Path) -> None:
         for i, image in enumerate(images):
             writer.write(f"k{i}", image)
     manifest = writer.manifest
-    assert manifest["class_counts"] == {} and manifest["classes"] is None
+    assert manifest["classes"] is None
     assert manifest["image"]["channels"] == 1
     with tarfile.open(tmp_path / "shard-000000.tar") as tar:
         assert sorted(tar.getnames()) == [f"k{i}.png" for i in range(4)]
@@ -178,3 +179,46 @@ def test_encode_png_squeezes_single_channel() -> None:
     decoded = Image.open(io.BytesIO(encode_png(image[:, :, None])))
     assert decoded.mode == "L"
     np.testing.assert_array_equal(np.asarray(decoded), image)
+
+
+def test_format_1_manifest_is_read_in_the_current_layout(tmp_path: Path) -> None:
+    old = {"format": "sslkit-shards/1", "shards": [{"name": "d-000000.tar", "samples": 3}], "num_samples": 3,
+           "classes": ["a", "b"], "class_counts": {"a": 1, "b": 2}, "sources": ["x.png"],
+           "failures": [{"source": "y.png", "reason": "bad"}]}
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    manifest = read_manifest(tmp_path)
+    assert manifest["format"] == FORMAT and manifest["classes"] == {"a": 1, "b": 2}
+    assert manifest["failed"] == [{"source": "y.png", "reason": "bad"}] and "failures" not in manifest
+    assert manifest["sources"] == [{"path": "x.png"}] and class_names(manifest) == ["a", "b"]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_jpeg_samples_decode_close_to_the_original(tmp_path: Path, channels: int) -> None:
+    yy, xx = np.mgrid[0:32, 0:32]
+    smooth = np.stack([xx * 8, yy * 8, (xx + yy) * 4], axis=-1).astype(np.uint8)  # JPEG-friendly ramps
+    image = smooth if channels == 3 else smooth[:, :, 0]
+    with ShardSetWriter(tmp_path, prefix="j", encode="jpeg", quality=95) as writer:
+        writer.write("ramp", image)
+    assert writer.manifest["image"]["format"] == "jpg"
+    with tarfile.open(tmp_path / "j-000000.tar") as tar:
+        assert tar.getnames() == ["ramp.jpg"]
+        decoded = np.asarray(Image.open(io.BytesIO(tar.extractfile("ramp.jpg").read())))
+    assert decoded.shape == image.shape
+    assert np.abs(decoded.astype(int) - image).mean() < 2.0
+    with pytest.raises(ValueError, match="encoding"):
+        encode_image(image, fmt="gif")
+
+
+def test_shard_files_hash_while_writing_equals_hash_on_disk(tmp_path: Path) -> None:
+    entries: list[dict] = []
+    files = ShardFiles(tmp_path, stem="s", maxcount=2, start_index=5, on_shard=entries.append)
+    for i in range(3):
+        files.add(f"k{i}", {"png": encode_png(_images(1)[0]), "cls": b"1"})
+    assert [e["name"] for e in entries] == ["s-000005.tar"] and files.name == "s-000006.tar"
+    assert (tmp_path / "s-000006.tar.tmp").exists()
+    files.finish()
+    assert [e["samples"] for e in entries] == [2, 1]
+    for entry in entries:
+        assert entry["sha256"] == sha256_file(tmp_path / entry["name"])
+        assert entry["bytes"] == (tmp_path / entry["name"]).stat().st_size
+    assert not list(tmp_path.glob("*.tmp"))
