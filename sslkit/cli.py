@@ -2,6 +2,9 @@
 
     sslkit demo
     sslkit shard synthetic --out shards/demo/train --num 20000
+    sslkit shard wsi slides/ --out shards/wsi --mpp 0.5 --tile 256
+    sslkit shard cells --format consep --input CoNSeP/Train --out shards/consep --window-scale 2 --size 32
+    sslkit shard folder chromosomes --out shards/chrom --size 64 --split 0.8,0.1,0.1
     sslkit pretrain configs/ccrl.yaml data.shards=shards/consep optim.lr=3e-4
     accelerate launch --config_file launch/cpu-2proc.yaml -m sslkit pretrain demo
     sslkit evaluate runs/demo
@@ -13,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -41,7 +45,8 @@ def _cmd_shard_synthetic(args: argparse.Namespace) -> None:
     from sslkit.sharding.synthetic import make_synthetic
 
     manifest = make_synthetic(args.out, num_samples=args.num, size=args.size, seed=args.seed,
-                              shard_size=args.shard_size, prefix=args.prefix)
+                              shard_size=args.shard_size, prefix=args.prefix,
+                              command=shlex.join(["sslkit", *sys.argv[1:]]))
     print(f"Wrote {manifest['num_samples']} crops in {len(manifest['shards'])} shards to {args.out}.")
 
 
@@ -100,7 +105,16 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(shards=Path(args.shards), overrides=args.overrides, splits=splits)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_collection_parsers(shard_sub: argparse._SubParsersAction) -> None:
+    """``sslkit shard wsi|cells|folder``: imported only for ``sslkit shard`` (they pull in scipy, OpenSlide)."""
+    from sslkit.sharding import cells, folder, wsi
+
+    wsi.add_parser(shard_sub)
+    cells.add_parser(shard_sub)
+    folder.add_parser(shard_sub)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sslkit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for user errors")
@@ -117,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--shard-size", type=int, default=2000, help="crops per shard (default 2000)")
     syn.add_argument("--prefix", default="demo")
     syn.set_defaults(fn=_cmd_shard_synthetic)
+    if argv is None or argv[:1] == ["shard"]:
+        _add_collection_parsers(shard_sub)
     ver = shard_sub.add_parser("verify", help="re-hash shards and check them against manifest.json",
                                epilog="example: sslkit shard verify shards/demo/train")
     ver.add_argument("folder")
@@ -154,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -164,6 +181,12 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"sslkit: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("sslkit: interrupted; what was finished is kept (`sslkit shard` resumes when run again).",
+              file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

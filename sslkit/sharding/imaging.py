@@ -73,20 +73,22 @@ def read_image(path: str | Path, *, channels: int = 3, background: int = 255) ->
     return to_channels(array, channels, background=background)
 
 
-def resize(image: np.ndarray, size: tuple[int, int],
-           box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+def resize(image: np.ndarray, size: tuple[int, int], *, box: tuple[float, float, float, float] | None = None,
+           area: bool = False) -> np.ndarray:
     """``image`` (H, W[, 3]) uint8 resized to ``size`` = (height, width).
 
     Bilinear with area-averaging when shrinking (PIL's ``reducing_gap``-free BILINEAR is
     box-filtered by its support), so small nuclei do not alias; unchanged when equal.
     ``box`` = (left, top, right, bottom), fractional source pixels: resample only that
     part of ``image``; pixels around it feed the filter, so pieces cut from one large
-    image with a margin match resizing it whole.
+    image with a margin match resizing it whole. ``area``: plain area averages (PIL's BOX)
+    instead, so each output pixel is the mean of exactly the input area it covers.
     """
     height, width = size
     if box is None and image.shape[:2] == (height, width):
         return image
-    out = Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR, box=box)
+    resample = Image.Resampling.BOX if area else Image.Resampling.BILINEAR
+    out = Image.fromarray(image).resize((width, height), resample, box=box)
     return np.asarray(out)
 
 

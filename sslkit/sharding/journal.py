@@ -24,10 +24,11 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
+from sslkit.config import ConfigError
 from sslkit.sharding.manifest import merge_image_info
 from sslkit.sharding.source import Sample, Unit
 from sslkit.sharding.writer import ShardFiles, check_key, encode_image, image_info, sample_fields
@@ -119,7 +120,7 @@ def load_state(out_dir: str | Path) -> JobState:
     """Merge every journal in ``out_dir`` and check that the shards they name are on disk.
 
     Raises:
-        ValueError: a journaled shard is missing or has another size (deleted or damaged by hand).
+        ConfigError: a journaled shard is missing or has another size (deleted or damaged by hand).
     """
     state = JobState()
     for path in sorted((Path(out_dir) / JOURNAL_DIR).glob("journal-*.jsonl")):
@@ -128,7 +129,7 @@ def load_state(out_dir: str | Path) -> JobState:
     for name, record in state.shards.items():
         file = Path(out_dir) / name
         if not file.is_file() or file.stat().st_size != record["bytes"]:
-            raise ValueError(
+            raise ConfigError(
                 f"Shard {file} is recorded as finished but is missing or changed on disk; delete "
                 f"{out_dir} (or move it away) and run the command again to shard from scratch."
             )

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from sslkit.config import ConfigError
 from sslkit.sharding.journal import JOURNAL_DIR, JobState, load_state, stale_files
 from sslkit.sharding.manifest import MANIFEST_NAME, build_manifest, merge_image_info, write_manifest
 from sslkit.sharding.pool import Display, Pool
@@ -50,15 +51,15 @@ def launch_rank(rank: Optional[int] = None, world_size: Optional[int] = None) ->
                 try:
                     rank, world_size = int(os.environ[rank_var]), int(os.environ[size_var])
                 except ValueError:
-                    raise ValueError(f"{rank_var}={os.environ[rank_var]!r} / {size_var}={os.environ[size_var]!r} "
+                    raise ConfigError(f"{rank_var}={os.environ[rank_var]!r} / {size_var}={os.environ[size_var]!r} "
                                      "are not integers; fix the launcher's environment or pass --rank and "
                                      "--world-size.") from None
                 origin = f"{rank_var}/{size_var}"
                 break
     if rank is None or world_size is None:
-        raise ValueError("Give both --rank and --world-size, or neither (then the launcher's environment is used).")
+        raise ConfigError("Give both --rank and --world-size, or neither (then the launcher's environment is used).")
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"Rank {rank} of world size {world_size} is impossible; ranks run from 0 to world size - 1.")
+        raise ConfigError(f"Rank {rank} of world size {world_size} is impossible; ranks run from 0 to world size - 1.")
     return rank, world_size, origin
 
 
@@ -93,7 +94,7 @@ def _rank_lock(out_dir: Path, rank: int) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(f"Another `sslkit shard` process is writing rank {rank} of {out_dir}; wait for it to "
+            raise ConfigError(f"Another `sslkit shard` process is writing rank {rank} of {out_dir}; wait for it to "
                              "finish, or give this job another --out folder.") from None
         yield
 
@@ -114,7 +115,7 @@ def _check_plan(out_dir: Path, plan: dict[str, Any]) -> None:
     plan = json.loads(json.dumps(plan))  # tuples -> lists, as stored
     if recorded != plan:
         diff = _first_difference(recorded, plan)
-        raise ValueError(f"{out_dir} holds shards made with other settings ({diff}); shard into a new --out "
+        raise ConfigError(f"{out_dir} holds shards made with other settings ({diff}); shard into a new --out "
                          "folder, or delete this one to start over.")
 
 
@@ -144,9 +145,9 @@ def run_source(source: Source, out_dir: str | Path, *, workers: Optional[int] = 
     """
     start = time.monotonic()
     if shard_size < 1:
-        raise ValueError(f"--shard-size must be at least 1 sample per shard, got {shard_size}.")
+        raise ConfigError(f"--shard-size must be at least 1 sample per shard, got {shard_size}.")
     if workers is not None and workers < 0:
-        raise ValueError(f"--workers must be 0 (in this process) or more, got {workers}.")
+        raise ConfigError(f"--workers must be 0 (in this process) or more, got {workers}.")
     rank, world_size, origin = launch_rank(rank, world_size)
     out = Path(out_dir)
     (out / JOURNAL_DIR).mkdir(parents=True, exist_ok=True)
@@ -199,7 +200,7 @@ def _check_unique(units: list[Unit]) -> None:
     seen: set[str] = set()
     for unit in units:
         if unit.id in seen:
-            raise ValueError(f"Two inputs map to the same unit id {unit.id!r} (one is {unit.path}); rename one.")
+            raise ConfigError(f"Two inputs map to the same unit id {unit.id!r} (one is {unit.path}); rename one.")
         seen.add(unit.id)
 
 

@@ -1,0 +1,323 @@
+"""Planning an image-folder import: which files, which labels and groups, which split.
+
+Nothing is decoded here; ``sslkit.sharding.folder`` turns a plan into shards.
+
+    sslkit shard folder data/chromosomes --out shards/chrom --size 64 --channels 1 \\
+        --label-regex 'clase(\\d+)' --group-regex '^([^/]+)/' --split 0.8,0.1,0.1
+
+Labels come from one source, first that applies: ``--label-regex`` on the relative path
+(``/``-separated; the group named ``label``, else the first group, else the whole
+match), the CSV's label column (``path,label[,group]``; paths relative to ROOT or to
+the CSV; a first row whose path is neither a file nor an image name is a header), or
+the class sub-folder (the first path component below ROOT). Groups (patient, case,
+metaphase) come from ``--group-regex`` (named group ``group``, same rules) or the CSV's
+third column; without either every image is its own group.
+
+Classes are label names in natural order (``clase2`` < ``clase10``); a label's index is
+its position. ``--classes`` fixes the set and the order: other labels are unexpected.
+Without it a label is a stray, not a class, when it has fewer than ``--min-class-count``
+images (default 5) *and* fewer than a tenth of the median count of the labels that have
+at least that many (the 24-class chromosome set has one image labelled ``clase25``; a
+tiny balanced folder has no strays). Images of unexpected or stray labels,
+paths the regexes do not match and CSV rows naming missing files are not written; they
+are printed and listed under the manifest's ``failed`` (of the first split).
+
+Splits go by group, never by image: groups are ordered by sha256(seed, group) and each
+goes to the split in whose share of the running image count its middle image falls, so
+the assignment depends only on the groups (names and sizes), the fractions and the seed.
+``OUT/<split>/`` is a complete shard set per split; ``OUT/splits.json`` holds fractions,
+counts and the group -> split map. Images are padded to a square on the background
+(``--pad-value auto``: the median of the border pixels) and resized to ``--size``, never
+stretched. A unit is a run of ``--unit-files`` consecutive files (path order, or CSV order).
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import hashlib
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from sslkit.config import ConfigError
+from sslkit.sharding.source import safe_id
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".pnm")
+Item = tuple[str, str, str, str]  # (relative path, sample key, label name or "", group)
+_NATURAL = re.compile(r"(\d+)")
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key that orders digit runs by value: 'clase2' < 'clase10', 'a9b' < 'a10a'."""
+    parts = _NATURAL.split(text)
+    return tuple((1, int(p), "") if i % 2 else (0, 0, p.lower()) for i, p in enumerate(parts)), text
+
+
+@dataclass
+class FolderPlan:
+    """What will be sharded: the accepted items, the classes, what was refused and why."""
+
+    root: str  # absolute
+    items: list[Item]  # in path order (folder walk) or row order (CSV)
+    classes: Optional[list[str]]
+    failed: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)  # how labels/groups/split were made
+
+
+def _compile(pattern: Optional[str], flag: str) -> Optional[re.Pattern]:
+    try:
+        return None if pattern is None else re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"{flag} {pattern!r} is not a valid regular expression ({exc}); fix the pattern.")
+
+
+def _capture(regex: re.Pattern, name: str, text: str) -> Optional[str]:
+    """The group called ``name``, else the first group, else the whole match; None without a match."""
+    match = regex.search(text)
+    if match is None:
+        return None
+    return match.group(name if name in regex.groupindex else 1 if regex.groups else 0) or None
+
+
+def walk_images(root: str, *, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> tuple[list[str], Counter, list]:
+    """Relative '/'-paths of image files under ``root`` (sorted), other suffixes counted, unlistable folders.
+
+    One ``os.scandir`` per folder and no per-file stat; names starting with '.' are skipped
+    (``.DS_Store``, macOS ``._x.png`` forks); symlinked folders are followed unless they
+    point back inside ``root`` (a cycle or a duplicate).
+    """
+    allowed = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
+    real_root = os.path.realpath(root)
+    files, skipped, failed, stack, seen = [], Counter(), [], [""], set()
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            with os.scandir(os.path.join(root, rel_dir)) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+                    if entry.is_dir():
+                        if entry.is_symlink():
+                            real = os.path.realpath(entry.path)
+                            if real in seen or real == real_root or real.startswith(real_root + os.sep):
+                                continue
+                            seen.add(real)
+                        stack.append(rel)
+                    elif os.path.splitext(entry.name)[1].lower() in allowed:
+                        files.append(rel)
+                    else:
+                        skipped[os.path.splitext(entry.name)[1].lower() or "(no suffix)"] += 1
+        except OSError as exc:
+            failed.append({"source": os.path.join(root, rel_dir),
+                           "reason": f"folder cannot be listed ({exc.strerror}); fix its permissions"})
+    files.sort()
+    return files, skipped, failed
+
+
+def read_csv_list(csv_path: str, root: str) -> tuple[list[tuple[str, str, Optional[str]]], list[dict]]:
+    """Rows ``(relative path, label, group or None)`` of a ``path,label[,group]`` file, and refused rows.
+
+    A path is looked up under ``root`` first, then beside the CSV (one stat per row).
+    """
+    base = os.path.dirname(os.path.abspath(csv_path))
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+        sample = handle.read(65536)
+        handle.seek(0)
+        try:
+            dialect = csv.Sniffer().sniff(sample, delimiters=",;\t")
+        except csv.Error:
+            dialect = csv.excel
+        rows = [(n, r) for n, r in enumerate(csv.reader(handle, dialect), 1) if r and r[0].strip()
+                and not r[0].lstrip().startswith("#")]
+    out, failed, seen = [], [], set()
+    for index, (line, row) in enumerate(rows):
+        cells = [c.strip() for c in row] + ["", ""]
+        found = next((os.path.join(b, cells[0]) for b in (root, base)
+                      if os.path.isfile(os.path.join(b, cells[0]))), None)
+        where = f"{csv_path}:{line}"
+        if found is None:
+            if index == 0 and not cells[0].lower().endswith(IMAGE_EXTENSIONS):
+                continue  # a header row
+            failed.append({"source": f"{where} ({cells[0]})",
+                           "reason": "names a file that exists neither under ROOT nor beside the CSV; "
+                                     "fix the path or drop the row"})
+            continue
+        rel = Path(os.path.relpath(found, root)).as_posix()
+        if rel in seen:
+            failed.append({"source": f"{where} ({cells[0]})",
+                           "reason": "lists a file a second time; keep one row per file"})
+            continue
+        seen.add(rel)
+        out.append((rel, cells[1], (cells[2] or None) if len(row) > 2 else None))
+    return out, failed
+
+
+def _choose_classes(counts: Counter, classes: Optional[Sequence[str]], min_count: int) -> tuple[list, dict]:
+    """The class list and, for every label that is not a class, the reason (with the fix)."""
+    if classes is not None:
+        fix = "add it to --classes (or --classes-file) or remove those files"
+        return list(classes), {k: f"label {k!r} is not in --classes; {fix}" for k in counts if k not in classes}
+    common = [n for n in counts.values() if n >= min_count]
+    median = float(np.median(common)) if common else 0.0
+    rare = {k for k, n in counts.items() if n < min_count and n < 0.1 * median}
+    reasons = {k: f"label {k!r} has only {counts[k]} image(s), fewer than --min-class-count {min_count} and a "
+                  f"tenth of the median class ({median:g}), so it is not made a class; name it in --classes or "
+                  f"pass --min-class-count 1 to keep it" for k in rare}
+    return sorted((k for k in counts if k not in rare), key=natural_key), reasons
+
+
+def assign_keys(paths: Sequence[str]) -> list[str]:
+    """Unique sample keys: safe_id of each path without its suffix; later clashes get '-2', '-3', ..."""
+    keys = [safe_id(os.path.splitext(p)[0]) for p in paths]
+    used, first = set(keys), set()
+    for i, key in enumerate(keys):
+        if key in first:
+            n = 2
+            while f"{key}-{n}" in used:
+                n += 1
+            keys[i] = f"{key}-{n}"
+            used.add(keys[i])
+        first.add(key)
+    return keys
+
+
+def _label_rows(rows: list[tuple[str, str, Optional[str]]], root: str, *, label_re: Optional[re.Pattern],
+                group_re: Optional[re.Pattern], unlabeled: bool, csv_path: Optional[str]) -> tuple[list, list]:
+    """(relative path, label, group) of every row that can be labelled and grouped, and refusals."""
+    accepted, failed, interned = [], [], {}
+    for rel, label, group in rows:
+        problem = None
+        if unlabeled:
+            label = ""
+        elif label_re is not None:
+            label = _capture(label_re, "label", rel)
+            problem = None if label else f"path does not match --label-regex {label_re.pattern!r}"
+        elif not label:
+            problem = "has no label in the CSV" if csv_path else "is not inside a class sub-folder"
+        if group_re is not None and problem is None:
+            group = _capture(group_re, "group", rel)
+            problem = None if group else f"path does not match --group-regex {group_re.pattern!r}"
+        if problem:
+            failed.append({"source": os.path.join(root, rel),
+                           "reason": f"{problem}; fix --label-regex / --group-regex / --csv or move the file"})
+        else:  # one string object per distinct label and group: a million rows share them
+            group = group or rel
+            accepted.append((rel, interned.setdefault(label, label), interned.setdefault(group, group)))
+    return accepted, failed
+
+
+def plan_folder(root: str | Path, *, csv_path: Optional[str] = None, label_regex: Optional[str] = None,
+                group_regex: Optional[str] = None, classes: Optional[Sequence[str]] = None,
+                min_class_count: int = 5, unlabeled: bool = False,
+                extensions: Sequence[str] = IMAGE_EXTENSIONS) -> FolderPlan:
+    """Find the images under ``root``, label and group them, choose the classes (nothing is decoded)."""
+    root = os.path.abspath(root)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"Image folder {root} does not exist; give the folder that holds the images.")
+    if unlabeled and (label_regex or classes):
+        raise ConfigError("--unlabeled cannot be combined with --label-regex or --classes; drop one of them.")
+    if classes is not None and len(set(classes)) != len(classes):
+        raise ConfigError("--classes names a class twice; list each class once.")
+    label_re, group_re = _compile(label_regex, "--label-regex"), _compile(group_regex, "--group-regex")
+    notes: list[str] = []
+    if csv_path is not None:
+        if not os.path.isfile(csv_path):
+            raise FileNotFoundError(f"CSV file {csv_path} does not exist; give the path,label[,group] list.")
+        rows, failed = read_csv_list(csv_path, root)
+    else:
+        files, skipped, failed = walk_images(root, extensions=extensions)
+        rows = [(rel, rel.split("/", 1)[0] if "/" in rel else "", None) for rel in files]
+        if skipped:
+            notes.append("skipped files with other suffixes: " + ", ".join(f"{k} ({n})" for k, n in skipped.items()))
+    accepted, refused_rows = _label_rows(rows, root, label_re=label_re, group_re=group_re, unlabeled=unlabeled,
+                                         csv_path=csv_path)
+    failed += refused_rows
+    if not accepted:
+        raise ValueError(f"No image under {root} could be labelled ({len(failed)} refused); "
+                         "check --label-regex, --csv or the class sub-folders.")
+    counts = Counter(label for _, label, _ in accepted)
+    chosen, refused = (None, {}) if unlabeled else _choose_classes(counts, classes, min_class_count)
+    failed += [{"source": os.path.join(root, rel), "reason": refused[label]}
+               for rel, label, _ in accepted if label in refused]
+    notes += [f"class {c!r} has no images" for c in chosen or [] if c not in counts]
+    kept = [a for a in accepted if a[1] not in refused]
+    items = [(rel, key, label, group) for (rel, label, group), key in zip(kept, assign_keys([a[0] for a in kept]))]
+    settings = {"label_source": "none" if unlabeled else "regex" if label_re else "csv" if csv_path else "folders",
+                "label_regex": label_regex, "group_regex": group_regex, "csv": csv_path and os.path.abspath(csv_path),
+                "group_source": "regex" if group_re else "csv" if any(r[2] for r in rows) else "none",
+                "min_class_count": min_class_count}
+    return FolderPlan(root, items, chosen, failed, notes, settings)
+
+
+def split_groups(sizes: dict[str, int], fractions: Sequence[float], *, seed: int) -> dict[str, int]:
+    """Group -> split index. Groups in sha256(seed, group) order fill the splits in turn: a group
+    goes to the split whose cumulative image target its middle image falls under."""
+    order = sorted(sizes, key=lambda g: hashlib.sha256(f"{seed}\0{g}".encode("utf-8", "surrogateescape")).digest())
+    bounds = list(np.cumsum(fractions) / np.sum(fractions) * sum(sizes.values()))
+    out, running = {}, 0
+    for group in order:
+        out[group] = min(bisect.bisect_right(bounds, running + sizes[group] / 2), len(bounds) - 1)
+        running += sizes[group]
+    return out
+
+
+def split_plan(plan: FolderPlan, *, fractions: Sequence[float], names: Sequence[str],
+               seed: int = 0) -> tuple[dict[str, FolderPlan], dict[str, Any]]:
+    """One sub-plan per split (planning failures go to the first) and the audit record for splits.json."""
+    if len(names) != len(fractions) or len(set(names)) != len(names) or not all(_NAME.match(n) for n in names):
+        raise ConfigError(f"--split-names {','.join(names)} must be {len(fractions)} distinct names of "
+                          "letters, digits, '-' or '_', one per --split fraction.")
+    if any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise ConfigError(f"--split {','.join(map(str, fractions))} must be positive fractions that add up "
+                          "to 1, e.g. 0.8,0.1,0.1.")
+    sizes = Counter(item[3] for item in plan.items)
+    where = split_groups(sizes, fractions, seed=seed)
+    parts = {name: replace(plan, items=[], failed=[] if i else list(plan.failed), notes=[],
+                           settings={**plan.settings, "split": name, "fractions": list(fractions), "seed": seed})
+             for i, name in enumerate(names)}
+    for item in plan.items:
+        parts[names[where[item[3]]]].items.append(item)
+    empty = [n for n, p in parts.items() if not p.items]
+    if empty:
+        raise ConfigError(f"Split {empty[0]!r} would get no images ({len(sizes)} groups in all); "
+                          "use fewer splits or larger fractions.")
+    audit = {"seed": seed, "fractions": dict(zip(names, fractions)),
+             "group_source": plan.settings.get("group_source"),
+             "images": {n: len(p.items) for n, p in parts.items()},
+             "groups": {n: len({it[3] for it in p.items}) for n, p in parts.items()},
+             "classes": {n: dict(sorted(Counter(it[2] for it in p.items).items(), key=lambda kv: natural_key(kv[0])))
+                         for n, p in parts.items()},
+             "group_to_split": {g: names[where[g]] for g in sorted(where, key=natural_key)},
+             "failed": plan.failed}
+    return parts, audit
+
+
+def report_lines(plan: FolderPlan, audit: Optional[dict] = None) -> list[str]:
+    """What a person should read before trusting the shards: classes, groups, refusals, splits."""
+    counts = Counter(item[2] for item in plan.items)
+    names = plan.classes or []
+    lines = [f"{len(plan.items)} images under {plan.root}; " + (
+        "unlabelled." if plan.classes is None else f"labels from {plan.settings['label_source']}, {len(names)} "
+        "classes: " + ", ".join(f"{c} ({counts.get(c, 0)})" for c in names))]
+    if plan.settings["group_source"] == "none":
+        lines.append("no --group-regex or CSV group column: every image is its own group, so images of one "
+                     "patient or case may land in different splits.")
+    else:
+        lines.append(f"{len({item[3] for item in plan.items})} groups from {plan.settings['group_source']}.")
+    lines += plan.notes
+    reasons = Counter(f["reason"] for f in plan.failed)
+    for reason, n in reasons.most_common():
+        example = next(f["source"] for f in plan.failed if f["reason"] == reason)
+        lines.append(f"NOT WRITTEN: {n} file(s): {reason} (e.g. {example})")
+    for name, n in (audit or {}).get("images", {}).items():
+        lines.append(f"split {name}: {n} images in {audit['groups'][name]} groups")
+    return lines
