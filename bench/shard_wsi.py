@@ -15,7 +15,7 @@
    in a fresh process: it must not grow with the number of slides.
 
 The last line is ``ratio=<sslkit tiles/s / deepzoom tiles/s>`` for the default reader ("auto":
-OpenSlide opens, TiffSlide decodes) unless ``--reader`` names another.
+OpenSlide opens, the stored tiles are decoded with tifffile) unless ``--reader`` names another.
 """
 
 from __future__ import annotations

@@ -44,6 +44,8 @@ def to_channels(image: np.ndarray, channels: int, *, background: int = 255) -> n
     image = to_uint8(image)
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
+    if image.ndim == 3 and image.shape[2] in (2, 4) and image[:, :, -1].min() == 255:  # opaque: drop alpha
+        image = np.ascontiguousarray(image[:, :, :-1] if image.shape[2] == 4 else image[:, :, 0])
     if image.ndim == 3 and image.shape[2] in (2, 4):  # gray+alpha or RGBA
         alpha = image[:, :, -1:].astype(np.float32) / 255.0
         color = image[:, :, :-1].astype(np.float32)

@@ -196,6 +196,10 @@ def _noun(source: Source, what: str) -> str:
     return getattr(source, f"{what}_noun", what)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _check_unique(units: list[Unit]) -> None:
     seen: set[str] = set()
     for unit in units:
@@ -238,8 +242,8 @@ def _maybe_manifest(source: Source, out: Path, units: list[Unit], state: JobStat
 def _print_summary(source: Source, out: Path, summary: dict, state: JobState, units: list[Unit]) -> None:
     unit, sample = _noun(source, "unit"), _noun(source, "sample")
     head = f"sslkit shard {source.kind}" + (f" (rank {summary['rank']})" if summary["world_size"] > 1 else "")
-    print(f"{head}: {summary['units_done']} {unit}s done, {summary['units_failed']} failed, "
-          f"{summary['units_before']} already done; {summary['samples']} {sample}s in "
+    print(f"{head}: {_count(summary['units_done'], unit)} done, {summary['units_failed']} failed, "
+          f"{summary['units_before']} already done; {_count(summary['samples'], sample)} in "
           f"{summary['seconds']:.1f} s ({summary['samples_per_s']:.1f} {sample}s/s).")
     for item in summary["failed"][:20]:
         print(f"  failed: {item['source']}: {item['reason']}")

@@ -45,34 +45,47 @@ from sslkit.sharding.manifest import build_manifest, merge_image_info, write_man
 ENCODINGS = {"png": "png", "jpeg": "jpg", "jpg": "jpg"}  # --encode value -> tar member extension
 
 
-def _as_pil(image: np.ndarray) -> Image.Image:
+def _checked(image: np.ndarray) -> np.ndarray:
+    """``image`` as (H, W) or (H, W, 3) uint8, or ValueError saying what is wrong."""
     if image.dtype != np.uint8:
         raise ValueError(
             f"Images must be uint8, got {image.dtype}; convert with np.clip(x, 0, 255).astype(np.uint8)."
         )
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
-    if image.ndim == 2:
-        mode = "L"
-    elif image.ndim == 3 and image.shape[2] == 3:
-        mode = "RGB"
-    else:
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
         raise ValueError(f"Images must be (H, W), (H, W, 1) or (H, W, 3), got shape {image.shape}.")
-    return Image.fromarray(np.ascontiguousarray(image), mode=mode)
+    return image
+
+
+def _jpeg8_encode() -> Optional[Callable[..., Any]]:
+    try:
+        from imagecodecs import jpeg8_encode
+    except ImportError:  # imagecodecs comes with the wsi extra (tifffile, tiffslide); PIL does the same job
+        return None
+    return jpeg8_encode
+
+
+_JPEG8 = _jpeg8_encode()
 
 
 def encode_image(image: np.ndarray, *, fmt: str = "png", quality: int = 90) -> tuple[str, bytes]:
     """(extension, bytes) of an (H, W, 3) RGB, (H, W, 1) or (H, W) grayscale uint8 array.
 
-    ``fmt`` is "png" (lossless) or "jpeg" (``quality`` 1-95, 4:2:0 subsampling as libjpeg's default).
+    ``fmt`` is "png" (lossless) or "jpeg" (``quality`` 1-100, 4:2:0 subsampling as libjpeg's
+    default). JPEG goes through imagecodecs when it is installed: the same libjpeg-turbo
+    bytes as PIL's encoder (checked in the tests), in about half the time on 256x256 tiles.
     """
     if fmt not in ENCODINGS:
         raise ValueError(f"Unknown image encoding {fmt!r}; use one of {sorted(set(ENCODINGS) - {'jpg'})}.")
+    image = _checked(np.asarray(image))
+    if ENCODINGS[fmt] == "jpg" and not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be between 1 and 100, got {quality}.")
+    if ENCODINGS[fmt] == "jpg" and _JPEG8 is not None:
+        return "jpg", bytes(_JPEG8(np.ascontiguousarray(image), level=quality))
     buffer = io.BytesIO()
-    pil = _as_pil(np.asarray(image))
+    pil = Image.fromarray(np.ascontiguousarray(image), mode="L" if image.ndim == 2 else "RGB")
     if ENCODINGS[fmt] == "jpg":
-        if not 1 <= quality <= 100:
-            raise ValueError(f"JPEG quality must be between 1 and 100, got {quality}.")
         pil.save(buffer, format="JPEG", quality=quality)
     else:
         pil.save(buffer, format="PNG")

@@ -222,3 +222,14 @@ def test_shard_files_hash_while_writing_equals_hash_on_disk(tmp_path: Path) -> N
         assert entry["sha256"] == sha256_file(tmp_path / entry["name"])
         assert entry["bytes"] == (tmp_path / entry["name"]).stat().st_size
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_jpeg_through_imagecodecs_is_byte_identical_to_pil() -> None:
+    pytest.importorskip("imagecodecs")
+    rng = np.random.default_rng(2)
+    yy, xx = np.mgrid[0:96, 0:80]
+    image = np.clip(np.stack([xx * 3, yy * 2, xx + yy], -1) + rng.normal(0, 12, (96, 80, 3)), 0, 255).astype(np.uint8)
+    for array in (image, image[:, :, 1]):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=87)
+        assert encode_image(array, fmt="jpeg", quality=87) == ("jpg", buffer.getvalue())

@@ -18,7 +18,7 @@ from PIL import Image
 openslide = pytest.importorskip("openslide")
 pytest.importorskip("tiffslide")
 
-from sslkit.sharding import wsi  # noqa: E402
+from sslkit.sharding import slides, tissue, wsi  # noqa: E402
 from sslkit.sharding.source import Progress, UnitError  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -85,7 +85,7 @@ def truth_tiles(img: np.ndarray, *, tile: int, stride: int, min_tissue: float, m
 # ---------------------------------------------------------------- tiles, counts, coordinates
 
 
-@pytest.mark.parametrize("reader, used", [("auto", "openslide+tiffslide"), ("openslide", "openslide"),
+@pytest.mark.parametrize("reader, used", [("auto", "openslide+tifffile"), ("openslide", "openslide"),
                                           ("tiffslide", "tiffslide")])
 def test_tiles_exact_at_level0(slide, reader, used):
     samples, progress = produce(slide, mpp=0.5, tile=128, min_tissue=0.5, reader=reader)
@@ -144,9 +144,9 @@ def test_edge_tiles_are_whole(tmp_path):
     (1.5, (1, 3), 1, 1.0), (2.0, (1, 3), 1, None), (1.0, (1, 3), 0, 2.0)])
 def test_level_choice(tmp_path, target, downsamples, level, scale):
     path = write_slide(tmp_path / "s.tif", layout(), downsamples=downsamples, compression="jpeg")
-    s = wsi.open_slide(str(path))
+    s = slides.open_slide(str(path))
     assert len(s.dimensions) == len(downsamples)
-    geom = wsi.choose_level(s, (0.5, 0.5), target)
+    geom = slides.choose_level(s, (0.5, 0.5), target)
     if scale is None:  # not a whole downsample: shrink by the exact remaining factor
         scale = target / (0.5 * s.downsamples[level])
         assert s.downsamples[level] != 3.0 and scale != pytest.approx(4 / 3, abs=1e-4)
@@ -198,8 +198,12 @@ def test_objective_power_fallback(tmp_path):
         samples, progress = produce(path, mpp=0.5, tile=128)
     info = progress.details
     assert info["mpp_source"] == "objective-power" and info["level0_mpp"] == 0.5 and "10 / power" in info["note"]
-    assert info["reader"] == "openslide"  # TiffSlide sees one level here, OpenSlide two: OpenSlide decodes
+    # TiffSlide sees one level here, OpenSlide two; the stored-tile reader matches pages to OpenSlide's levels
+    assert info["reader"] == "openslide+tifffile" and info["level"] == 0
     assert len(samples) == 30
+    first = samples[0]
+    expected = layout()[first.meta["y"]:first.meta["y"] + 128, first.meta["x"]:first.meta["x"] + 128]
+    assert np.abs(first.image.astype(int) - expected).mean() < 3  # JPEG-compressed slide
 
 
 @pytest.mark.parametrize("dpi", [None, 72.0])
@@ -234,16 +238,18 @@ def test_tiffslide_fallback_when_openslide_cannot_open(tmp_path):
     assert len(samples) == 30
 
 
-def test_auto_keeps_openslide_when_tiffslide_decodes_otherwise(slide, monkeypatch):
-    opener = wsi._open_tiffslide
+def test_auto_keeps_openslide_when_faster_decoders_decode_otherwise(slide, monkeypatch):
+    def shifted(opener):
+        def open_shifted(*args):  # a decoder that gets colours wrong
+            twin = opener(*args)
+            read = twin.read
+            twin.read = lambda *a: (read(*a).astype(int) * 3 // 4).astype(np.uint8)
+            return twin
+        return open_shifted
 
-    def shifted(path):  # a TiffSlide that decodes colours differently
-        twin = opener(path)
-        read = twin.read
-        twin.read = lambda *a: (read(*a).astype(int) * 3 // 4).astype(np.uint8)
-        return twin
-
-    monkeypatch.setattr(wsi, "_open_tiffslide", shifted)
+    monkeypatch.setattr(slides, "_open_tiffslide", shifted(slides._open_tiffslide))
+    monkeypatch.setattr(slides, "_open_tifftiles", shifted(slides._open_tifftiles))
+    monkeypatch.setattr(slides, "_DECODES_ALIKE", set())
     samples, progress = produce(slide, mpp=0.5, tile=128)
     assert progress.details["reader"] == "openslide" and len(samples) == 30
     np.testing.assert_array_equal(samples[0].image, layout()[256:384, 256:384])
@@ -265,8 +271,8 @@ def test_openslide_fast_read_equals_public_api(tmp_path):
     path = write_slide(tmp_path / "s.tif", img, compression="jpeg")
     handle = openslide.OpenSlide(str(path))
     for loc, level, size in [((0, 0), 0, (W0, H0)), ((300, 200), 1, (333, 211)), ((1900, 1400), 0, (400, 300))]:
-        public = wsi.to_channels(np.asarray(handle.read_region(loc, level, size)), 3)  # outside: transparent
-        ours = wsi._openslide_rgb(handle, loc, level, size)
+        public = slides.to_channels(np.asarray(handle.read_region(loc, level, size)), 3)  # outside: transparent
+        ours = slides._openslide_rgb(handle, loc, level, size)
         assert np.abs(ours.astype(int) - public).max() <= 1
         if loc == (1900, 1400):
             assert (ours[-150:, -200:] == 255).all()  # beyond the slide: white
@@ -287,12 +293,12 @@ def test_tissue_mask_stains_and_artefacts():
     img[330:380, 420:560] = (10, 10, 10)  # black marker
     img[100:104, 500:504] = PINK  # a speck (16 px at 8 um/px = 1024 um^2)
     img = np.clip(img + rng.integers(-3, 4, img.shape), 0, 255).astype(np.uint8)  # scanner noise
-    mask = wsi.tissue_mask(img, um_per_px=8.0)
+    mask = tissue.tissue_mask(img, um_per_px=8.0)
     for y0, y1, x0, x1 in [(40, 160, 40, 300), (220, 340, 40, 300)]:
         assert mask[y0 + 2:y1 - 2, x0 + 2:x1 - 2].all()
     assert not mask[:, 360:].any() and not mask[180:200].any() and not mask[:, :30].any()
-    assert not wsi.tissue_mask(np.full((300, 300, 3), 245, np.uint8), um_per_px=8.0).any()
-    assert not wsi.tissue_mask(rng.integers(235, 256, (300, 300, 3)).astype(np.uint8), um_per_px=8.0).any()
+    assert not tissue.tissue_mask(np.full((300, 300, 3), 245, np.uint8), um_per_px=8.0).any()
+    assert not tissue.tissue_mask(rng.integers(235, 256, (300, 300, 3)).astype(np.uint8), um_per_px=8.0).any()
 
 
 def test_box_fractions_against_supersampling():
@@ -301,7 +307,7 @@ def test_box_fractions_against_supersampling():
     fine = np.repeat(np.repeat(mask, 8, axis=0), 8, axis=1)  # 1/8-pixel grid
     boxes = np.sort(rng.integers(0, 8 * 30, (50, 2, 2)), axis=1) / 8.0  # corners on the 1/8 grid
     boxes = np.stack([boxes[:, 0, 1], boxes[:, 0, 0], boxes[:, 1, 1] + 0.125, boxes[:, 1, 0] + 0.125], axis=1)
-    got = wsi.box_fractions(mask, boxes)
+    got = tissue.box_fractions(mask, boxes)
     for (x0, y0, x1, y1), f in zip((boxes * 8).astype(int), got):
         assert f == pytest.approx(fine[y0:y1, x0:x1].mean(), abs=1e-9)
 
@@ -346,7 +352,7 @@ def test_unreadable_slides_fail_with_reason(tmp_path, reader):
     data = bytearray(path.read_bytes())
     data[offset:offset + size] = bytes(size)
     path.write_bytes(bytes(data))
-    backend = "openslide" if reader == "openslide" else "tiffslide"
+    backend = {"auto": "tifffile"}.get(reader, reader)
     with pytest.raises(UnitError, match=rf"damaged\.tif failed at level 0, region x=256 y=512 .*\({backend}: "
                                         "Not a JPEG file.*copy it again"):
         produce(path, mpp=0.5, tile=128, reader=reader)
@@ -356,26 +362,26 @@ def test_slide_ids_and_finding(tmp_path):
     for name in ("a/x.svs", "b/x.svs", "b/x.tif", "c/y z.ndpi", "c/notes.txt", "c/deep/w.svs"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"0" * 10)
-    found, failed = wsi.find_slides([str(tmp_path / "c"), str(tmp_path / "a" / "x.svs")])
+    found, failed = slides.find_slides([str(tmp_path / "c"), str(tmp_path / "a" / "x.svs")])
     assert [Path(p).name for p in found] == ["y z.ndpi", "x.svs"] and failed == []
-    assert [Path(p).name for p in wsi.find_slides([str(tmp_path / "c")], recursive=True)[0]] == ["w.svs", "y z.ndpi"]
+    assert [Path(p).name for p in slides.find_slides([str(tmp_path / "c")], recursive=True)[0]] == ["w.svs", "y z.ndpi"]
     (tmp_path / "list.txt").write_text("# slides\na/x.svs\nb/x.svs\n\nb/x.tif\nmissing.svs\na/x.svs\n")
-    found, failed = wsi.find_slides([f"@{tmp_path / 'list.txt'}"])
+    found, failed = slides.find_slides([f"@{tmp_path / 'list.txt'}"])
     assert len(found) == 3 and [f["source"] for f in failed] == [str(tmp_path / "missing.svs")]
-    assert wsi.slide_ids(found) == ["a_x_svs", "b_x_svs", "b_x_tif"]
-    assert wsi.slide_ids(["p/q.svs", "p/q.svs.svs", "r/y z.svs"]) == ["q", "q_svs", "y_z"]
-    assert wsi.slide_ids(["a/x.svs", "b/x.svs", "c/x.svs"]) == ["a_x", "b_x", "c_x"]
-    assert wsi.slide_ids(["p/a/x.svs", "q/a/x.svs"]) == ["p_a_x", "q_a_x"]
+    assert slides.slide_ids(found) == ["a_x_svs", "b_x_svs", "b_x_tif"]
+    assert slides.slide_ids(["p/q.svs", "p/q.svs.svs", "r/y z.svs"]) == ["q", "q_svs", "y_z"]
+    assert slides.slide_ids(["a/x.svs", "b/x.svs", "c/x.svs"]) == ["a_x", "b_x", "c_x"]
+    assert slides.slide_ids(["p/a/x.svs", "q/a/x.svs"]) == ["p_a_x", "q_a_x"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no slide files"):
-        wsi.find_slides([str(tmp_path / "empty")])
+        slides.find_slides([str(tmp_path / "empty")])
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        wsi.find_slides([str(tmp_path / "nope.svs")])
+        slides.find_slides([str(tmp_path / "nope.svs")])
     mrxs = tmp_path / "m.mrxs"
     mrxs.write_bytes(b"1" * 5)
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "Data0000.dat").write_bytes(b"2" * 100)
-    assert wsi.slide_bytes(str(mrxs)) == 105
+    assert slides.slide_bytes(str(mrxs)) == 105
 
 
 @pytest.mark.parametrize("bad", [{"overlap": 256}, {"min_tissue": 1.5}, {"mpp": 0}, {"tile": 4},
@@ -484,3 +490,64 @@ def test_cmu_small_region(tmp_path):
     thumb = np.asarray(handle.get_thumbnail(mask.shape[::-1]).convert("RGB").resize(mask.shape[::-1]))
     dark = thumb.min(axis=2) < 200  # clearly stained pixels must be in the mask
     assert mask[dark].mean() > 0.95 and mask[thumb.min(axis=2) > 235].mean() < 0.1
+
+
+# ---------------------------------------------------------------- the stored-tile reader
+
+
+def test_stored_tile_reader_equals_openslide_across_tiles_and_beyond_the_edge(tmp_path):
+    rng = np.random.default_rng(5)
+    img = layout()
+    img[600:900, 100:1900] = rng.integers(0, 256, (300, 1800, 3), dtype=np.uint8)  # detail across many tiles
+    path = write_slide(tmp_path / "j.tif", img, compression="jpeg")
+    handle = openslide.OpenSlide(str(path))
+    reader = slides.TiffTiles(str(path), handle, cache_bytes=4 * 128 * 128 * 3)  # room for 4 tiles only
+    for level, (x, y, w, h) in [(0, (100, 500, 700, 450)), (1, (0, 0, W0 // 2, H0 // 2)), (2, (400, 300, 200, 150)),
+                                (0, (1900, 1400, 300, 250))]:  # the last one runs beyond the slide: white
+        ours = reader.read(level, x, y, w, h)
+        ds = handle.level_downsamples[level]
+        theirs = slides.to_channels(np.asarray(handle.read_region((round(x * ds), round(y * ds)), level, (w, h))), 3)
+        assert ours.shape == (h, w, 3)
+        assert np.abs(ours.astype(int) - theirs).max() <= 1, (level, x, y)
+        assert reader._cached <= reader.cache_bytes
+    assert (reader.read(0, 1900, 1400, 300, 250)[-100:, -150:] == 255).all()
+
+
+def test_a_kind_of_slide_is_checked_against_openslide_once_per_process(tmp_path, monkeypatch):
+    paths = [write_slide(tmp_path / f"s{i}.tif", layout(), compression="jpeg") for i in range(3)]
+    checks = []
+    check = slides._decodes_alike
+    monkeypatch.setattr(slides, "_DECODES_ALIKE", set())
+    monkeypatch.setattr(slides, "_decodes_alike", lambda twin, slide: checks.append(slide.path) or check(twin, slide))
+    opened = [slides.open_slide(str(p)) for p in paths]
+    assert [s.reader for s in opened] == ["openslide+tifffile"] * 3
+    assert checks == [str(paths[0])]  # same vendor, compression, photometric, tiling: trusted after the first
+    other = write_slide(tmp_path / "z.tif", layout(), compression="zlib")
+    assert slides.open_slide(str(other)).reader == "openslide+tifffile" and checks[-1] == str(other)
+
+
+def test_two_ranks_from_the_environment_shard_disjoint_slides(tmp_path, monkeypatch):
+    from sslkit.sharding.manifest import verify_shards
+    from sslkit.sharding.runner import run_source
+
+    img = layout()
+    paths = [str(write_slide(tmp_path / f"slide{i}.tif", img[:, : W0 - 128 * i])) for i in range(5)]
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        source = wsi.WsiSource(paths, mpp=0.5, tile=128, encode="png")
+        summary = run_source(source, tmp_path / "out", workers=0, progress=False)
+        assert summary["world_size"] == 2 and summary["units"] in (2, 3)
+        assert (summary["manifest"] is None) == (rank == 0)  # the last rank to finish writes it
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    slides_by_rank: dict[str, set] = {"r000": set(), "r001": set()}
+    for shard in manifest["shards"]:
+        with tarfile.open(tmp_path / "out" / shard["name"]) as tar:
+            names = {json.loads(tar.extractfile(m).read())["slide"] for m in tar if m.name.endswith(".json")}
+        slides_by_rank[shard["name"].split("-")[1]] |= names
+    assert slides_by_rank["r000"] and slides_by_rank["r001"]
+    assert not slides_by_rank["r000"] & slides_by_rank["r001"]
+    assert slides_by_rank["r000"] | slides_by_rank["r001"] == {f"slide{i}" for i in range(5)}
+    assert [s["status"] for s in manifest["sources"]] == ["done"] * 5
+    assert manifest["num_samples"] == sum(s["samples"] for s in manifest["sources"]) > 0
+    assert verify_shards(tmp_path / "out")["ok"]
