@@ -12,6 +12,7 @@ which units are final, so a re-run skips them.
         encode, quality = "png", 95      # how images are stored in the tars
         handles_skip = False             # True: produce() itself starts at sample `skip`
         unit_noun, sample_noun = "image", "crop"  # optional: words for progress bars and the summary
+        preload = ("scipy.ndimage",)     # optional: modules worker processes should import up front
         def params(self) -> dict: ...    # JSON; a re-run into the same folder must match
         def units(self) -> list[Unit]: ...            # parent process, deterministic order
         def produce(self, unit, *, skip, progress): ...  # worker: yields Samples in a fixed order

@@ -26,7 +26,8 @@ def tissue_mask(rgb: np.ndarray, *, um_per_px: float) -> np.ndarray:
     from scipy import ndimage
     from skimage import filters, morphology
 
-    hi, lo = rgb.max(axis=2), rgb.min(axis=2)  # (H, W) uint8
+    r, g, b = rgb[:, :, 0], rgb[:, :, 1], rgb[:, :, 2]
+    hi, lo = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)  # (H, W) uint8
     sat = (hi - lo) / np.maximum(hi, 1).astype(np.float32)  # the overview is area-averaged: no more smoothing
     otsu = float(filters.threshold_otsu(sat)) if np.ptp(sat) > 1e-6 else SAT_HIGH[1]
     glass = sat[sat < otsu]  # (and pale tissue): the glass's own tint and noise set the low threshold
@@ -34,7 +35,6 @@ def tissue_mask(rgb: np.ndarray, *, um_per_px: float) -> np.ndarray:
     low = max(SAT_LOW, level + 6.0 * float(np.median(np.abs(glass - level))) if glass.size else 0.0)  # ~4 sigma
     high = max(float(np.clip(otsu, *SAT_HIGH)), low)
     tissue = filters.apply_hysteresis_threshold(sat, low, high)
-    r, g, b = rgb[:, :, 0], rgb[:, :, 1], rgb[:, :, 2]
     marker = (sat > 0.2) & (g >= r) & ((g >= b) | (sat > 0.5))  # green/cyan ink; saturated blue ink
     tissue &= ~marker & (hi > 38)  # and nothing black (ink, dirt, scanner edges)
     tissue = ndimage.binary_closing(tissue, structure=np.ones((3, 3), bool), border_value=1) | tissue
@@ -65,12 +65,18 @@ def box_fractions(mask: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return area / np.maximum((x1 - x0) * (y1 - y0), 1e-12)
 
 
-def save_png(image: np.ndarray, path: Path) -> None:
+def save_image(image: np.ndarray, path: Path) -> None:
+    """Write ``image`` atomically as PNG, or JPEG (quality 90) when ``path`` ends in .jpg."""
     from PIL import Image
+
+    from sslkit.sharding.writer import encode_image
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG", compress_level=1)
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        tmp.write_bytes(encode_image(image, fmt="jpeg", quality=90)[1])
+    else:
+        Image.fromarray(image).save(tmp, format="PNG", compress_level=1)  # masks can be 4096 px a side
     os.replace(tmp, path)
 
 

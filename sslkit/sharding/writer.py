@@ -9,8 +9,9 @@ A sample in a tar is::
 Every shard is written as ``<name>.tmp``, flushed to disk and renamed once complete, so a
 ``*.tar`` file is always whole. Tars are written with the standard library in the
 member layout of ``webdataset.TarWriter`` (mode 0444, integer ``mtime=0``: short headers and
-reproducible bytes); importing webdataset would pull in torch, about 700 MB per sharding
-worker process. The sha256 of a shard is computed while it is written.
+reproducible bytes; headers built by ``tarfile.TarInfo``); importing webdataset would pull
+in torch, about 700 MB per sharding worker process. The sha256 of a shard is computed
+while it is written.
 
     with ShardSetWriter("shards/demo", prefix="demo", maxcount=1000, classes=names) as w:
         w.write("demo-0000000", image, label=2, meta={"index": 0})
@@ -149,7 +150,11 @@ class ShardFiles:
     """Rolling shards ``{stem}-{index:06d}.tar`` of at most ``maxcount`` samples each.
 
     ``on_shard(entry)`` is called after each rename with ``{"name", "samples", "bytes",
-    "sha256"}``; ``start_index`` continues a numbering (on resume).
+    "sha256"}``; ``start_index`` continues a numbering (on resume). Member headers come from
+    ``tarfile.TarInfo.tobuf`` (GNU format: long names allowed) and are written with the data
+    and its padding straight into the hashing file; the archive ends as ``tarfile`` ends one
+    (two zero blocks, padded to a 10 KiB record). ``tarfile.addfile`` would cost 5 ms more per
+    slide of 36 tiles, mostly in copying each member through its buffers.
     """
 
     def __init__(self, out_dir: str | Path, *, stem: str, maxcount: int, start_index: int = 0,
@@ -160,7 +165,6 @@ class ShardFiles:
         self.index, self.on_shard = start_index, on_shard
         self.in_shard = 0
         self._file: Optional[_HashingFile] = None
-        self._tar: Optional[tarfile.TarFile] = None
 
     @property
     def name(self) -> str:
@@ -169,29 +173,33 @@ class ShardFiles:
 
     def add(self, key: str, fields: dict[str, bytes]) -> None:
         """Append one sample's members; finishes the shard when it reaches ``maxcount``."""
-        if self._tar is None:
+        if self._file is None:
             self._file = _HashingFile(self.out_dir / (self.name + ".tmp"))
-            self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT)
         for ext, data in fields.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o444
             info.uname = info.gname = "bigdata"
-            self._tar.addfile(info, io.BytesIO(data))
+            self._file.write(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+            self._file.write(data)
+            if len(data) % tarfile.BLOCKSIZE:
+                self._file.write(tarfile.NUL * (tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))
         self.in_shard += 1
         if self.in_shard >= self.maxcount:
             self.finish()
 
     def finish(self) -> Optional[dict]:
-        """Close, flush and rename the open shard; returns its entry (None when none was open)."""
-        if self._tar is None:
+        """End, flush and rename the open shard; returns its entry (None when none was open)."""
+        if self._file is None:
             return None
-        self._tar.close()
+        self._file.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
+        if self._file.size % tarfile.RECORDSIZE:
+            self._file.write(tarfile.NUL * (tarfile.RECORDSIZE - self._file.size % tarfile.RECORDSIZE))
         self._file.close()
         final = self.out_dir / self.name
         os.replace(self.out_dir / (self.name + ".tmp"), final)
         entry = {"name": final.name, "samples": self.in_shard, "bytes": self._file.size,
                  "sha256": self._file.digest.hexdigest()}
-        self._tar, self._file, self.in_shard = None, None, 0
+        self._file, self.in_shard = None, 0
         self.index += 1
         if self.on_shard is not None:
             self.on_shard(entry)
@@ -199,14 +207,13 @@ class ShardFiles:
 
     def abort(self) -> None:
         """Drop the shard in progress (its .tmp file); finished shards stay."""
-        if self._tar is None:
+        if self._file is None:
             return
         try:
-            self._tar.close()  # lets tarfile flush into the doomed file instead of on garbage collection
             self._file.close()
         finally:
             (self.out_dir / (self.name + ".tmp")).unlink(missing_ok=True)
-            self._tar, self._file, self.in_shard = None, None, 0
+            self._file, self.in_shard = None, 0
 
 
 class ShardSetWriter:

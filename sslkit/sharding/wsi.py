@@ -24,7 +24,7 @@ OpenSlide; OpenSlide's metadata stays in charge (``sslkit.sharding.slides``).
   the glass's own level, hysteresis so pale stain joined to clear tissue stays in, green/blue
   marker and black excluded, small holes filled and specks removed (sizes in um^2). Blank
   glass gives no tissue. The mask (``masks/<slide>.png``) and the overview with the kept
-  tiles outlined (``masks/<slide>-tiles.png``) are written for inspection.
+  tiles outlined (``masks/<slide>-tiles.jpg``) are written for inspection.
 - Speed and memory: tiles are read in blocks of about ``BLOCK_PX`` level pixels a side (one
   read each, resized once with a margin so blocks join seamlessly), sliced with
   numpy; blocks without kept tiles are not read; on resume the first ``skip`` tiles are not
@@ -48,7 +48,7 @@ from sslkit.config import ConfigError
 from sslkit.sharding.slides import (BLOCK_PX, MPP_TOLERANCE, READERS, Geometry, Slide, choose_level, find_slides,
                                     open_slide, read_overview, read_target, slide_bytes, slide_ids, slide_mpp)
 from sslkit.sharding.source import Progress, Sample, Unit, safe_id
-from sslkit.sharding.tissue import HOLE_UM2, SAT_HIGH, SAT_LOW, SPECK_UM2, box_fractions, outline_boxes, save_png, tissue_mask
+from sslkit.sharding.tissue import HOLE_UM2, SAT_HIGH, SAT_LOW, SPECK_UM2, box_fractions, outline_boxes, save_image, tissue_mask
 
 MASK_TILE_PX = 16  # overview pixels along a tile side, at least MASK_MIN_MPP um each
 MASK_MIN_MPP, MASK_MAX_SIDE = 2.0, 4096
@@ -127,6 +127,7 @@ class WsiSource:
     classes = None
     handles_skip = True
     unit_noun, sample_noun = "slide", "tile"
+    preload = ("openslide", "tifffile", "imagecodecs", "scipy.ndimage", "skimage.filters", "skimage.morphology")
 
     def __init__(self, slides: list[str], *, mpp: float = 0.5, tile: int = 256, overlap: int = 0,
                  min_tissue: float = 0.5, encode: str = "jpeg", quality: int = 90,
@@ -162,8 +163,8 @@ class WsiSource:
                 warnings.warn(f"{unit.path}: {info['note']}; give --mpp-override if that is wrong.", stacklevel=2)
             if self.mask_dir is not None:
                 info["mask"] = str(Path(self.mask_dir) / f"{unit.id}.png")
-                save_png(mask.astype(np.uint8) * 255, Path(info["mask"]))
-                save_png(outline_boxes(overview, plan.boxes), Path(self.mask_dir) / f"{unit.id}-tiles.png")
+                save_image(mask.astype(np.uint8) * 255, Path(info["mask"]))
+                save_image(outline_boxes(overview, plan.boxes), Path(self.mask_dir) / f"{unit.id}-tiles.jpg")
             if len(plan.tiles) == 0:
                 found = "no tissue found" if not mask.any() else f"no tile has tissue >= {self.min_tissue:g}"
                 info["note"] = "; ".join(filter(None, [info.get("note"), f"{found}: 0 tiles"]))
@@ -181,8 +182,12 @@ class WsiSource:
             stop = start + int(np.searchsorted(plan.blocks[start:], plan.blocks[start], side="right"))
             if start == skip > 0 and plan.blocks[start - 1] == plan.blocks[start]:  # resuming inside a block:
                 stop = start + int(np.sum(plan.tiles[start:stop, 1] == plan.tiles[start, 1]))  # its row first
-            for i0, i1 in read_spans(plan.tiles[start:stop], tile=t, stride=t - self.overlap,
-                                     cost=_read_cost(slide, geom)):
+            if slide.backend == "tifffile" and geom.scale == (1.0, 1.0):  # decoded tiles are cached:
+                spans = [(i, i + 1) for i in range(stop - start)]  # one read per tile copies the least
+            else:
+                spans = read_spans(plan.tiles[start:stop], tile=t, stride=t - self.overlap,
+                                   cost=_read_cost(slide, geom))
+            for i0, i1 in spans:
                 corners = plan.tiles[start + i0:start + i1]
                 (x0, y0), (x1, y1) = corners.min(axis=0), corners.max(axis=0) + t
                 pixels = read_target(slide, geom, int(x0), int(y0), int(x1 - x0), int(y1 - y0))  # (H, W, 3)
@@ -251,7 +256,7 @@ _EPILOG = """examples:
   sslkit shard wsi slides/ --out shards/wsi --mpp 0.5 --tile 256
   sslkit shard wsi a.svs b.ndpi --out shards/wsi --mpp 1.0 --tile 224 --min-tissue 0.25 --encode png
   sslkit shard wsi @slides.txt --out shards/wsi --mpp-override 0.25    # slides without resolution metadata
-OUT/masks/<slide>.png is each slide's tissue mask, OUT/masks/<slide>-tiles.png its kept tiles."""
+OUT/masks/<slide>.png is each slide's tissue mask, OUT/masks/<slide>-tiles.jpg its kept tiles."""
 
 
 def _cmd_wsi(args: argparse.Namespace) -> None:
