@@ -34,6 +34,13 @@ class RunConfig:
 
 
 @dataclass
+class BalancedConfig:
+    classes: int = 0  # P classes per batch; 0: plain shuffled batches (data.batch_size must be P x per_class)
+    per_class: int = 2  # K samples of each (SCL: 2, the paired batches B1 and B2)
+    buffer: int = 0  # samples kept per class and worker; 0: 8 x per_class
+
+
+@dataclass
 class ViewsConfig:
     recipe: str = "local_global"  # local_global (CCRL) | global_global (both views uncropped)
     local: str = "query"  # which branch gets the random resized crop: query | key
@@ -60,6 +67,7 @@ class DataConfig:
     shuffle_buffer: int = 2000
     labels: str = "cls"  # sample field holding the integer class (used by evaluation only in CCRL)
     views: ViewsConfig = field(default_factory=ViewsConfig)
+    balanced: BalancedConfig = field(default_factory=BalancedConfig)  # class-balanced batches (SCL)
 
 
 @dataclass
@@ -222,6 +230,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"Config key 'method.momentum' must be in [0, 1], got {cfg.method.momentum}.")
     if cfg.data.workers < 0:
         raise ConfigError(f"Config key 'data.workers' must be 0 or more, got {cfg.data.workers}.")
+    balanced = cfg.data.balanced
+    if balanced.classes < 0 or balanced.per_class < 1 or balanced.buffer < 0:
+        raise ConfigError("Config keys 'data.balanced.classes' (0 = off), 'data.balanced.per_class' (>= 1) and "
+                          f"'data.balanced.buffer' (0 = 8 x per_class) got {balanced.classes}, "
+                          f"{balanced.per_class} and {balanced.buffer}.")
+    if balanced.classes and cfg.data.batch_size != balanced.classes * balanced.per_class:
+        raise ConfigError(f"Config key 'data.batch_size' is {cfg.data.batch_size} but balanced batches hold "
+                          f"data.balanced.classes x per_class = {balanced.classes * balanced.per_class}; make them agree.")
     kernel = cfg.data.views.blur_kernel
     if kernel != 0 and (kernel < 3 or kernel % 2 == 0):
         raise ConfigError(f"Config key 'data.views.blur_kernel' must be 0 (about a tenth of data.size) "

@@ -55,6 +55,7 @@ from webdataset.utils import make_seed
 
 from sslkit.config import DataConfig
 from sslkit.data.augment import build_decode_transform, build_eval_transform
+from sslkit.data.balanced import BalancedBatches
 from sslkit.sharding.manifest import FORMAT as MANIFEST_FORMAT
 from sslkit.sharding.manifest import class_names, parse_manifest
 
@@ -343,7 +344,7 @@ def train_loader(
         _Decode(label_key=cfg.labels, skips=skips),  # {"image": PIL, "label": int, "key": str}; corrupt skipped
         wds.pipelinefilter(_views)(views) if views is not None  # {"query": (C,H,W), "key": (C,H,W), "label": int}
         else wds.pipelinefilter(_images)(build_decode_transform(size=cfg.size, channels=cfg.channels)),  # or {"image"}
-        wds.batched(cfg.batch_size, collation_fn=_Collate(skips), partial=False),  # (B,C,H,W), (B,), "corrupt": ()
+        _batches(cfg, skips, stream.rng, shards),  # (B,C,H,W), (B,), "corrupt": (); P x K classes when balanced
         _WorkerShare(steps_per_epoch),  # this worker's share of the pass's batches
         length=steps_per_epoch,
     )
@@ -351,6 +352,22 @@ def train_loader(
         pipeline, batch_size=None, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+def _batches(cfg: DataConfig, skips: _Skips, rng: random.Random, shards: ShardSet) -> Callable:
+    """The batching stage: full shuffled batches, or class-balanced ones (``data.balanced``)."""
+    balanced = cfg.balanced
+    if not balanced.classes:
+        return wds.batched(cfg.batch_size, collation_fn=_Collate(skips), partial=False)
+    if cfg.batch_size != balanced.classes * balanced.per_class:
+        raise ValueError(f"data.batch_size is {cfg.batch_size} but balanced batches hold data.balanced.classes x "
+                         f"per_class = {balanced.classes * balanced.per_class}; make them agree.")
+    known = len(shards.classes) if shards.classes else None
+    if known is not None and balanced.classes > known:
+        raise ValueError(f"data.balanced.classes={balanced.classes} but the shards hold {known} classes "
+                         f"({', '.join(shards.classes)}); lower data.balanced.classes.")
+    return BalancedBatches(classes=balanced.classes, per_class=balanced.per_class,
+                           buffer=balanced.buffer or 8 * balanced.per_class, rng=rng, collate=_Collate(skips))
 
 
 def eval_loader(

@@ -15,7 +15,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from sslkit.config import DataConfig
+from sslkit.config import BalancedConfig, DataConfig
 from sslkit.data.augment import build_views
 from sslkit.data.stream import ShardSet, eval_loader, resolve_shards, train_loader
 
@@ -195,7 +195,7 @@ def test_eval_labels_and_corrupt(tmp_path: Path) -> None:
 RANK_SCRIPT = r"""
 import json, sys
 import torch.distributed as dist
-from sslkit.config import DataConfig
+from sslkit.config import BalancedConfig, DataConfig
 from sslkit.data.augment import build_views
 from sslkit.data.stream import eval_loader, resolve_shards, train_loader
 
@@ -238,3 +238,96 @@ def test_two_ranks_two_workers(tmp_path: Path) -> None:
     seen = results[0]["keys"] + results[1]["keys"]
     assert len(seen) == len(set(seen)) and sorted(seen) == sorted(keys)
     assert set(results[0]["keys"]).isdisjoint(results[1]["keys"])
+
+
+# ---------------------------------------------------------------- class-balanced batches
+
+
+def _assert_balanced(labels: list[int], classes: int, per_class: int) -> None:
+    blocks = [labels[k * classes:(k + 1) * classes] for k in range(per_class)]
+    assert len(labels) == classes * per_class
+    assert blocks[0] == sorted(set(blocks[0])) and len(set(blocks[0])) == classes  # P distinct, class order
+    assert all(block == blocks[0] for block in blocks)  # row i of every block is the same class
+
+
+def test_balanced_batches_hold_p_classes_of_k_each(tmp_path: Path) -> None:
+    write_shards(tmp_path, shards=3, per_shard=20)  # labels i % 4
+    cfg = _cfg(tmp_path, batch_size=6, balanced=BalancedConfig(classes=3, per_class=2))
+    loader = train_loader(resolve_shards(str(tmp_path)), cfg, views=None, seed=0, steps_per_epoch=6)
+    batches = [b for _ in range(2) for b in loader]
+    assert len(batches) == 12
+    for batch in batches:
+        _assert_balanced(batch["label"].tolist(), 3, 2)
+        assert batch["image"].shape == (6, 3, SIZE, SIZE)
+    chosen = {tuple(b["label"][:3].tolist()) for b in batches}
+    assert len(chosen) > 1  # the P classes are drawn, not fixed
+
+
+def test_balanced_stage_rules(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import random
+
+    from sslkit.data import balanced as bal
+
+    stage = bal.BalancedBatches(classes=2, per_class=2, buffer=3, rng=random.Random(0), collate=lambda s: s)
+    stream = [{"label": c, "key": f"{i}-{j}"} for i in range(10) for j, c in enumerate((0, 0, 0, 1, -1))]
+    batches = list(stage(iter(stream)))
+    assert batches and all([s["label"] for s in b] == [0, 1, 0, 1] for b in batches)
+    assert len({s["key"] for b in batches for s in b}) == 4 * len(batches)  # no sample twice
+    assert "skip samples without a label" in caplog.text
+    monkeypatch.setattr(bal, "MAX_SAMPLES_WITHOUT_BATCH", 50)
+    lonely = bal.BalancedBatches(classes=3, per_class=2, buffer=4, rng=random.Random(0), collate=lambda s: s)
+    with pytest.raises(RuntimeError, match="only 2 classes"):
+        list(lonely(iter([{"label": i % 2} for i in range(100)])))
+    with pytest.raises(ValueError, match="buffer >= per_class"):
+        bal.BalancedBatches(classes=2, per_class=4, buffer=2, rng=random.Random(0), collate=list)
+
+
+def test_balanced_config_is_checked(tmp_path: Path) -> None:
+    from sslkit.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.batch_size' is 256 but balanced batches hold"):
+        load_config(None, ["data.balanced.classes=24"])
+    assert load_config(None, ["data.balanced.classes=24", "data.batch_size=48"]).data.balanced.per_class == 2
+    write_shards(tmp_path, shards=1, per_shard=8)
+    cfg = _cfg(tmp_path, batch_size=10, balanced=BalancedConfig(classes=5, per_class=2))
+    with pytest.raises(ValueError, match="shards hold 4 classes"):
+        train_loader(resolve_shards(str(tmp_path)), cfg, views=None, seed=0, steps_per_epoch=1)
+
+
+BALANCED_RANK_SCRIPT = r"""
+import json, sys
+import torch.distributed as dist
+from sslkit.config import BalancedConfig, DataConfig
+from sslkit.data.stream import resolve_shards, train_loader
+
+rank, init, folder, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+assert dist.get_world_size() == 2 and dist.get_rank() == rank
+cfg = DataConfig(shards=folder, size=16, batch_size=6, workers=2, shuffle_buffer=8,
+                 balanced=BalancedConfig(classes=3, per_class=2))
+loader = train_loader(resolve_shards(folder), cfg, views=None, seed=0, steps_per_epoch=5)
+passes = [[b["label"].tolist() for b in loader] for _ in range(2)]
+json.dump({"world": dist.get_world_size(), "passes": passes}, open(out, "w"))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_balanced_batches_on_two_ranks_two_workers(tmp_path: Path) -> None:
+    write_shards(tmp_path / "shards", shards=3, per_shard=20)
+    script = tmp_path / "rank.py"
+    script.write_text(BALANCED_RANK_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), init, str(tmp_path / "shards"),
+                               str(tmp_path / f"r{r}.json")], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    results = [json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in results] == [2, 2]
+    for result in results:
+        assert [len(p) for p in result["passes"]] == [5, 5]  # equal batch counts on every rank (DDP)
+        for labels in (b for p in result["passes"] for b in p):
+            _assert_balanced(labels, 3, 2)
+    assert results[0]["passes"] != results[1]["passes"]  # ranks draw their own streams
