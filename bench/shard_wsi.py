@@ -3,11 +3,15 @@
     python bench/shard_wsi.py [--slide ../shared/data/slides/CMU-1-Small-Region.svs] [--copies 8]
                               [--repeats 5] [--scaling-copies 128] [--reader auto|openslide|tiffslide|all]
 
+0. Decoding a whole level 0 of the slide, side by side, median of ``--repeats``: the stored-tile
+   reader (``slides.TiffTiles.read``) against OpenSlide's ``read_region``, each from a fresh handle.
 1. Per process, side by side, alternating, medians of ``--repeats`` runs: sslkit (``run_source``,
-   ``workers=0``: tissue mask, block reads, JPEG q90, tar shards, journal, manifest) on
-   ``--copies`` links to the slide, and DeepZoom producing the SAME tiles (the addresses
-   sslkit kept; target mpp = the slide's own, so DeepZoom's top level is ours) in the same
-   format, written to a tar. The tiles of the first slide are compared before encoding
+   ``workers=0``: tissue mask, tile reads (one per tile from the decoded-tile cache with the
+   default reader, block reads with openslide / tiffslide), JPEG q90, tar shards, journal,
+   manifest) on ``--copies`` links to the slide, and DeepZoom producing the SAME tiles (the
+   addresses sslkit kept; target mpp = the slide's own, so DeepZoom's top level is ours) in
+   the same format, written with sslkit's tar writer (``ShardFiles``: image and JSON meta
+   per tile, fsync before rename). The tiles of the first slide are compared before encoding
    ("max diff" 0 = identical). Then the same on one larger slide (``--mosaic``).
 2. Workers: ``run_source`` with 1 and with 2 worker processes on ``--scaling-copies`` links;
    "cpu" = CPU-seconds of all processes per wall second, the cores the run actually got.
@@ -37,12 +41,15 @@ from pathlib import Path
 
 import numpy as np
 
+from sslkit.sharding.manifest import read_manifest
 from sslkit.sharding.runner import run_source
-from sslkit.sharding.wsi import WsiSource, open_slide, slide_mpp
-from sslkit.sharding.writer import encode_image
+from sslkit.sharding.slides import TiffTiles, open_slide, slide_mpp
+from sslkit.sharding.wsi import WsiSource
+from sslkit.sharding.writer import ShardFiles, encode_image, sample_fields
 
 DEFAULT_SLIDE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
 TILE, MIN_TISSUE, QUALITY = 256, 0.5, 90
+SHARD_SIZE = 1000  # samples per tar on both sides (run_source's default)
 
 
 def links(slide: Path, folder: Path, n: int) -> list[str]:
@@ -71,8 +78,8 @@ def run_sslkit(paths: list[str], mpp: float, reader: str, out: Path, workers: in
 def kept_addresses(out: Path) -> dict[str, list[tuple[int, int]]]:
     """slide path -> level-0 (x, y) of the tiles sslkit wrote, in order."""
     found: dict[str, list[tuple[int, int]]] = {}
-    for shard in sorted(out.glob("wsi-*.tar")):
-        with tarfile.open(shard) as tar:
+    for shard in read_manifest(out)["shards"]:
+        with tarfile.open(out / shard["name"]) as tar:
             for member in tar.getmembers():
                 if member.name.endswith(".json"):
                     meta = json.loads(tar.extractfile(member).read())
@@ -81,24 +88,23 @@ def kept_addresses(out: Path) -> dict[str, list[tuple[int, int]]]:
 
 
 def run_deepzoom(addresses: dict[str, list[tuple[int, int]]], out: Path) -> int:
-    """The same tiles through DeepZoomGenerator.get_tile, JPEG-encoded alike, written to one tar."""
+    """The same tiles through DeepZoomGenerator.get_tile, JPEG-encoded alike, written with sslkit's tar writer."""
     import openslide
     from openslide.deepzoom import DeepZoomGenerator
 
     out.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with tarfile.open(out / "deepzoom.tar", "w") as tar:
-        for path, corners in addresses.items():
-            with openslide.OpenSlide(path) as slide:
-                dz = DeepZoomGenerator(slide, tile_size=TILE, overlap=0, limit_bounds=False)
-                top = dz.level_count - 1
-                for x, y in corners:
-                    tile = np.asarray(dz.get_tile(top, (x // TILE, y // TILE)))
-                    _, data = encode_image(tile, fmt="jpeg", quality=QUALITY)
-                    info = tarfile.TarInfo(f"{Path(path).stem}_{x}_{y}.jpg")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-                    n += 1
+    files, n = ShardFiles(out, stem="deepzoom", maxcount=SHARD_SIZE), 0
+    for path, corners in addresses.items():
+        with openslide.OpenSlide(path) as slide:
+            dz = DeepZoomGenerator(slide, tile_size=TILE, overlap=0, limit_bounds=False)
+            top = dz.level_count - 1
+            for x, y in corners:
+                tile = np.asarray(dz.get_tile(top, (x // TILE, y // TILE)))
+                ext, data = encode_image(tile, fmt="jpeg", quality=QUALITY)
+                key = f"{Path(path).stem}_{x}_{y}"
+                files.add(key, sample_fields(ext, data, meta={"path": path, "x": x, "y": y}, key=key))
+                n += 1
+    files.finish()
     return n
 
 
@@ -141,6 +147,35 @@ def mosaic(slide: Path, folder: Path, n: int) -> Path:
                       subfiletype=1 if i else 0, resolution=(1e4 / (mpp * k),) * 2, resolutionunit="CENTIMETER",
                       metadata=None)
     return path
+
+
+def decode_level0(path: str, *, repeats: int) -> None:
+    """Print the time to decode the whole level 0: TiffTiles.read against OpenSlide's read_region."""
+    import openslide
+
+    def median_ms(read) -> float:
+        times = []
+        for _ in range(repeats):
+            with openslide.OpenSlide(path) as handle:  # fresh handles: nothing decoded yet
+                tiles = TiffTiles(path, handle)
+                try:
+                    start = time.perf_counter()
+                    read(tiles, handle)
+                    times.append(time.perf_counter() - start)
+                finally:
+                    tiles.close()
+        return 1e3 * statistics.median(times)
+
+    with openslide.OpenSlide(path) as handle:
+        width, height = handle.dimensions
+    try:
+        ours = median_ms(lambda tiles, handle: tiles.read(0, 0, 0, width, height))
+    except RuntimeError as err:  # not a tiled RGB TIFF pyramid
+        print(f"whole level 0: not decodable from its stored tiles ({err})", flush=True)
+        return
+    theirs = median_ms(lambda tiles, handle: handle.read_region((0, 0), 0, (width, height)))
+    print(f"whole level 0 ({width}x{height}) decoded: TiffTiles.read {ours:.1f} ms, OpenSlide read_region "
+          f"{theirs:.1f} ms, ratio {theirs / ours:.2f}  (median of {repeats}, fresh handles)", flush=True)
 
 
 def level0_mpp(path: str) -> float:
@@ -279,6 +314,7 @@ def main() -> None:
         paths = links(args.slide, work / "links", max(args.copies, args.scaling_copies))
         print(f"{args.slide.name}: {TILE}x{TILE} tiles at the slide's own mpp, min tissue {MIN_TISSUE}, "
               f"JPEG q{QUALITY}, written to tars")
+        decode_level0(str(args.slide), repeats=args.repeats)
         print("per process (sslkit run_source workers=0 vs DeepZoomGenerator loop, same tiles):", flush=True)
         ratios = {r: per_process(paths[:args.copies], work, repeats=args.repeats, reader=r) for r in readers}
         if args.mosaic:

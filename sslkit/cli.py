@@ -4,7 +4,7 @@
     sslkit shard synthetic --out shards/demo/train --num 20000
     sslkit shard wsi slides/ --out shards/wsi --mpp 0.5 --tile 256
     sslkit shard cells --format consep --input CoNSeP/Train --out shards/consep --window-scale 2 --size 32
-    sslkit shard folder chromosomes --out shards/chrom --size 64 --split 0.8,0.1,0.1
+    sslkit shard folder cells/ --out shards/cells --size 64 --split 0.8,0.1,0.1     # class sub-folders
     sslkit pretrain configs/ccrl.yaml data.shards=shards/consep optim.lr=3e-4
     accelerate launch --config_file launch/cpu-2proc.yaml -m sslkit pretrain demo
     sslkit evaluate runs/demo

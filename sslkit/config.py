@@ -204,6 +204,18 @@ def _parse_override(item: str) -> DictConfig:
         raise ConfigError(f"Cannot parse override '{item}': {reason}.") from None
 
 
+def check_balanced(data: DataConfig) -> None:
+    """Raise ConfigError unless ``data.balanced`` is off or agrees with ``data.batch_size``."""
+    balanced = data.balanced
+    if balanced.classes < 0 or balanced.per_class < 1 or balanced.buffer < 0:
+        raise ConfigError("Config keys 'data.balanced.classes' (0 = off), 'data.balanced.per_class' (>= 1) and "
+                          f"'data.balanced.buffer' (0 = 8 x per_class) got {balanced.classes}, "
+                          f"{balanced.per_class} and {balanced.buffer}.")
+    if balanced.classes and data.batch_size != balanced.classes * balanced.per_class:
+        raise ConfigError(f"Config key 'data.batch_size' is {data.batch_size} but balanced batches hold "
+                          f"data.balanced.classes x per_class = {balanced.classes * balanced.per_class}; make them agree.")
+
+
 def validate(cfg: Config) -> None:
     """Check the values that the types alone cannot; raise ConfigError naming the key."""
     for dotted, allowed in CHOICES.items():
@@ -230,14 +242,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"Config key 'method.momentum' must be in [0, 1], got {cfg.method.momentum}.")
     if cfg.data.workers < 0:
         raise ConfigError(f"Config key 'data.workers' must be 0 or more, got {cfg.data.workers}.")
-    balanced = cfg.data.balanced
-    if balanced.classes < 0 or balanced.per_class < 1 or balanced.buffer < 0:
-        raise ConfigError("Config keys 'data.balanced.classes' (0 = off), 'data.balanced.per_class' (>= 1) and "
-                          f"'data.balanced.buffer' (0 = 8 x per_class) got {balanced.classes}, "
-                          f"{balanced.per_class} and {balanced.buffer}.")
-    if balanced.classes and cfg.data.batch_size != balanced.classes * balanced.per_class:
-        raise ConfigError(f"Config key 'data.batch_size' is {cfg.data.batch_size} but balanced batches hold "
-                          f"data.balanced.classes x per_class = {balanced.classes * balanced.per_class}; make them agree.")
+    check_balanced(cfg.data)
     kernel = cfg.data.views.blur_kernel
     if kernel != 0 and (kernel < 3 or kernel % 2 == 0):
         raise ConfigError(f"Config key 'data.views.blur_kernel' must be 0 (about a tenth of data.size) "

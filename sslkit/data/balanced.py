@@ -35,6 +35,7 @@ class BalancedBatches:
 
     def __call__(self, src: Iterator[dict]) -> Iterator[Any]:
         buffers: dict[int, list[dict]] = {}
+        ready: set[int] = set()  # classes holding at least per_class samples
         since, unlabelled = 0, 0
         for sample in src:
             label = int(sample["label"])
@@ -49,12 +50,14 @@ class BalancedBatches:
                 kept.append(sample)
             else:
                 kept[self.rng.randrange(self.buffer)] = sample
+            if len(kept) >= self.per_class:
+                ready.add(label)
             since += 1
-            ready = sorted(c for c, b in buffers.items() if len(b) >= self.per_class)
             if len(ready) >= self.classes:
-                chosen = sorted(self.rng.sample(ready, self.classes))
+                chosen = sorted(self.rng.sample(sorted(ready), self.classes))
                 taken = [[buffers[c].pop(self.rng.randrange(len(buffers[c]))) for _ in range(self.per_class)]
                          for c in chosen]
+                ready.difference_update(c for c in chosen if len(buffers[c]) < self.per_class)
                 since = 0
                 yield self.collate([taken[i][k] for k in range(self.per_class) for i in range(len(chosen))])
             elif since > MAX_SAMPLES_WITHOUT_BATCH:

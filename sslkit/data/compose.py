@@ -33,6 +33,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from sslkit.sharding.imaging import centre_on
+
 ROLES = ("I", "T", "O", "TO")
 TABLES = ("middle", "light", "heavy", "none")
 COMBINES = ("equal", "lambda", "max")
@@ -94,18 +96,6 @@ def translate(image: np.ndarray, dx: int, dy: int, *, background: int) -> np.nda
     return out
 
 
-def _fit(image: np.ndarray, shape: tuple[int, ...], background: int) -> np.ndarray:
-    """``image`` centred on a canvas of ``shape`` (padded with background, or cropped)."""
-    if image.shape == shape:
-        return image
-    out = np.full(shape, background, dtype=image.dtype)
-    h, w = min(shape[0], image.shape[0]), min(shape[1], image.shape[1])
-    oy, ox = (shape[0] - h) // 2, (shape[1] - w) // 2
-    iy, ix = (image.shape[0] - h) // 2, (image.shape[1] - w) // 2
-    out[oy:oy + h, ox:ox + w] = image[iy:iy + h, ix:ix + w]
-    return out
-
-
 def overlay(p: np.ndarray, c: np.ndarray, *, background: int = 0, threshold: int = 0, combine: str = "equal",
             lam: float = 0.5) -> tuple[np.ndarray, int]:
     """Algorithm 1, line 9, on two aligned images: (composite, N_cap = overlapping foreground pixels)."""
@@ -164,7 +154,7 @@ def compose(
         return candidate, label_c, Composed(tries=0, overlap=0, composed=False, role=None)
     shape = (max(primary.shape[0], candidate.shape[0]), max(primary.shape[1], candidate.shape[1]),
              *primary.shape[2:])
-    primary, candidate_fit = _fit(primary, shape, background), _fit(candidate, shape, background)
+    primary, candidate_fit = centre_on(primary, shape, background), centre_on(candidate, shape, background)
     h, w = shape[:2]
     box_p = bounding_box(foreground(primary, background=background, threshold=threshold))
     box_c = bounding_box(foreground(candidate_fit, background=background, threshold=threshold))

@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, get_worker_info
 from webdataset.tariterators import base_plus_ext
 from webdataset.utils import make_seed
 
-from sslkit.config import DataConfig
+from sslkit.config import DataConfig, check_balanced
 from sslkit.data.augment import build_decode_transform, build_eval_transform
 from sslkit.data.balanced import BalancedBatches
 from sslkit.sharding.manifest import FORMAT as MANIFEST_FORMAT
@@ -359,9 +359,7 @@ def _batches(cfg: DataConfig, skips: _Skips, rng: random.Random, shards: ShardSe
     balanced = cfg.balanced
     if not balanced.classes:
         return wds.batched(cfg.batch_size, collation_fn=_Collate(skips), partial=False)
-    if cfg.batch_size != balanced.classes * balanced.per_class:
-        raise ValueError(f"data.batch_size is {cfg.batch_size} but balanced batches hold data.balanced.classes x "
-                         f"per_class = {balanced.classes * balanced.per_class}; make them agree.")
+    check_balanced(cfg)  # also for a DataConfig built in code, which load_config never saw
     known = len(shards.classes) if shards.classes else None
     if known is not None and balanced.classes > known:
         raise ValueError(f"data.balanced.classes={balanced.classes} but the shards hold {known} classes "

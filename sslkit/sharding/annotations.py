@@ -7,8 +7,10 @@ Two kinds of annotation, one result:
     boxes          NuCLS CSVs, Pascal-VOC XML; area = box area, centroid = box centre
 
 Coordinates are in source pixels with pixel ``i`` covering [i, i + 1): a bbox is
-``(x0, y0, x1, y1)`` with ``x1``/``y1`` exclusive; a centroid is (x, y) in pixel indices
-(the mean column and row of the nucleus' pixels, as HoVer-Net's ``inst_centroid``).
+``(x0, y0, x1, y1)`` with ``x1``/``y1`` exclusive. A centroid is (x, y): for an instance map
+in pixel indices, the mean column and row of the nucleus' pixels (as HoVer-Net's
+``inst_centroid``); for a box the box centre ``((x0 + x1) / 2, (y0 + y1) / 2)`` in the same
+continuous coordinates as the bbox, which is half a pixel more than the mean pixel index.
 
 Which image goes with which annotation file is ``sslkit.sharding.pairing``'s business.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import csv
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -117,24 +119,29 @@ def nuclei_from_map(inst_map: np.ndarray, *, types: Optional[Mapping[int, Any]] 
     (H, W) inside the instance (background 0 excluded; all-0 gives 0), else None.
     Returns the nuclei and how many types came from ``type_map``.
     """
-    ids, inverse = np.unique(inst_map, return_inverse=True)
-    inverse = inverse.reshape(inst_map.shape)
-    offset = int(np.searchsorted(ids, 1))  # labels <= 0 are background
-    dense = np.where(inverse >= offset, inverse - offset + 1, 0)  # (H, W) 1..n
-    n = len(ids) - offset
-    rows, cols = np.indices(inst_map.shape)
-    area = np.bincount(dense.ravel(), minlength=n + 1)
-    sum_x = np.bincount(dense.ravel(), weights=cols.ravel(), minlength=n + 1)
-    sum_y = np.bincount(dense.ravel(), weights=rows.ravel(), minlength=n + 1)
+    labels = np.where(inst_map > 0, inst_map, 0) if inst_map.size and inst_map.min() < 0 else inst_map
+    top = int(labels.max()) if labels.size else 0
+    if top == 0:
+        return [], 0
+    ids = None  # find_objects lists every id up to the largest: renumber sparse huge ids (colour codes) 1..n
+    if top > min(4 * labels.size, 10**7):
+        ids, inverse = np.unique(labels, return_inverse=True)
+        offset = int(ids[0] == 0)
+        labels, ids = inverse.reshape(labels.shape) + (1 - offset), ids[offset:]
     nuclei, derived = [], 0
-    for j, box in enumerate(ndimage.find_objects(dense), start=1):
-        ident = int(ids[offset + j - 1])
+    for j, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue  # an id the map does not use
+        inside = labels[box] == j
+        ys, xs = np.nonzero(inside)
+        area, rows, cols = len(xs), box[0], box[1]
+        ident = j if ids is None else int(ids[j - 1])
         raw = types.get(ident) if types is not None else None
         if raw is None and type_map is not None:
-            raw, derived = _majority(type_map[box][dense[box] == j]), derived + 1
-        bbox = (box[1].start, box[0].start, box[1].stop, box[0].stop)
-        centroid = (float(sum_x[j] / area[j]), float(sum_y[j] / area[j]))
-        nuclei.append(Nucleus(ident, tuple(float(v) for v in bbox), centroid, float(area[j]), raw))
+            raw, derived = _majority(type_map[box][inside]), derived + 1
+        centroid = ((int(xs.sum()) + area * cols.start) / area, (int(ys.sum()) + area * rows.start) / area)
+        bbox = (float(cols.start), float(rows.start), float(cols.stop), float(rows.stop))
+        nuclei.append(Nucleus(ident, bbox, centroid, float(area), raw))
     return nuclei, derived
 
 
@@ -335,7 +342,8 @@ def clip_box(box: tuple, width: int, height: int) -> tuple[Optional[tuple[float,
 
 def box_nucleus(instance: int, box: tuple[float, ...], raw_type: Any) -> Nucleus:
     x0, y0, x1, y1 = box
-    return Nucleus(instance, (x0, y0, x1, y1), ((x0 + x1) / 2, (y0 + y1) / 2), (x1 - x0) * (y1 - y0), raw_type)
+    centroid = ((x0 + x1) / 2, (y0 + y1) / 2)  # the box centre (see the module notes)
+    return Nucleus(instance, (x0, y0, x1, y1), centroid, (x1 - x0) * (y1 - y0), raw_type)
 
 
 # ----------------------------------------------------------------------------- PanNuke
@@ -362,5 +370,5 @@ def pannuke_nuclei(mask: np.ndarray) -> list[tuple[int, Nucleus]]:
             continue
         inst = as_instance_map(mask[:, :, channel], f"masks.npy channel {channel}")
         nuclei, _ = nuclei_from_map(inst, types={})
-        out.extend((channel, Nucleus(n.instance, n.bbox, n.centroid, n.area, name)) for n in nuclei)
+        out.extend((channel, replace(n, raw_type=name)) for n in nuclei)
     return out

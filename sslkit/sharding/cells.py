@@ -31,10 +31,16 @@ in the whole dataset: ``consep7`` when any code 5-7 occurs, else ``consep4`` (Ho
 merged codes), with a warning saying so. Raw types a map does not know get no class: they
 are counted per unit (``unmapped_types``) and skipped, or kept unlabelled with ``--unknown keep``.
 
-Samples: key ``<unit id>_<instance id>`` (PanNuke: ``<file id>_<image>_c<channel>_<id>``);
-meta ``source`` (image, relative to --input), ``instance``, ``bbox`` [x0, y0, x1, y1]
-(x1, y1 exclusive), ``centroid`` [x, y], ``area``, ``raw_type``, ``class``, ``window``
-[left, top, side]. Instance ids are map ids, or row/object indices (from 0) for boxes.
+Samples: key ``<unit id>_<instance id>``; a unit id is the tile's relative stem through
+``safe_id``, with ``-2``, ``-3``, ... added when two stems clean to the same id
+(``a b.png``, ``a_b.png``). PanNuke keys are ``<folder id>_<image>_c<channel>_<id>``, the
+folder id being ``safe_id`` of the folder holding images.npy, relative to --input
+(``pannuke`` when it is --input itself). Meta ``source`` (image, or images.npy, relative
+to --input), ``instance``, ``bbox`` [x0, y0, x1, y1] (x1, y1 exclusive), ``centroid``
+[x, y] in pixel indices (pixel i's centre is i: the mean column and row of a map's pixels,
+for a box its centre less 0.5), ``area``, ``raw_type``, ``class``, ``window`` [left, top,
+side]; PanNuke adds ``image_index``, ``channel`` and ``tissue`` (when types.npy is there).
+Instance ids are map ids, or row/object indices (from 0) for boxes.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ import shlex
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import yaml
@@ -54,8 +60,9 @@ import yaml
 from sslkit.config import ConfigError
 from sslkit.sharding import annotations as ann
 from sslkit.sharding import pairing
+from sslkit.sharding.folder_plan import natural_key
 from sslkit.sharding.imaging import read_image, resize, to_channels
-from sslkit.sharding.source import Progress, Sample, Unit, UnitError, safe_id
+from sslkit.sharding.source import Progress, Sample, Unit, UnitError, safe_id, unique_ids
 
 log = logging.getLogger(__name__)
 CLASSMAPS = Path(__file__).resolve().parents[1] / "configs" / "classmaps"
@@ -72,7 +79,7 @@ def type_key(raw: Any) -> Optional[str]:
     """A raw type as a comparable string: integers as digits, names lower-case with '_' for spaces/hyphens."""
     if raw is None:
         return None
-    text = str(raw.item() if isinstance(raw, np.generic) else raw).strip()
+    text = str(raw).strip()
     try:
         number = float(text)
     except ValueError:
@@ -113,37 +120,48 @@ def read_class_map(path: Path) -> ClassMap:
 
 
 def raw_class_map(raw_types: set) -> ClassMap:
-    """Every raw type its own class, integers in numeric order first, then names alphabetically."""
+    """Every raw type its own class, integers in numeric order first, then names in natural order (type2 < type10)."""
     keys = {type_key(r) for r in raw_types} - {None}
-    ordered = sorted(keys, key=lambda k: (0, int(k), "") if k.lstrip("-").isdigit() else (1, 0, k))
+    ordered = sorted(keys, key=lambda k: (0, int(k), ()) if k.lstrip("-").isdigit() else (1, 0, natural_key(k)))
     return ClassMap("raw", ordered, {k: i for i, k in enumerate(ordered)})
 
 
-def resolve_class_map(spec: str, *, fmt: str, raw_types: Callable[[], set]) -> ClassMap:
+def resolve_class_map(spec: str, *, fmt: str, raw_types: Callable[[], set], files: Sequence[str] = ()
+                      ) -> ClassMap:
     """``spec`` (auto, none, raw, a packaged name or a YAML path) -> ClassMap; ``raw_types`` scans the data.
 
-    ``auto`` and ``raw`` on annotations without any type give no labels (``none``), with a note.
+    ``auto`` and ``raw`` on annotations without any type give no labels (``none``), with a
+    warning naming ``files`` (the annotation files ``raw_types`` reads).
     """
     if spec == "none":
         return ClassMap("none", None, {})
-    if spec == "auto" and fmt == "consep":
-        codes = raw_types()
-        name = "consep7" if codes & {5, 6, 7} else "consep4" if codes else "none"
-        note = f"CoNSeP type codes found: {sorted(codes)}; using class map '{name}' " + (
-            "(the 7 original types)." if name == "consep7" else
-            "(HoVer-Net's merged codes 1-4); pass --class-map consep7 if these are original types." if codes else
-            "(no labels): the label files hold no inst_type or type_map.")
+    if spec not in ("auto", "raw"):
+        return _packaged(spec)
+    found = raw_types()
+    if not found:
+        note = _no_types_note(fmt, files)
         log.warning(note)
-        return replace(_packaged(name) if codes else ClassMap("none", None, {}), note=note)
-    if spec == "auto":
-        spec = _DEFAULT_MAP[fmt]
-    if spec == "raw":
-        found = raw_types()
-        if not found:
-            log.warning("No nucleus types found in the annotations; writing crops without labels.")
-            return ClassMap("none", None, {}, note="no raw types found: no labels")
-        return raw_class_map(found)
-    return _packaged(spec)
+        return ClassMap("none", None, {}, note=note)
+    if spec == "auto" and fmt == "consep":
+        name = "consep7" if found & {5, 6, 7} else "consep4"
+        note = f"CoNSeP type codes found: {sorted(found)}; using class map '{name}' " + (
+            "(the 7 original types)." if name == "consep7" else
+            "(HoVer-Net's merged codes 1-4); pass --class-map consep7 if these are original types.")
+        log.warning(note)
+        return replace(_packaged(name), note=note)
+    spec = _DEFAULT_MAP[fmt] if spec == "auto" else spec
+    return raw_class_map(found) if spec == "raw" else _packaged(spec)
+
+
+def _no_types_note(fmt: str, files: Sequence[str]) -> str:
+    """The warning for annotations without any nucleus type, naming the first few files."""
+    hint = {"consep": "the label files hold no inst_type or type_map",
+            "nucls": "pass --class-column if their type column has another name",
+            "labelmap": "put id,type CSVs in a types/ folder or name it with --types"}.get(fmt, "")
+    shown = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
+    where = f"the {len(files)} annotation file(s) {shown}" if files else "the annotations (no type tables found)"
+    return f"No nucleus types in {where}; writing crops without labels (class map 'none')" + (
+        f": {hint}." if hint else ".")
 
 
 def _packaged(spec: str) -> ClassMap:
@@ -188,6 +206,8 @@ def cut_window(image: np.ndarray, left: int, top: int, side: int, *, pad: str = 
                value: int = 0) -> np.ndarray:
     """(side, side[, C]) window of an (H, W[, C]) image; equals ``np.pad(image, mode=pad)`` cut there."""
     height, width = image.shape[:2]
+    if top >= 0 and left >= 0 and top + side <= height and left + side <= width:
+        return image[top:top + side, left:left + side]  # inside: no padding
     rows, cols = np.arange(top, top + side), np.arange(left, left + side)
     if pad != "constant":
         return image[np.ix_(_wrap(rows, height, pad), _wrap(cols, width, pad))]
@@ -201,10 +221,6 @@ def cut_window(image: np.ndarray, left: int, top: int, side: int, *, pad: str = 
 
 def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else round(float(value), 2)
-
-
-def _jsonable(raw: Any) -> Any:
-    return raw.item() if isinstance(raw, np.generic) else raw
 
 
 # ----------------------------------------------------------------------------- the source
@@ -243,7 +259,9 @@ class CellSource:
             raise FileNotFoundError(f"No {fmt} images with annotations found under {input}; see "
                                     "'sslkit shard cells --help' for the layout each format expects.")
         scan = lambda: ann.raw_types(fmt, self._plan, column=class_column)  # noqa: E731
-        self.class_map = resolve_class_map(class_map, fmt=fmt, raw_types=scan)
+        scanned = [] if fmt == "pannuke" else [row[3] if fmt == "labelmap" else row[2] for row in self._plan]
+        self.class_map = resolve_class_map(class_map, fmt=fmt, raw_types=scan,
+                                           files=[self._relative(f) for f in scanned if f])
         self.classes = self.class_map.classes
 
     def params(self) -> dict:
@@ -255,20 +273,18 @@ class CellSource:
                 "images_per_unit": self.images_per_unit if self.fmt == "pannuke" else None}
 
     def units(self) -> list[Unit]:
+        """One unit per tile (PanNuke: per run of images); ids equal after ``safe_id`` get -2, -3, ..."""
         self.failed = list(self._plan_failed)
-        units = _pannuke_units(self) if self.fmt == "pannuke" else [
-            Unit(safe_id(rel), image, float(Path(image).stat().st_size),
-                 {"rel": rel, "image": image, "annotation": annotation, "types": types})
-            for rel, image, annotation, types in self._plan]
-        unique, seen = [], set()
-        for unit in units:
-            if unit.id in seen:
-                self.failed.append({"source": unit.path, "reason": f"its id {unit.id} repeats another file's "
-                                                                   "after cleaning the name; rename one."})
-                continue
-            seen.add(unit.id)
-            unique.append(unit)
-        return unique
+        if self.fmt == "pannuke":
+            return _pannuke_units(self)
+        ids = unique_ids([safe_id(rel) for rel, *_ in self._plan])
+        return [Unit(uid, image, float(Path(image).stat().st_size),
+                     {"rel": rel, "image": image, "annotation": annotation, "types": types})
+                for uid, (rel, image, annotation, types) in zip(ids, self._plan)]
+
+    def _relative(self, path: str) -> str:
+        """``path`` relative to --input as a '/'-path (as given when outside it)."""
+        return Path(path).relative_to(self.root).as_posix() if Path(path).is_relative_to(self.root) else path
 
     # -- producing (worker process) --
 
@@ -286,15 +302,13 @@ class CellSource:
                                              height=image.shape[0], column=self.class_column)
         except ValueError as err:
             raise UnitError(str(err)) from None
-        extra = {"source": Path(p["image"]).relative_to(self.root).as_posix()
-                 if Path(p["image"]).is_relative_to(self.root) else p["image"]}
+        extra = {"source": self._relative(p["image"])}
         yield from self._crops(image, nuclei, counts, key=unit.id, extra=extra, progress=progress)
 
-    def _select(self, nuclei: list, counts: dict[str, Any]) -> list[tuple[Any, Optional[int]]]:
-        """(nucleus, label) pairs to write; counts small nuclei and unmapped types into ``counts``."""
+    def _select(self, nuclei: list[ann.Nucleus], counts: dict[str, Any]) -> list[tuple[int, Optional[int]]]:
+        """(position in ``nuclei``, label) of those to write; counts small nuclei and unmapped types."""
         chosen, unmapped = [], {}
-        for item in nuclei:
-            nucleus = item[-1] if isinstance(item, tuple) else item
+        for position, nucleus in enumerate(nuclei):
             if nucleus.area < self.min_area:
                 counts["small"] = counts.get("small", 0) + 1
                 continue
@@ -304,7 +318,7 @@ class CellSource:
                 unmapped[name] = unmapped.get(name, 0) + 1
                 if self.unknown == "skip":
                     continue
-            chosen.append((item, label))
+            chosen.append((position, label))
         if unmapped:
             counts["unmapped_types"] = dict(sorted(unmapped.items()))
         return chosen
@@ -314,7 +328,8 @@ class CellSource:
         chosen = self._select(nuclei, counts)
         progress.info(nuclei=len(nuclei), crops=len(chosen), **counts)
         progress.total(len(chosen))
-        for nucleus, label in chosen:
+        for position, label in chosen:
+            nucleus = nuclei[position]
             yield self._sample(image, nucleus, label, key=f"{key}_{nucleus.instance}", meta=extra)
 
     def _sample(self, image: np.ndarray, nucleus: ann.Nucleus, label: Optional[int], *, key: str,
@@ -324,14 +339,17 @@ class CellSource:
         crop = resize(cut_window(image, left, top, side, pad=self.pad, value=self.pad_value), (self.size, self.size))
         record = dict(meta, instance=nucleus.instance, bbox=[_number(v) for v in nucleus.bbox],
                       centroid=[_number(v) for v in nucleus.centroid], area=_number(nucleus.area),
-                      raw_type=_jsonable(nucleus.raw_type), window=[left, top, side],
+                      raw_type=nucleus.raw_type, window=[left, top, side],
                       **{"class": self.classes[label] if label is not None else None})
         return Sample(key, crop, label, record)
 
 
 def _pannuke_units(source: CellSource) -> list[Unit]:
+    """Runs of ``images_per_unit`` images; the key prefix is the folder's ``safe_id``, made unique."""
+    folders = [Path(images).parent.relative_to(source.root).as_posix() for images, _, _ in source._plan]
+    prefixes = unique_ids([safe_id(rel) if rel != "." else "pannuke" for rel in folders])
     units = []
-    for images, masks, types in source._plan:
+    for prefix, (images, masks, types) in zip(prefixes, source._plan):
         try:
             count = np.load(images, mmap_mode="r").shape[0]
             mask_array = np.load(masks, mmap_mode="r")
@@ -344,8 +362,6 @@ def _pannuke_units(source: CellSource) -> list[Unit]:
             source.failed.append({"source": images, "reason": f"holds {count} images but {masks} holds "
                                                               f"{mask_array.shape[0]} masks; use matching files."})
             continue
-        rel = Path(images).parent.relative_to(source.root).as_posix()
-        prefix = safe_id(rel) if rel != "." else "pannuke"
         for start in range(0, count, source.images_per_unit):
             stop = min(start + source.images_per_unit, count)
             units.append(Unit(f"{prefix}_{start:05d}", images, float(stop - start),
@@ -355,7 +371,7 @@ def _pannuke_units(source: CellSource) -> list[Unit]:
 
 
 def _produce_pannuke(source: CellSource, unit: Unit, progress: Progress) -> Iterator[Sample]:
-    """Crops of images [start, stop) of one PanNuke file; keys ``<file id>_<image>_c<channel>_<id>``."""
+    """Crops of images [start, stop) of one PanNuke file; keys ``<folder id>_<image>_c<channel>_<id>``."""
     p = unit.payload
     images, masks = np.load(p["images"], mmap_mode="r"), np.load(p["masks"], mmap_mode="r")
     tissue = np.load(p["types"], mmap_mode="r") if p["types"] else None
@@ -368,11 +384,12 @@ def _produce_pannuke(source: CellSource, unit: Unit, progress: Progress) -> Iter
             planned += [(i, channel, nucleus) for channel, nucleus in ann.pannuke_nuclei(mask)]
         except ValueError as err:
             raise UnitError(f"{p['masks']}, image {i}: {err}") from None
-    chosen = source._select(planned, counts)
+    chosen = source._select([nucleus for _, _, nucleus in planned], counts)
     progress.info(images=p["stop"] - p["start"], nuclei=len(planned), crops=len(chosen), **counts)
     progress.total(len(chosen))
     current, image = -1, None
-    for (i, channel, nucleus), label in chosen:
+    for position, label in chosen:
+        i, channel, nucleus = planned[position]
         if i != current:
             current, image = i, to_channels(np.asarray(images[i]), source.channels)
         meta = {"source": rel, "image_index": i, "channel": channel}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shlex
 import sys
@@ -20,9 +19,9 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from sslkit.config import ConfigError
-from sslkit.sharding.imaging import border_value, pad_to_square, read_image, resize
-from sslkit.sharding.folder_plan import (IMAGE_EXTENSIONS, FolderPlan, Item, assign_keys, natural_key, plan_folder,
-                                         read_csv_list, report_lines, split_groups, split_plan, walk_images)
+from sslkit.sharding.folder_plan import FolderPlan, Item, plan_folder, report_lines, split_plan
+from sslkit.sharding.imaging import IMAGE_EXTENSIONS, border_value, pad_to_square, read_image, resize
+from sslkit.sharding.manifest import write_json
 from sslkit.sharding.source import Progress, Sample, Unit
 
 
@@ -60,10 +59,11 @@ class FolderSource:
         self._params = {**plan.settings, "root": plan.root, "classes": plan.classes, "size": size,
                         "channels": channels, "pad_value": pad_value, "unit_files": unit_files,
                         "files": len(plan.items), "files_sha256": digest.hexdigest()}
-        self._index: Optional[dict[str, int]] = None
+        self._index: Optional[dict[str, int]] = (None if plan.classes is None else
+                                                  {name: i for i, name in enumerate(plan.classes)})
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_items": None, "_index": None}
+        return {**self.__dict__, "_items": None}
 
     def params(self) -> dict:
         return dict(self._params)
@@ -72,14 +72,12 @@ class FolderSource:
         if self._items is None:
             raise RuntimeError("FolderSource.units() must run in the process that built the source.")
         step = self.unit_files
-        return [Unit(id=f"files-{i // step:06d}", path=os.path.join(self.root, self._items[i][0]),
-                     cost=float(len(self._items[i:i + step])), payload=self._items[i:i + step])
-                for i in range(0, len(self._items), step)]
+        chunks = (self._items[i:i + step] for i in range(0, len(self._items), step))
+        return [Unit(id=f"files-{n:06d}", path=os.path.join(self.root, chunk[0][0]), cost=float(len(chunk)),
+                     payload=chunk) for n, chunk in enumerate(chunks)]
 
     def produce(self, unit: Unit, *, skip: int, progress: Progress) -> Iterator[Sample]:
         """Decode, pad to a square, resize; a file that does not decode is recorded and skipped."""
-        if self._index is None and self.classes is not None:
-            self._index = {name: i for i, name in enumerate(self.classes)}
         progress.total(len(unit.payload))
         progress.info(files=len(unit.payload), first=unit.payload[0][0], last=unit.payload[-1][0])
         for rel, key, label, group in unit.payload:
@@ -94,7 +92,8 @@ class FolderSource:
             yield Sample(key, image, index, {"path": rel, "label": label or None, "group": group, **meta})
 
     def load(self, path: str) -> tuple[np.ndarray, dict]:
-        """(size, size[, 3]) uint8 of one file: padded to a square on the background, then resized."""
+        """(image, info) of one file: image (size, size[, 3]) uint8, padded to a square on the background,
+        then resized; info {"height", "width"} of the file as decoded and the "pad" value used."""
         alpha_bg = 255 if self.pad_value == "auto" else self.pad_value
         image = read_image(path, channels=self.channels, background=alpha_bg)
         height, width = image.shape[:2]
@@ -110,7 +109,11 @@ def shard_folder(root: str | Path, out: str | Path, *, size: int, channels: int 
                  extensions: Sequence[str] = IMAGE_EXTENSIONS, split: Optional[Sequence[float]] = None,
                  split_names: Optional[Sequence[str]] = None, seed: int = 0, unit_files: int = 256,
                  **run_kwargs: Any) -> dict[str, dict]:
-    """Plan, split by group, print the report, shard each split with ``run_source``: {out folder: summary}."""
+    """Plan, split by group, print the report, shard each split with ``run_source``: {out folder: summary}.
+
+    ``OUT/splits.json`` is written only after every split's ``run_source`` has accepted the
+    folder's recorded settings and run, so a refused run (another ``seed``) leaves it as it was.
+    """
     from sslkit.sharding.runner import run_source
 
     _check_options(size, channels, pad_value, unit_files)
@@ -123,14 +126,12 @@ def shard_folder(root: str | Path, out: str | Path, *, size: int, channels: int 
                                 ["train", "val"] if len(split) == 2 else [f"split{i}" for i in range(len(split))])
         parts, audit = split_plan(plan, fractions=split, names=names, seed=seed)
     print("\n".join(report_lines(plan, audit)))
+    summaries = {str(out / name): run_source(FolderSource(part, size=size, channels=channels, pad_value=pad_value,
+                                                          unit_files=unit_files), out / name, **run_kwargs)
+                 for name, part in parts.items()}
     if audit is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".splits.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(audit, indent=1) + "\n")
-        os.replace(tmp, out / "splits.json")
-    return {str(out / name): run_source(FolderSource(part, size=size, channels=channels, pad_value=pad_value,
-                                                     unit_files=unit_files), out / name, **run_kwargs)
-            for name, part in parts.items()}
+        write_json(out / "splits.json", audit)
+    return summaries
 
 
 def _list_arg(text: Optional[str]) -> Optional[list[str]]:
@@ -190,16 +191,17 @@ def add_parser(shard_sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--min-class-count", type=int, default=5,
                    help="without --classes, rarer labels (also < 1/10 of the median class) are strays (default 5)")
     p.add_argument("--split", help="group-wise split fractions, e.g. 0.8,0.1,0.1")
-    p.add_argument("--split-names", help="folder names of the splits (default train,val,test)")
+    p.add_argument("--split-names", help="folder names of the splits (default train,val,test for three "
+                   "fractions, train,val for two, split0,split1,... otherwise)")
     p.add_argument("--seed", type=int, default=0, help="seed of the group-wise split (default 0)")
     p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1 = grayscale, 3 = RGB (default)")
     p.add_argument("--pad-value", default="auto", help="square padding: auto (border median) or 0..255")
-    p.add_argument("--extensions", help=f"image suffixes to take (default {','.join(IMAGE_EXTENSIONS)})")
+    p.add_argument("--extensions", help="image suffixes to take, folder walk only (ignored with --csv; "
+                   f"default {','.join(IMAGE_EXTENSIONS)})")
     p.add_argument("--unit-files", type=int, default=256, help="files per unit of work (default 256)")
     add_runner_args(p)
     p.set_defaults(fn=_cmd_folder)
     return p
 
 
-__all__ = ["FolderPlan", "FolderSource", "add_parser", "assign_keys", "natural_key", "plan_folder",
-           "read_csv_list", "report_lines", "shard_folder", "split_groups", "split_plan", "walk_images"]
+__all__ = ["FolderSource", "add_parser", "shard_folder"]

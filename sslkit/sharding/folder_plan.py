@@ -26,9 +26,7 @@ Splits go by group, never by image: groups are ordered by sha256(seed, group) an
 goes to the split in whose share of the running image count its middle image falls, so
 the assignment depends only on the groups (names and sizes), the fractions and the seed.
 ``OUT/<split>/`` is a complete shard set per split; ``OUT/splits.json`` holds fractions,
-counts and the group -> split map. Images are padded to a square on the background
-(``--pad-value auto``: the median of the border pixels) and resized to ``--size``, never
-stretched. A unit is a run of ``--unit-files`` consecutive files (path order, or CSV order).
+counts and the group -> split map.
 """
 
 from __future__ import annotations
@@ -46,9 +44,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from sslkit.config import ConfigError
-from sslkit.sharding.source import safe_id
+from sslkit.sharding.imaging import IMAGE_EXTENSIONS
+from sslkit.sharding.source import safe_id, unique_ids
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".pnm")
 Item = tuple[str, str, str, str]  # (relative path, sample key, label name or "", group)
 _NATURAL = re.compile(r"(\d+)")
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -112,10 +110,12 @@ def walk_images(root: str, *, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> t
                                 continue
                             seen.add(real)
                         stack.append(rel)
-                    elif os.path.splitext(entry.name)[1].lower() in allowed:
-                        files.append(rel)
                     else:
-                        skipped[os.path.splitext(entry.name)[1].lower() or "(no suffix)"] += 1
+                        suffix = os.path.splitext(entry.name)[1].lower()
+                        if suffix in allowed:
+                            files.append(rel)
+                        else:
+                            skipped[suffix or "(no suffix)"] += 1
         except OSError as exc:
             failed.append({"source": os.path.join(root, rel_dir),
                            "reason": f"folder cannot be listed ({exc.strerror}); fix its permissions"})
@@ -126,18 +126,23 @@ def walk_images(root: str, *, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> t
 def read_csv_list(csv_path: str, root: str) -> tuple[list[tuple[str, str, Optional[str]]], list[dict]]:
     """Rows ``(relative path, label, group or None)`` of a ``path,label[,group]`` file, and refused rows.
 
-    A path is looked up under ``root`` first, then beside the CSV (one stat per row).
+    A path is looked up under ``root`` first, then beside the CSV (one or two stats per row).
+    Raises ConfigError when the file is not UTF-8 text or not CSV.
     """
     base = os.path.dirname(os.path.abspath(csv_path))
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-        sample = handle.read(65536)
-        handle.seek(0)
-        try:
-            dialect = csv.Sniffer().sniff(sample, delimiters=",;\t")
-        except csv.Error:
-            dialect = csv.excel
-        rows = [(n, r) for n, r in enumerate(csv.reader(handle, dialect), 1) if r and r[0].strip()
-                and not r[0].lstrip().startswith("#")]
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            sample = handle.read(65536)
+            handle.seek(0)
+            try:
+                dialect = csv.Sniffer().sniff(sample, delimiters=",;\t")
+            except csv.Error:
+                dialect = csv.excel
+            rows = [(n, r) for n, r in enumerate(csv.reader(handle, dialect), 1) if r and r[0].strip()
+                    and not r[0].lstrip().startswith("#")]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"CSV file {csv_path} cannot be read as UTF-8 path,label[,group] rows ({exc}); "
+                          "save it as UTF-8 CSV text or give another --csv.") from None
     out, failed, seen = [], [], set()
     for index, (line, row) in enumerate(rows):
         cells = [c.strip() for c in row] + ["", ""]
@@ -177,17 +182,7 @@ def _choose_classes(counts: Counter, classes: Optional[Sequence[str]], min_count
 
 def assign_keys(paths: Sequence[str]) -> list[str]:
     """Unique sample keys: safe_id of each path without its suffix; later clashes get '-2', '-3', ..."""
-    keys = [safe_id(os.path.splitext(p)[0]) for p in paths]
-    used, first = set(keys), set()
-    for i, key in enumerate(keys):
-        if key in first:
-            n = 2
-            while f"{key}-{n}" in used:
-                n += 1
-            keys[i] = f"{key}-{n}"
-            used.add(keys[i])
-        first.add(key)
-    return keys
+    return unique_ids([safe_id(os.path.splitext(p)[0]) for p in paths])
 
 
 def _label_rows(rows: list[tuple[str, str, Optional[str]]], root: str, *, label_re: Optional[re.Pattern],
@@ -242,8 +237,8 @@ def plan_folder(root: str | Path, *, csv_path: Optional[str] = None, label_regex
                                          csv_path=csv_path)
     failed += refused_rows
     if not accepted:
-        raise ValueError(f"No image under {root} could be labelled ({len(failed)} refused); "
-                         "check --label-regex, --csv or the class sub-folders.")
+        raise ConfigError(f"No image under {root} could be labelled ({len(failed)} refused); "
+                          "check --label-regex, --csv or the class sub-folders.")
     counts = Counter(label for _, label, _ in accepted)
     chosen, refused = (None, {}) if unlabeled else _choose_classes(counts, classes, min_class_count)
     failed += [{"source": os.path.join(root, rel), "reason": refused[label]}
@@ -314,10 +309,12 @@ def report_lines(plan: FolderPlan, audit: Optional[dict] = None) -> list[str]:
     else:
         lines.append(f"{len({item[3] for item in plan.items})} groups from {plan.settings['group_source']}.")
     lines += plan.notes
-    reasons = Counter(f["reason"] for f in plan.failed)
+    reasons, examples = Counter(), {}
+    for f in plan.failed:
+        reasons[f["reason"]] += 1
+        examples.setdefault(f["reason"], f["source"])
     for reason, n in reasons.most_common():
-        example = next(f["source"] for f in plan.failed if f["reason"] == reason)
-        lines.append(f"NOT WRITTEN: {n} file(s): {reason} (e.g. {example})")
+        lines.append(f"NOT WRITTEN: {n} file(s): {reason} (e.g. {examples[reason]})")
     for name, n in (audit or {}).get("images", {}).items():
         lines.append(f"split {name}: {n} images in {audit['groups'][name]} groups")
     return lines

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".pnm")
 Image.MAX_IMAGE_PIXELS = None  # tiles and crops, not decompression bombs: slides are read elsewhere
 
 
@@ -111,17 +112,24 @@ def border_value(image: np.ndarray) -> int | tuple[int, ...]:
     return int(median) if median.ndim == 0 else tuple(int(v) for v in median)
 
 
-def pad_to_square(image: np.ndarray, value: int | tuple[int, ...]) -> np.ndarray:
-    """(H, W[, C]) -> (S, S[, C]), S = max(H, W), the image centred on ``value`` (extra pixel bottom/right)."""
-    h, w = image.shape[:2]
-    if h == w:
+def centre_on(image: np.ndarray, shape: tuple[int, ...], value: int | tuple[int, ...]) -> np.ndarray:
+    """``image`` centred on a canvas of ``shape`` filled with ``value``: padded, or cropped where larger
+    (extra pixels go bottom/right)."""
+    if image.shape == tuple(shape):
         return image
-    side = max(h, w)
-    top, left = (side - h) // 2, (side - w) // 2
-    out = np.empty((side, side) + image.shape[2:], dtype=image.dtype)
+    out = np.empty(tuple(shape), dtype=image.dtype)
     out[...] = value
-    out[top:top + h, left:left + w] = image
+    h, w = min(shape[0], image.shape[0]), min(shape[1], image.shape[1])
+    oy, ox, iy, ix = (shape[0] - h) // 2, (shape[1] - w) // 2, (image.shape[0] - h) // 2, (image.shape[1] - w) // 2
+    out[oy:oy + h, ox:ox + w] = image[iy:iy + h, ix:ix + w]
     return out
 
 
-__all__ = ["read_image", "to_uint8", "to_channels", "resize", "border_value", "pad_to_square"]
+def pad_to_square(image: np.ndarray, value: int | tuple[int, ...]) -> np.ndarray:
+    """(H, W[, C]) -> (S, S[, C]), S = max(H, W), the image centred on ``value`` (extra pixel bottom/right)."""
+    side = max(image.shape[:2])
+    return centre_on(image, (side, side, *image.shape[2:]), value)
+
+
+__all__ = ["IMAGE_EXTENSIONS", "read_image", "to_uint8", "to_channels", "resize", "border_value", "centre_on",
+           "pad_to_square"]

@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 
 from sslkit.config import ConfigError
 from sslkit.sharding.manifest import merge_image_info
 from sslkit.sharding.source import Sample, Unit
-from sslkit.sharding.writer import ShardFiles, check_key, encode_image, image_info, sample_fields
+from sslkit.sharding.writer import ShardFiles, encode_sample
 
 JOURNAL_DIR = ".sslkit-shard"
 _SHARD_NAME = re.compile(r"(?P<stem>.+-r\d{3,}-w\d{2,})-(?P<index>\d{6,})\.tar")
@@ -139,15 +138,13 @@ def load_state(out_dir: str | Path) -> JobState:
     return state
 
 
-def stale_files(out_dir: Path, kind: str, rank: int, state: JobState) -> list[Path]:
-    """This rank's ``.tmp`` shards and shards no journal names (left by a killed run)."""
-    prefix = f"{kind}-r{rank:03d}-w"
-    stale = []
-    for path in out_dir.glob(f"{prefix}*"):
-        name = path.name
-        if name.endswith(".tmp") or (_SHARD_NAME.fullmatch(name) and name not in state.shards):
-            stale.append(path)
-    return stale
+def stale_files(out_dir: Path, prefix: str, state: JobState) -> list[Path]:
+    """Files named ``{prefix}*`` that are ``.tmp`` shards or shards no journal names (left by a dead writer).
+
+    ``prefix`` is a rank's (``<kind>-r000-w``) or one worker slot's (``slot_stem(...)``).
+    """
+    return [path for path in out_dir.glob(f"{prefix}*")
+            if path.name.endswith(".tmp") or (_SHARD_NAME.fullmatch(path.name) and path.name not in state.shards)]
 
 
 class SlotWriter:
@@ -177,22 +174,17 @@ class SlotWriter:
 
     def write(self, sample: Sample) -> None:
         """Encode and add one sample of the current unit (ValueError on a bad key, label or image)."""
-        key = check_key(sample.key)
+        key = sample.key
         if key in self._keys:
             raise ValueError(f"the source yielded sample key {key!r} twice")
-        label = sample.label
-        if label is not None and (not isinstance(label, (int, np.integer)) or label < 0
-                                  or (self.num_classes is not None and label >= self.num_classes)):
-            raise ValueError(f"sample {key!r} has label {label!r}, not an index below {self.num_classes}")
-        image = np.asarray(sample.image)
-        ext, data = encode_image(image, fmt=self.encode, quality=self.quality)
-        fields = sample_fields(ext, data, label=label, meta=sample.meta, key=key)
+        fields, label, info = encode_sample(key, sample.image, label=sample.label, meta=sample.meta,
+                                            fmt=self.encode, quality=self.quality, num_classes=self.num_classes)
         self._keys.add(key)
         unit_id = self._unit.id
         self._in_shard[unit_id] = self._in_shard.get(unit_id, 0) + 1
         if label is not None:
-            self._labels[str(int(label))] = self._labels.get(str(int(label)), 0) + 1
-        self._image = merge_image_info(self._image, image_info(image, self.encode))
+            self._labels[str(label)] = self._labels.get(str(label), 0) + 1
+        self._image = merge_image_info(self._image, info)
         self._written += 1
         self.files.add(key, fields)  # may finish the shard: _on_shard journals it
 

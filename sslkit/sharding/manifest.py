@@ -83,13 +83,18 @@ def build_manifest(*, kind: str, command: str, shards: list[dict], classes: Opti
     }
 
 
-def write_manifest(folder: str | Path, manifest: dict) -> Path:
-    """Write ``folder/manifest.json`` atomically (a uniquely named temporary file, then rename)."""
-    final = Path(folder) / MANIFEST_NAME
-    tmp = final.with_name(f"{MANIFEST_NAME}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically (a uniquely named temporary file, then rename)."""
+    final = Path(path)
+    tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, final)
     return final
+
+
+def write_manifest(folder: str | Path, manifest: dict) -> Path:
+    """Write ``folder/manifest.json`` atomically."""
+    return write_json(Path(folder) / MANIFEST_NAME, manifest)
 
 
 def class_names(manifest: dict) -> Optional[list[str]]:

@@ -14,7 +14,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
+from sslkit.sharding.imaging import IMAGE_EXTENSIONS
+
 # Suffixes that label files often carry beyond the image's stem (a_label.png for a.png).
 _LABEL_SUFFIX = re.compile(r"[_-](labels?|masks?|inst(ances?)?|instance_?map|ann(otations?)?|types?)$", re.I)
 
@@ -37,12 +38,24 @@ def find_groups(root: Path, image_dirs: tuple[str, ...], ann_dirs: tuple[str, ..
 
 
 def _files(folder: Path, exts: tuple[str, ...]) -> list[Path]:
+    # Not folder_plan.walk_images: that skips hidden folders, follows symlinked ones, lists
+    # broken links and sorts by string ('a-b' before 'a/x'), which would change the pairs.
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in exts and p.is_file()
                   and not p.name.startswith("."))
 
 
 def _stem_key(path: Path, folder: Path) -> str:
     return path.relative_to(folder).with_suffix("").as_posix().lower()
+
+
+def _by_stem(folder: Path, exts: tuple[str, ...]) -> dict[str, Path]:
+    """Files of ``folder`` by lower-case relative stem, and by that stem less a ``_label``-like suffix."""
+    found: dict[str, Path] = {}
+    for path in _files(folder, exts):
+        key = _stem_key(path, folder)
+        found.setdefault(key, path)
+        found.setdefault(_LABEL_SUFFIX.sub("", key), path)
+    return found
 
 
 def pair_files(image_dir: Path, ann_dir: Path, ann_exts: tuple[str, ...]
@@ -53,12 +66,9 @@ def pair_files(image_dir: Path, ann_dir: Path, ann_exts: tuple[str, ...]
     images without an annotation, annotations without an image, two images with one stem.
     An annotation stem may carry a suffix such as ``_label`` or ``_mask``.
     """
-    anns: dict[str, Path] = {}
-    for path in _files(ann_dir, ann_exts):
-        key = _stem_key(path, ann_dir)
-        anns.setdefault(key, path)
-        anns.setdefault(_LABEL_SUFFIX.sub("", key), path)
-    images = [p for p in _files(image_dir, IMAGE_EXTS) if p.suffix.lower() not in ann_exts or image_dir != ann_dir]
+    anns = _by_stem(ann_dir, ann_exts)
+    images = [p for p in _files(image_dir, IMAGE_EXTENSIONS)
+              if p.suffix.lower() not in ann_exts or image_dir != ann_dir]
     pairs, failed, used, seen = [], [], set(), {}
     for image in images:
         key = _stem_key(image, image_dir)
@@ -127,12 +137,12 @@ def plan_tiles(fmt: str, root: Path, *, images: Optional[str] = None, labels: Op
 
 
 def _type_files(image_dir: Path, ann_dir: Path, types: Optional[str]) -> dict[str, Path]:
+    """Type tables (CSV) by lower-case relative stem, as ``pair_files`` matches them to images."""
     folder = Path(types) if types else next(
         (p for p in sorted(image_dir.parent.iterdir()) if p.is_dir() and p.name.lower() in _TYPE_DIRS), ann_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"Folder {folder} does not exist; check --types.")
-    pairs, _ = pair_files(image_dir, folder, (".csv",))
-    return {stem.lower(): table for stem, _, table in pairs}
+    return _by_stem(folder, (".csv",))
 
 
 def find_pannuke(root: Path) -> tuple[list[tuple[str, str, Optional[str]]], list[dict[str, str]]]:

@@ -24,7 +24,8 @@ from typing import Any, Callable, Optional
 
 from tqdm.auto import tqdm
 
-from sslkit.sharding.journal import Journal, JobState, SlotWriter, journal_path, read_journal, slot_stem
+from sslkit.sharding.journal import (Journal, JobState, SlotWriter, journal_path, read_journal, slot_stem,
+                                     stale_files)
 from sslkit.sharding.source import Progress, Source, Unit, UnitError
 
 _ADVANCE_EVERY_S = 0.2
@@ -38,12 +39,12 @@ def _reason(err: BaseException) -> str:
 class _Sender:
     """Worker -> parent messages ``(kind, slot, *values)``; sample counts go a few times a second."""
 
-    def __init__(self, put: Callable[[tuple], None], slot: int, batch: bool = True) -> None:
-        self.put, self.slot, self.batch = put, slot, batch
+    def __init__(self, put: Callable[[tuple], None], slot: int) -> None:
+        self.put, self.slot = put, slot
         self.unsent, self.last = 0, time.monotonic()
 
     def __call__(self, kind: str, *values: Any) -> None:
-        if kind == "advance" and self.batch:
+        if kind == "advance":
             self.unsent += values[0]
             if time.monotonic() - self.last < _ADVANCE_EVERY_S:
                 return
@@ -214,7 +215,7 @@ class Pool:
 
     def _run_inline(self) -> None:
         self.current[0], self.open_units[0] = None, []
-        send = _Sender(self._handle, 0, batch=False)
+        send = _Sender(self._handle, 0)
         start = self.state.next_index.get(slot_stem(self.source.kind, self.rank, 0), 0)
         writer = _slot_writer(self.source, self.out_dir, self.rank, 0, start, self.shard_size,
                               emit=lambda record: send("journal", record))
@@ -296,10 +297,8 @@ class Pool:
         for unit_id in reversed(self.open_units[slot]):
             if unit_id != crashed:
                 self.todo.appendleft((self.units[unit_id], self.state.final.get(unit_id, 0)))
-        stem = slot_stem(self.source.kind, self.rank, slot)
-        for leftover in self.out_dir.glob(f"{stem}-*"):
-            if leftover.name.endswith(".tmp") or leftover.name not in self.state.shards:
-                leftover.unlink(missing_ok=True)
+        for leftover in stale_files(self.out_dir, slot_stem(self.source.kind, self.rank, slot) + "-", self.state):
+            leftover.unlink(missing_ok=True)
         self.procs[slot].join()
         if self.todo:
             self._start(slot)

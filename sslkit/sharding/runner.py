@@ -30,7 +30,7 @@ from typing import Any, Iterator, Optional
 
 from sslkit.config import ConfigError
 from sslkit.sharding.journal import JOURNAL_DIR, JobState, load_state, stale_files
-from sslkit.sharding.manifest import MANIFEST_NAME, build_manifest, merge_image_info, write_manifest
+from sslkit.sharding.manifest import MANIFEST_NAME, build_manifest, merge_image_info, write_json, write_manifest
 from sslkit.sharding.pool import Display, Pool
 from sslkit.sharding.source import Source, Unit
 
@@ -108,9 +108,7 @@ def _check_plan(out_dir: Path, plan: dict[str, Any]) -> None:
     """Record the job's settings on first use; refuse to mix shards made with other settings."""
     path = out_dir / JOURNAL_DIR / "plan.json"
     if not path.exists():
-        tmp = path.with_name(f"plan.json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(plan, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_json(path, plan)
     recorded = json.loads(path.read_text(encoding="utf-8"))
     plan = json.loads(json.dumps(plan))  # tuples -> lists, as stored
     if recorded != plan:
@@ -158,7 +156,7 @@ def run_source(source: Source, out_dir: str | Path, *, workers: Optional[int] = 
         _check_unique(units)
         mine = [units[i] for i in partition(units, world_size)[rank]]
         state = load_state(out)
-        for path in stale_files(out, source.kind, rank, state):
+        for path in stale_files(out, f"{source.kind}-r{rank:03d}-w", state):
             path.unlink(missing_ok=True)
         todo = [(u, state.final.get(u.id, 0)) for u in mine if not state.done(u.id)]
         before = {u.id: state.final.get(u.id, 0) for u in mine}

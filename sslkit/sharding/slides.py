@@ -5,31 +5,31 @@
     geom = choose_level(slide, (mx, my), 0.5)      # the level to read and the exact resize factor
     pixels = read_target(slide, geom, x, y, w, h)  # (h, w, 3) uint8 at the target um/px
 
-Pixels are read in large regions, composited on white. OpenSlide describes every slide it
-can open (levels, resolution, associated images). For the pixels of tiled TIFF-family
-slides (Aperio SVS, generic pyramidal TIFF, ...) the default reader decodes the stored
-tiles itself with tifffile and imagecodecs, each one once (``TiffTiles``): about 5x faster
-than OpenSlide's ``read_region`` on Aperio JPEG tiles, and checked on every slide to give
-the same pixels as OpenSlide before it is used.
+Pixels come composited on white. OpenSlide describes every slide it can open (levels,
+resolution, associated images). For the pixels of tiled TIFF-family slides (Aperio SVS,
+generic pyramidal TIFF, ...) the default reader decodes the stored tiles itself with
+tifffile and imagecodecs (``TiffTiles``), each one once while it stays in a bounded cache.
+Before it is used, a sample is checked to decode like OpenSlide's, once per kind of slide
+(``TiffTiles.signature``) per process; ``bench/shard_wsi.py`` prints its speed against
+OpenSlide's ``read_region``. How a ``Slide`` reads is told by its properties, not by its
+library's name: ``caches_tiles`` (a read's extent does not change the decoding work) and
+``per_tile_reads`` (reading one tile at a time copies the least).
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
-import os
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from sslkit.sharding.imaging import resize, to_channels
-from sslkit.sharding.source import UnitError, safe_id
+from sslkit.sharding.source import UnitError
 
-SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif")
 READERS = ("auto", "openslide", "tiffslide")  # see open_slide
 MPP_TOLERANCE = 0.02  # a level within 2 % of the target um/px is read without resizing
 PLAUSIBLE_MPP = (0.02, 20.0)  # um/px; outside: metadata treated as missing
@@ -38,19 +38,34 @@ BLOCK_PX = 2048  # side of one read, in level pixels (plus the resampling margin
 
 
 
+Reader = Callable[[int, int, int, int, int], np.ndarray]  # (level, x, y, w, h) -> (h, w, 3) uint8
+
+
 class Slide:
     """An open slide behind one interface; ``read`` gives (h, w, 3) uint8 RGB composited on white.
 
-    ``properties``/``prefix``: whose metadata to use (OpenSlide's when TiffSlide only decodes).
+    The opener says how its library reads: ``read`` (the library's call, as ``Slide.read``
+    without the error wrapping), ``caches_tiles`` (decoded stored tiles are cached, so a
+    read's extent does not change the decoding work), ``per_tile_reads`` (reading one tile
+    at a time copies the least). ``properties``/``prefix``: whose metadata to use (OpenSlide's
+    when another library decodes).
     """
 
-    def __init__(self, handle: Any, backend: str, path: str, *, properties: Optional[dict] = None,
+    def __init__(self, handle: Any, backend: str, path: str, *, read: Reader, caches_tiles: bool,
+                 per_tile_reads: bool = False, properties: Optional[dict] = None,
                  prefix: Optional[str] = None) -> None:
         self.handle, self.backend, self.path = handle, backend, path
         self.dimensions = [tuple(map(int, d)) for d in handle.level_dimensions]  # (width, height) per level
         self.downsamples = [float(d) for d in handle.level_downsamples]
         self.properties = dict(handle.properties if properties is None else properties)
-        self.prefix, self.reader = prefix or backend, backend
+        self.prefix = prefix or backend
+        self.caches_tiles, self.per_tile_reads, self._read = caches_tiles, per_tile_reads, read
+        self.metadata: Optional[Slide] = None  # the slide whose metadata this one adopted; closed with it
+
+    @property
+    def reader(self) -> str:
+        """Who describes the slide and who decodes it: "openslide", "openslide+tifffile", ..."""
+        return self.backend if self.prefix == self.backend else f"{self.prefix}+{self.backend}"
 
     def prop(self, name: str) -> Optional[str]:
         """A standard property without its prefix: ``prop("mpp-x")`` -> ``openslide.mpp-x``."""
@@ -59,14 +74,8 @@ class Slide:
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """Level pixels [x, x+w) x [y, y+h) of ``level`` -> (h, w, 3) uint8."""
-        ds = self.downsamples[level]
         try:
-            if self.backend == "tifffile":
-                return self.handle.read(level, x, y, w, h)
-            if self.backend == "openslide":
-                return _openslide_rgb(self.handle, (round(x * ds), round(y * ds)), level, (w, h))
-            loc = (_floor_divisible(x, ds), _floor_divisible(y, ds))  # TiffSlide floors loc / ds
-            return to_channels(self.handle.read_region(loc, level, (w, h), as_array=True), 3)
+            return self._read(level, x, y, w, h)
         except Exception as err:  # noqa: BLE001 -- OpenSlideError, tifffile/zarr/codec errors
             raise UnitError(f"Reading {self.path} failed at level {level}, region x={x} y={y} {w}x{h} "
                             f"({self.backend}: {err}); the file is damaged or incomplete: copy it again.") from None
@@ -74,7 +83,8 @@ class Slide:
     def thumbnail(self) -> Optional[np.ndarray]:
         """The slide's stored thumbnail image as (h, w, 3) uint8, or None."""
         try:
-            if self.backend == "tifffile" and (image := self.handle.thumbnail()) is not None:
+            own = getattr(self.handle, "thumbnail", None)  # TiffTiles: the file's own thumbnail series
+            if own is not None and (image := own()) is not None:
                 return image
             image = self.handle.associated_images.get("thumbnail")
             return None if image is None else to_channels(np.asarray(image), 3)
@@ -91,6 +101,8 @@ class Slide:
 
     def close(self) -> None:
         self.handle.close()
+        if self.metadata is not None:
+            self.metadata.close()
 
 
 def _openslide_rgb(handle: Any, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
@@ -126,20 +138,36 @@ def _floor_divisible(v: int, ds: float) -> int:
 
 
 def _open_openslide(path: str) -> Slide:
+    """OpenSlide caches decoded tiles. Its reads stay block-sized (not ``per_tile_reads``): one
+    call per tile was no faster, and a read error names the block's region."""
     try:
         import openslide
     except (ImportError, OSError) as err:  # OSError: the library itself does not load
         raise RuntimeError(f"OpenSlide is not available ({err})") from None
     try:
-        return Slide(openslide.OpenSlide(path), "openslide", path)
+        handle = openslide.OpenSlide(path)
     except (openslide.OpenSlideError, OSError) as err:
         raise RuntimeError(f"OpenSlide: {err}") from None
+    ds = [float(d) for d in handle.level_downsamples]
+
+    def read(level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        return _openslide_rgb(handle, (round(x * ds[level]), round(y * ds[level])), level, (w, h))
+
+    return Slide(handle, "openslide", path, read=read, caches_tiles=True)
 
 
 def _open_tiffslide(path: str) -> Slide:
+    """TiffSlide decodes every stored tile a read touches, each time: no cache."""
     try:
         import tiffslide
-        return Slide(tiffslide.TiffSlide(path), "tiffslide", path)
+        handle = tiffslide.TiffSlide(path)
+        ds = [float(d) for d in handle.level_downsamples]
+
+        def read(level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+            loc = (_floor_divisible(x, ds[level]), _floor_divisible(y, ds[level]))  # TiffSlide floors loc / ds
+            return to_channels(handle.read_region(loc, level, (w, h), as_array=True), 3)
+
+        return Slide(handle, "tiffslide", path, read=read, caches_tiles=False)
     except Exception as err:  # noqa: BLE001 -- TiffFileError, ValueError, NotImplementedError, ImportError ...
         raise RuntimeError(f"TiffSlide: {type(err).__name__}: {err}") from None
 
@@ -150,7 +178,7 @@ class TiffTiles:
     Each stored tile (JPEG, JPEG 2000, LZW, ... whatever imagecodecs decodes) is read and
     decoded once while it stays in a small cache (``cache_bytes``), so neighbouring reads
     cost nothing twice. Levels are the TIFF pages whose size equals OpenSlide's levels, and
-    OpenSlide's handle (``meta``) keeps serving the metadata and associated images.
+    OpenSlide's handle (``meta``, borrowed: not closed here) keeps serving the associated images.
     """
 
     def __init__(self, path: str, meta: Any, *, cache_bytes: int = 64 << 20) -> None:
@@ -158,7 +186,7 @@ class TiffTiles:
 
         self.tif, self.meta, self.cache_bytes = tifffile.TiffFile(path), meta, cache_bytes
         self.level_dimensions, self.level_downsamples = meta.level_dimensions, meta.level_downsamples
-        self.properties, self._cache, self._cached = {}, OrderedDict(), 0
+        self._cache, self._cached = OrderedDict(), 0
         pages = {}
         for page in self.tif.pages:
             if page.is_tiled and page.dtype == np.uint8 and page.samplesperpixel in (3, 4) and page.planarconfig == 1:
@@ -224,12 +252,14 @@ class TiffTiles:
 
     def close(self) -> None:
         self.tif.close()
-        self.meta.close()
 
 
 def _open_tifftiles(path: str, meta: Any) -> Slide:
+    """Stored tiles decoded with tifffile; ``meta``, an OpenSlide handle, describes the slide."""
     try:
-        return Slide(TiffTiles(path, meta), "tifffile", path, properties=dict(meta.properties), prefix="openslide")
+        tiles = TiffTiles(path, meta)
+        return Slide(tiles, "tifffile", path, read=tiles.read, caches_tiles=True, per_tile_reads=True,
+                     properties=meta.properties, prefix="openslide")
     except Exception as err:  # noqa: BLE001 -- not a TIFF, stripped pages, unknown compression ...
         raise RuntimeError(f"tifffile: {type(err).__name__}: {err}") from None
 
@@ -256,28 +286,24 @@ def _decodes_alike(twin: Slide, slide: Slide) -> bool:
 
 
 def _faster_twin(slide: Slide) -> Optional[Slide]:
-    """A faster decoder of the slide OpenSlide opened, checked to decode it alike; OpenSlide's
-    metadata stays in use. Stored tiles through tifffile first, then TiffSlide."""
-    try:
-        tiles = _open_tifftiles(slide.path, slide.handle)  # takes over OpenSlide's handle for the metadata
-    except RuntimeError:
-        tiles = None
-    if tiles is not None:
-        signature = tiles.handle.signature(slide.prop("vendor"))
-        if signature in _DECODES_ALIKE or _decodes_alike(tiles, slide):
-            _DECODES_ALIKE.add(signature)
-            tiles.reader = "openslide+tifffile"
-            return tiles
-        tiles.handle.tif.close()
-    try:
-        twin = _open_tiffslide(slide.path)
-    except RuntimeError:
-        return None
-    if not _decodes_alike(twin, slide):
-        twin.close()
-        return None
-    twin.properties, twin.prefix, twin.reader = slide.properties, slide.prefix, "openslide+tiffslide"
-    return twin
+    """A faster decoder of the slide OpenSlide opened, checked to decode it alike, that adopts
+    OpenSlide's metadata and closes ``slide`` with itself; None when none is. Stored tiles
+    through tifffile first (checked once per ``TiffTiles.signature``), then TiffSlide."""
+    twins = [(_open_tifftiles, (slide.path, slide.handle), True),  # looked up here: tests replace them
+             (_open_tiffslide, (slide.path,), False)]
+    for opener, args, by_signature in twins:
+        try:
+            twin = opener(*args)
+        except RuntimeError:
+            continue
+        signature = twin.handle.signature(slide.prop("vendor")) if by_signature else None
+        if signature in _DECODES_ALIKE or _decodes_alike(twin, slide):
+            if signature is not None:
+                _DECODES_ALIKE.add(signature)
+            twin.properties, twin.prefix, twin.metadata = slide.properties, slide.prefix, slide
+            return twin
+        twin.close()  # its own file only: ``slide`` is not yet adopted
+    return None
 
 
 def open_slide(path: str, reader: str = "auto") -> Slide:
@@ -297,11 +323,7 @@ def open_slide(path: str, reader: str = "auto") -> Slide:
             errors.append(str(err))
             continue
         if reader == "auto" and slide.backend == "openslide":
-            twin = _faster_twin(slide)
-            if twin is not None:
-                if twin.backend != "tifffile":  # TiffTiles keeps OpenSlide's handle for the metadata
-                    slide.close()
-                return twin
+            return _faster_twin(slide) or slide
         return slide
     raise UnitError(f"Cannot open {path} as a slide ({'; '.join(errors)}); check that the file is complete "
                     "and in a format OpenSlide reads.")
@@ -422,80 +444,3 @@ def read_overview(slide: Slide, shape: tuple[int, int]) -> tuple[np.ndarray, str
             box = (x0 * fx, y0 * fy, x1 * fx, y1 * fy)
             out[y0:y1, x0:x1] = read_scaled(slide, level, box, (y1 - y0, x1 - x0), area=True)
     return out, f"level {level}"
-
-
-
-
-def find_slides(items: list[str], *, recursive: bool = False) -> tuple[list[str], list[dict]]:
-    """Slide paths from files, folders (their slide files, sorted) and ``@list.txt`` files.
-
-    Returns (paths without repeats, failed): missing entries of a list file are recorded as
-    failed; a missing path given directly, or a folder without slides, raises FileNotFoundError.
-    """
-    paths: list[str] = []
-    failed: list[dict] = []
-    for item in items:
-        if item.startswith("@"):
-            listed = Path(item[1:])
-            if not listed.is_file():
-                raise FileNotFoundError(f"Slide list {listed} does not exist; give a text file with one path a line.")
-            for line in listed.read_text(encoding="utf-8-sig").splitlines():
-                line = line.strip()
-                if not line or line.startswith("#"):
-                    continue
-                path = Path(line) if Path(line).is_absolute() else listed.parent / line
-                if path.is_file():
-                    paths.append(str(path))
-                else:
-                    failed.append({"source": str(path), "reason": f"listed in {listed} but not a file; fix the list."})
-        elif os.path.isdir(item):
-            pattern = "**/*" if recursive else "*"
-            found = sorted(str(p) for p in Path(item).glob(pattern)
-                           if p.suffix.lower() in SLIDE_EXTENSIONS and p.is_file())
-            if not found:
-                raise FileNotFoundError(f"Folder {item} holds no slide files ({', '.join(SLIDE_EXTENSIONS)}); "
-                                        "give slide files or a folder of them" + ("." if recursive else
-                                                                                  ", or add --recursive."))
-            paths.extend(found)
-        elif os.path.isfile(item):
-            paths.append(item)
-        else:
-            raise FileNotFoundError(f"Slide {item} does not exist; check the path.")
-    seen: set[str] = set()
-    unique = [p for p in paths if not (os.path.abspath(p) in seen or seen.add(os.path.abspath(p)))]
-    return unique, failed
-
-
-def slide_ids(paths: list[str]) -> list[str]:
-    """One id per slide: safe_id of the file stem. Slides whose stems collide are all named
-    with their parent folders (as few as tell them apart), else also with the suffix, else
-    numbered -2, -3 in input order; never equal to another slide's id."""
-    ids = [safe_id(Path(p).stem) for p in paths]
-    groups: dict[str, list[int]] = {}
-    for i, uid in enumerate(ids):
-        groups.setdefault(uid, []).append(i)
-    taken = {uid for uid, members in groups.items() if len(members) == 1}
-    for members in (g for g in groups.values() if len(g) > 1):
-        parts = [Path(os.path.abspath(paths[i])).parts[:-1] for i in members]
-        depth = max(len(p) for p in parts)
-        tries = [(d, False) for d in range(1, depth + 1)] + [(d, True) for d in range(depth + 1)]
-        for d, suffix in tries:
-            names = [safe_id("_".join(p[len(p) - d:] + ((Path(paths[i]).name if suffix else Path(paths[i]).stem),)))
-                     for p, i in zip(parts, members)]
-            if len(set(names)) == len(names) and not taken & set(names):
-                break
-        else:
-            names = [ids[members[0]] + (f"-{k + 1}" if k else "") for k in range(len(members))]
-        for i, name in zip(members, names):
-            ids[i] = name
-        taken.update(names)
-    return ids
-
-
-def slide_bytes(path: str) -> int:
-    """File size; for MIRAX (.mrxs) also the files of its companion folder."""
-    size = os.path.getsize(path) if os.path.exists(path) else 0
-    companion = Path(path).with_suffix("")
-    if Path(path).suffix.lower() == ".mrxs" and companion.is_dir():
-        size += sum(f.stat().st_size for f in companion.iterdir() if f.is_file())
-    return size

@@ -43,6 +43,20 @@ def safe_id(text: str) -> str:
     return _UNSAFE.sub("_", text).strip("_") or "_"
 
 
+def unique_ids(ids: list[str]) -> list[str]:
+    """``ids`` with later repeats renamed ``<id>-2``, ``<id>-3``, ... (never a name already in the list)."""
+    out, used, first = list(ids), set(ids), set()
+    for i, name in enumerate(ids):
+        if name in first:
+            n = 2
+            while f"{name}-{n}" in used:
+                n += 1
+            out[i] = f"{name}-{n}"
+            used.add(out[i])
+        first.add(name)
+    return out
+
+
 class UnitError(Exception):
     """A unit that cannot be sharded; the message names the file and the reason (and a fix)."""
 
@@ -114,4 +128,4 @@ class Source(Protocol):
     def produce(self, unit: Unit, *, skip: int, progress: Progress) -> Iterator[Sample]: ...
 
 
-__all__ = ["Unit", "Sample", "Progress", "Source", "UnitError", "safe_id"]
+__all__ = ["Unit", "Sample", "Progress", "Source", "UnitError", "safe_id", "unique_ids"]

@@ -30,7 +30,7 @@ same seed gives byte-identical shards::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
@@ -321,6 +321,13 @@ def render_batch(indices: Iterable[int], *, size: int, seed: int) -> tuple[np.nd
     return _render(_stack(draws), size), labels
 
 
+def samples(indices: range, *, size: int, seed: int, prefix: str) -> Iterator[Sample]:
+    """Crops ``indices`` as Samples: key ``{prefix}-{index:07d}``, label index % 4, meta index and class."""
+    images, labels = render_batch(indices, size=size, seed=seed)
+    for i, image, label in zip(indices, images, labels):
+        yield Sample(f"{prefix}-{i:07d}", image, int(label), {"index": i, "class": CLASSES[label]})
+
+
 def make_synthetic(
     out_dir: str | Path,
     *,
@@ -345,12 +352,10 @@ def make_synthetic(
                         params=params, command=command) as writer:
         with tqdm(total=num_samples, desc="synthetic crops", unit="crop", disable=not progress) as bar:
             for start in range(0, num_samples, chunk):
-                indices = range(start, min(start + chunk, num_samples))
-                images, labels = render_batch(indices, size=size, seed=seed)
-                for i, image, label in zip(indices, images, labels):
-                    writer.write(f"{prefix}-{i:07d}", image, label=int(label),
-                                 meta={"index": i, "class": CLASSES[label]})
-                bar.update(len(indices))
+                for sample in samples(range(start, min(start + chunk, num_samples)), size=size, seed=seed,
+                                      prefix=prefix):
+                    writer.write(sample.key, sample.image, label=sample.label, meta=sample.meta)
+                bar.update(min(chunk, num_samples - start))
     return writer.manifest
 
 
@@ -384,9 +389,7 @@ class SyntheticSource:
     def produce(self, unit: Unit, *, skip: int, progress: Progress) -> Iterable[Sample]:
         start, stop = unit.payload
         progress.total(stop - start)
-        images, labels = render_batch(range(start, stop), size=self.size, seed=self.seed)
-        for i, image, label in zip(range(start, stop), images, labels):
-            yield Sample(f"{self.prefix}-{i:07d}", image, int(label), {"index": i, "class": CLASSES[label]})
+        yield from samples(range(start, stop), size=self.size, seed=self.seed, prefix=self.prefix)
 
 
 def contact_sheet(images: np.ndarray, labels: np.ndarray, classes: list[str], *,

@@ -124,6 +124,25 @@ def sample_fields(image_ext: str, image_bytes: bytes, *, label: Optional[int] = 
     return fields
 
 
+def check_label(label: Any, num_classes: Optional[int]) -> int:
+    """``label`` as an int index below ``num_classes`` (None: any), or ValueError saying what is wrong."""
+    if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)) or label < 0:
+        raise ValueError(f"Labels must be non-negative integers, got {label!r}.")
+    if num_classes is not None and label >= num_classes:
+        raise ValueError(f"Label {label} is out of range for {num_classes} classes.")
+    return int(label)
+
+
+def encode_sample(key: str, image: np.ndarray, *, label: Optional[int], meta: Optional[dict], fmt: str,
+                  quality: int, num_classes: Optional[int]) -> tuple[dict[str, bytes], Optional[int], dict]:
+    """Check and encode one sample: (tar members, label as int or None, the manifest's image block)."""
+    check_key(key)
+    label = None if label is None else check_label(label, num_classes)
+    image = np.asarray(image)
+    ext, data = encode_image(image, fmt=fmt, quality=quality)
+    return sample_fields(ext, data, label=label, meta=meta, key=key), label, image_info(image, fmt)
+
+
 class _HashingFile(io.RawIOBase):
     """A write-only file that feeds every byte to sha256 on its way to disk."""
 
@@ -255,33 +274,23 @@ class ShardSetWriter:
         """Add one sample; ``image`` is (H, W, C) or (H, W) uint8."""
         if self.manifest is not None:
             raise RuntimeError(f"ShardSetWriter for {self.out_dir} is closed; open a new one to write more.")
-        check_key(key)
         if key in self._keys:
             raise ValueError(f"Sample key {key!r} was already written; keys must be unique in a shard set.")
-        image = np.asarray(image)
-        ext, data = encode_image(image, fmt=self.encode, quality=self.quality)
-        if label is not None:
-            label = self._check_label(label)
-        record = dict(meta or {})
+        record = dict(meta or {}, **({"source": str(source)} if source is not None else {}))
+        fields, label, info = encode_sample(key, image, label=label, meta=record or None, fmt=self.encode,
+                                            quality=self.quality,
+                                            num_classes=len(self.classes) if self.classes is not None else None)
         if source is not None:
-            record["source"] = str(source)
             self._sources[str(source)] = self._sources.get(str(source), 0) + 1
-        self._files.add(key, sample_fields(ext, data, label=label, meta=record or None, key=key))
+        self._files.add(key, fields)
         self._keys.add(key)
-        self._image = merge_image_info(self._image, image_info(image, self.encode))
+        self._image = merge_image_info(self._image, info)
         if label is not None:
             self._label_counts[label] = self._label_counts.get(label, 0) + 1
 
     def record_failure(self, source: str, reason: str) -> None:
         """Note an input that could not be turned into samples (listed under the manifest's ``failed``)."""
         self._failed.append({"source": str(source), "reason": str(reason)})
-
-    def _check_label(self, label: int) -> int:
-        if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)) or label < 0:
-            raise ValueError(f"Labels must be non-negative integers, got {label!r}.")
-        if self.classes is not None and label >= len(self.classes):
-            raise ValueError(f"Label {label} is out of range for {len(self.classes)} classes {self.classes}.")
-        return int(label)
 
     def _remove_stale(self) -> None:
         """Delete ``{prefix}-*.tar`` / ``.tmp`` files of an earlier set that this one did not write."""

@@ -1,4 +1,4 @@
-"""Whole-slide images to tiles at a target um/px: tissue mask, tile grid, block reads.
+"""Whole-slide images to tiles at a target um/px: tissue mask, tile grid, reads planned per block.
 
     sslkit shard wsi slides/ --out shards/wsi --mpp 0.5 --tile 256 --min-tissue 0.5
 
@@ -25,10 +25,13 @@ OpenSlide; OpenSlide's metadata stays in charge (``sslkit.sharding.slides``).
   marker and black excluded, small holes filled and specks removed (sizes in um^2). Blank
   glass gives no tissue. The mask (``masks/<slide>.png``) and the overview with the kept
   tiles outlined (``masks/<slide>-tiles.jpg``) are written for inspection.
-- Speed and memory: tiles are read in blocks of about ``BLOCK_PX`` level pixels a side (one
-  read each, resized once with a margin so blocks join seamlessly), sliced with
-  numpy; blocks without kept tiles are not read; on resume the first ``skip`` tiles are not
-  read again. Memory is bounded by the block and the overview (at most ``MASK_MAX_SIDE``).
+- Speed and memory: the kept tiles are taken in blocks of about ``BLOCK_PX`` level pixels a
+  side. A slide with ``per_tile_reads`` (the stored-tile reader) read without resizing gives
+  one tile per read, from its cache of decoded tiles; else a block is read whole or run by
+  run of side-by-side tiles, whichever ``_read_cost`` finds cheaper (resized once with a
+  margin, so reads join seamlessly), and sliced with numpy. Nothing is read where no tile is
+  kept; on resume the first ``skip`` tiles are not read again. Memory is bounded by the
+  block, the decoded-tile cache and the overview (at most ``MASK_MAX_SIDE``).
 """
 
 from __future__ import annotations
@@ -45,10 +48,12 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from sslkit.config import ConfigError
-from sslkit.sharding.slides import (BLOCK_PX, MPP_TOLERANCE, READERS, Geometry, Slide, choose_level, find_slides,
-                                    open_slide, read_overview, read_target, slide_bytes, slide_ids, slide_mpp)
-from sslkit.sharding.source import Progress, Sample, Unit, safe_id
-from sslkit.sharding.tissue import HOLE_UM2, SAT_HIGH, SAT_LOW, SPECK_UM2, box_fractions, outline_boxes, save_image, tissue_mask
+from sslkit.sharding.slide_files import find_slides, slide_bytes, slide_ids
+from sslkit.sharding.slides import (BLOCK_PX, MPP_TOLERANCE, READERS, Geometry, Slide, choose_level, open_slide,
+                                    read_overview, read_target, slide_mpp)
+from sslkit.sharding.source import Progress, Sample, Unit
+from sslkit.sharding.tissue import (HOLE_UM2, SAT_HIGH, SAT_LOW, SPECK_UM2, box_fractions, outline_boxes, save_image,
+                                    tissue_mask)
 
 MASK_TILE_PX = 16  # overview pixels along a tile side, at least MASK_MIN_MPP um each
 MASK_MIN_MPP, MASK_MAX_SIDE = 2.0, 4096
@@ -175,28 +180,35 @@ class WsiSource:
             slide.close()
 
     def _tiles(self, slide: Slide, unit: Unit, plan: TilePlan, skip: int) -> Iterator[Sample]:
-        """The plan's tiles from index ``skip`` on, block by block; see ``read_spans``."""
+        """The plan's tiles from index ``skip`` on, block by block (a resumed block's first row on
+        its own, so no skipped tile is read): one read per tile where the slide's decoded tiles
+        are cached and nothing is resized (``per_tile_reads``), else the reads ``read_spans`` picks.
+
+        Keys are ``<slide>_<x>_<y>`` (slide ids are safe: ``slide_files.slide_ids``), x, y in level-0 pixels.
+        """
         geom, t = plan.geometry, self.tile
+        per_tile = slide.per_tile_reads and geom.scale == (1.0, 1.0)
+        cost = _read_cost(slide, geom)
+        same = {"slide": unit.id, "path": unit.path, "level": geom.level, "mpp": self.mpp,
+                "level_mpp": round(geom.level_mpp[0], 6)}  # the meta every tile of the slide shares
         start = min(skip, len(plan.tiles))
         while start < len(plan.tiles):
             stop = start + int(np.searchsorted(plan.blocks[start:], plan.blocks[start], side="right"))
             if start == skip > 0 and plan.blocks[start - 1] == plan.blocks[start]:  # resuming inside a block:
                 stop = start + int(np.sum(plan.tiles[start:stop, 1] == plan.tiles[start, 1]))  # its row first
-            if slide.backend == "tifffile" and geom.scale == (1.0, 1.0):  # decoded tiles are cached:
-                spans = [(i, i + 1) for i in range(stop - start)]  # one read per tile copies the least
+            if per_tile:
+                spans = [(i, i + 1) for i in range(stop - start)]
             else:
-                spans = read_spans(plan.tiles[start:stop], tile=t, stride=t - self.overlap,
-                                   cost=_read_cost(slide, geom))
+                spans = read_spans(plan.tiles[start:stop], tile=t, stride=t - self.overlap, cost=cost)
             for i0, i1 in spans:
                 corners = plan.tiles[start + i0:start + i1]
                 (x0, y0), (x1, y1) = corners.min(axis=0), corners.max(axis=0) + t
                 pixels = read_target(slide, geom, int(x0), int(y0), int(x1 - x0), int(y1 - y0))  # (H, W, 3)
                 for (x, y), fraction in zip(corners.tolist(), plan.tissue[start + i0:start + i1].tolist()):
                     lx, ly = geom.to_level0(x, y)
-                    meta = {"slide": unit.id, "path": unit.path, "x": lx, "y": ly, "level": geom.level,
-                            "mpp": self.mpp, "level_mpp": round(geom.level_mpp[0], 6), "tissue": round(fraction, 4)}
-                    yield Sample(key=safe_id(f"{unit.id}_{lx}_{ly}"), image=np.ascontiguousarray(
-                        pixels[y - y0:y - y0 + t, x - x0:x - x0 + t]), meta=meta)
+                    yield Sample(key=f"{unit.id}_{lx}_{ly}",
+                                 image=np.ascontiguousarray(pixels[y - y0:y - y0 + t, x - x0:x - x0 + t]),
+                                 meta=dict(same, x=lx, y=ly, tissue=round(fraction, 4)))
             start = stop
 
 
@@ -217,8 +229,13 @@ def read_spans(corners: np.ndarray, *, tile: int, stride: int,
 
 def _read_cost(slide: Slide, geom: Geometry) -> Callable[[int, int, int, int], float]:
     """Cost of reading a target-pixel box: its pixels for OpenSlide (which caches decoded
-    tiles, so neighbouring reads decode nothing twice); for TiffSlide, which decodes every
-    stored tile a read touches, the pixels of those tiles."""
+    tiles, so neighbouring reads decode nothing twice); otherwise the pixels of the stored
+    tiles the read touches.
+
+    The stored-tile reader caches decoded tiles too, but when it resizes it still plans with
+    the stored-tile model: planning by pixels groups reads differently, and the resampled
+    tiles would move by up to one grey level against the shards sslkit already wrote.
+    """
     (sx, sy), stored = geom.scale, slide.tile_size(geom.level)
     if slide.backend == "openslide" or stored is None:
         return lambda x0, y0, x1, y1: float((x1 - x0) * (y1 - y0))

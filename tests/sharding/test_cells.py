@@ -15,8 +15,10 @@ import tifffile
 from PIL import Image
 
 from sslkit.config import ConfigError
-from sslkit.sharding.cells import CellSource, add_parser, crop_window, cut_window, read_class_map
+from sslkit.sharding.annotations import nuclei_from_map
+from sslkit.sharding.cells import CellSource, add_parser, crop_window, cut_window, raw_class_map, read_class_map
 from sslkit.sharding.imaging import resize, to_uint8
+from sslkit.sharding.runner import run_source
 from sslkit.sharding.source import Progress, UnitError
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -57,12 +59,30 @@ def _expected(image: np.ndarray, left: int, top: int, side: int, mode: str = "re
 @pytest.mark.parametrize("mode", ["reflect", "symmetric", "edge", "constant"])
 def test_cut_window_equals_np_pad(mode: str) -> None:
     image = _image(5, 7)
-    for left, top, side in [(-3, -2, 4), (4, 3, 6), (-12, -9, 30), (2, 1, 3), (6, 4, 9)]:
+    for left, top, side in [(-3, -2, 4), (4, 3, 6), (-12, -9, 30), (2, 1, 3), (6, 4, 9), (4, 2, 3), (0, 0, 5)]:
         np.testing.assert_array_equal(cut_window(image, left, top, side, pad=mode),
                                       _expected(image, left, top, side, mode))
     gray = image[:, :, 0]
     np.testing.assert_array_equal(cut_window(gray, -4, -4, 10, pad="reflect"),
                                   _expected(image, -4, -4, 10)[:, :, 0])
+
+
+def test_nuclei_from_map_matches_a_per_id_loop() -> None:
+    rng = np.random.default_rng(0)
+    for scale in (1, 10**6):  # small ids; huge sparse ids (renumbered first)
+        inst = rng.integers(-1, 6, size=(9, 13)) * scale
+        type_map = rng.integers(0, 3, size=inst.shape)
+        nuclei, derived = nuclei_from_map(inst, types={scale: "a"}, type_map=type_map)
+        ids = [int(i) for i in np.unique(inst) if i > 0]
+        assert [n.instance for n in nuclei] == ids and derived == len(ids) - (scale in ids)
+        for nucleus in nuclei:
+            ys, xs = np.nonzero(inst == nucleus.instance)
+            assert nucleus.bbox == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+            assert nucleus.area == len(xs) and nucleus.centroid == (xs.sum() / len(xs), ys.sum() / len(ys))
+            codes = np.bincount(type_map[ys, xs], minlength=3)[1:]
+            majority = int(np.argmax(codes)) + 1 if codes.any() else 0
+            assert nucleus.raw_type == ("a" if nucleus.instance == scale else majority)
+    assert nuclei_from_map(np.zeros((4, 4), dtype=np.int64)) == ([], 0)
 
 
 def test_crop_window_centres_on_the_bbox_with_a_minimum() -> None:
@@ -110,6 +130,30 @@ def test_consep_crops_pixels_classes_and_meta(tmp_path: Path) -> None:
     second = samples["Train_train_1_2"]
     assert second.label == 3 and second.meta["raw_type"] == 4 and second.image.shape == (12, 12, 3)
     np.testing.assert_array_equal(second.image, resize(_expected(image, 14, 15, 20), (12, 12)))
+
+
+def test_constant_pad_value_fills_the_border(tmp_path: Path) -> None:
+    image = _image(40, 50)
+    _consep_tile(tmp_path, "t", image, _consep_map(), inst_type=np.array([[1], [2], [3]]))
+    source = CellSource(fmt="consep", input=tmp_path, size=12, min_window=4, pad="constant", pad_value=200)
+    crop = _run(source)[0]["t_1"]  # window (-4, 7, 12): 4 columns left of the image
+    assert crop.meta["window"] == [-4, 7, 12] and source.params()["pad_value"] == 200
+    assert (crop.image[:, :4] == 200).all()
+    np.testing.assert_array_equal(crop.image[:, 4:], image[7:19, 0:8])
+    padded = np.pad(image, ((4, 4), (4, 4), (0, 0)), constant_values=200)
+    np.testing.assert_array_equal(crop.image, padded[7 + 4:19 + 4, 0:12])
+
+
+def test_names_equal_after_cleaning_both_get_sharded(tmp_path: Path) -> None:
+    inst = _consep_map()
+    _consep_tile(tmp_path, "a b", _image(40, 50), inst, inst_type=np.array([[1], [2], [3]]))
+    _consep_tile(tmp_path, "a_b", _image(40, 50, 1), inst, inst_type=np.array([[1], [2], [3]]))
+    source = CellSource(fmt="consep", input=tmp_path, size=8)
+    assert [u.id for u in source.units()] == ["a_b", "a_b-2"] and not source.failed
+    samples, _, errors = _run(source)
+    assert not errors and sorted(samples) == ["a_b-2_1", "a_b-2_2", "a_b-2_3", "a_b_1", "a_b_2", "a_b_3"]
+    assert samples["a_b_1"].meta["source"] == "Images/a b.png"
+    assert samples["a_b-2_1"].meta["source"] == "Images/a_b.png"
 
 
 def test_consep_auto_map_follows_the_codes(tmp_path: Path) -> None:
@@ -234,6 +278,7 @@ def test_nucls_boxes_merge_clip_and_skip(tmp_path: Path) -> None:
                                     "unmapped_types": {"unlabeled": 1}}
     tumor = samples["QC_tile_a_0"]  # window 1x the longer side (12), centred on (15, 16)
     assert tumor.meta["window"] == [9, 10, 12] and tumor.meta["area"] == 120 and tumor.meta["raw_type"] == "tumor"
+    assert tumor.meta["centroid"] == [15.0, 16.0]  # box centre: columns 10-19, rows 10-21
     np.testing.assert_array_equal(tumor.image, resize(_expected(image, 9, 10, 12), (16, 16)))
     clipped = samples["QC_tile_a_5"]
     assert clipped.meta["bbox"] == [74, 50, 80, 58] and clipped.meta["window"] == [73, 50, 8]
@@ -252,6 +297,21 @@ def test_nucls_main_classification_column(tmp_path: Path) -> None:
     assert details["t"]["unreadable_boxes"] == 1
 
 
+def test_nucls_without_a_type_column_writes_unlabelled_crops(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    _save_png(tmp_path / "rgb" / "t.png", _image(30, 30))
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "t.csv").write_text("xmin,ymin,xmax,ymax\n1,1,9,9\n10,10,20,20\n")
+    with caplog.at_level("WARNING", logger="sslkit.sharding.cells"):
+        source = CellSource(fmt="nucls", input=tmp_path, size=8)
+    assert source.class_map.name == "none" and source.classes is None
+    assert "No nucleus types" in caplog.text and "csv/t.csv" in caplog.text and "--class-column" in caplog.text
+    assert source.params()["class_map_note"] in caplog.text
+    samples, details, _ = _run(source)
+    assert sorted(samples) == ["t_0", "t_1"] and details["t"] == {"nuclei": 2, "crops": 2}
+    assert all(s.label is None and s.meta["class"] is None for s in samples.values())
+
+
 def test_voc_boxes_are_one_based(tmp_path: Path) -> None:
     image = _image(40, 40)
     _save_png(tmp_path / "JPEGImages" / "im1.png", image)
@@ -266,6 +326,7 @@ def test_voc_boxes_are_one_based(tmp_path: Path) -> None:
     assert list(samples) == ["im1_0", "im1_1"] and details["im1"]["outside"] == 1
     lymph = samples["im1_0"]
     assert lymph.meta["bbox"] == [0, 0, 10, 8] and lymph.meta["window"] == [0, -1, 10] and lymph.label == 0
+    assert lymph.meta["centroid"] == [5.0, 4.0]  # 1-based 1..10, 1..8 = 0-based 0..9, 0..7: box centre
     np.testing.assert_array_equal(lymph.image, _expected(image, 0, -1, 10))
 
 
@@ -317,6 +378,11 @@ def test_options_and_class_map_errors(tmp_path: Path) -> None:
     custom.write_text("classes:\n  round: [1, 2]\n  long: [3]\n")
     samples, details, _ = _run(CellSource(fmt="consep", input=tmp_path, class_map=str(custom), size=8))
     assert [s.meta["class"] for s in samples.values()] == ["round", "round", "long"]
+
+
+def test_raw_class_map_orders_numbers_then_names_naturally() -> None:
+    assert raw_class_map({"type10", "Type2", 12, 3, "-1", None, "b"}).classes == ["-1", "3", "12", "b", "type2",
+                                                                                  "type10"]
 
 
 def test_packaged_class_maps() -> None:
@@ -373,13 +439,12 @@ def test_real_consep_one_crop_per_instance() -> None:
 
 
 def test_run_source_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    runner = pytest.importorskip("sslkit.sharding.runner")
     data = tmp_path / "data"
     _consep_tile(data, "t1", _image(40, 50), _consep_map(), inst_type=np.array([[1], [2], [0]]))
     _consep_tile(data, "t2", _image(40, 50, 1), _consep_map())
     sio.savemat(data / "Labels" / "t2.mat", {"type_map": np.zeros((40, 50))})
     source = CellSource(fmt="consep", input=data, size=16)
-    summary = runner.run_source(source, tmp_path / "out", workers=1, progress=False, command="test")
+    summary = run_source(source, tmp_path / "out", workers=1, progress=False, command="test")
     manifest = summary["manifest"]
     assert manifest["num_samples"] == 2 and manifest["classes"]["misc"] == 1
     assert any("inst_map" in f["reason"] for f in manifest["failed"])

@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sslkit.cli import main
 from sslkit.config import ConfigError
-from sslkit.sharding.folder import (FolderSource, add_parser, assign_keys, natural_key, plan_folder,
-                                    read_csv_list, report_lines, shard_folder, split_groups, split_plan)
+from sslkit.sharding.folder import FolderSource, add_parser, shard_folder
+from sslkit.sharding.folder_plan import (assign_keys, natural_key, plan_folder, read_csv_list, report_lines,
+                                         split_groups, split_plan)
+from sslkit.sharding.imaging import border_value, pad_to_square, resize
 from sslkit.sharding.source import Progress
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -137,7 +140,7 @@ def test_regex_labels_and_groups(tmp_path: Path) -> None:
     assert len(plan.failed) == 1 and "--label-regex" in plan.failed[0]["reason"]
     with pytest.raises(ConfigError, match="--group-regex"):
         plan_folder(tmp_path, group_regex="case(")
-    with pytest.raises(ValueError, match="No image"):
+    with pytest.raises(ConfigError, match="No image"):
         plan_folder(tmp_path, label_regex="nothing-matches")
 
 
@@ -163,6 +166,15 @@ def test_split_plan_by_group(tmp_path: Path) -> None:
         assert all(audit["group_to_split"][i[3]] == name for i in part.items)
     assert sum(audit["images"].values()) == len(plan.items) == sum(1 + g % 4 for g in range(30))
     assert audit["classes"]["tr"] == dict(Counter(i[2] for i in parts["tr"].items))
+    # Independently: group sizes from the file names written above, then the documented rule.
+    names = ["tr", "va", "te"]
+    sizes = Counter({f"p{g}": 1 + g % 4 for g in range(30)})
+    expected = {g: names[i] for g, i in split_groups(sizes, [0.6, 0.2, 0.2], seed=0).items()}
+    assert audit["group_to_split"] == expected
+    for name in names:
+        n_images = sum(n for g, n in sizes.items() if expected[g] == name)
+        assert audit["images"][name] == len(parts[name].items) == n_images > 0
+        assert audit["groups"][name] == sum(s == name for s in expected.values())
     again, audit2 = split_plan(plan_folder(tmp_path, group_regex=r"/(p\d+)_"), fractions=[0.6, 0.2, 0.2],
                                names=["tr", "va", "te"], seed=0)
     assert audit2 == audit and {n: p.items for n, p in again.items()} == {n: p.items for n, p in parts.items()}
@@ -197,18 +209,28 @@ def test_pad_to_square_pixel_exact(tmp_path: Path) -> None:
 
 
 def test_modes_resize_and_undecodable(tmp_path: Path) -> None:
-    deep = np.full((8, 4), 257 * 200, dtype=np.uint16)  # 16-bit TIFF, white-ish 200 everywhere
+    rows, cols = np.mgrid[0:8, 0:4]
+    gray = (40 + 25 * rows + 9 * cols).astype(np.uint8)  # (8, 4) ramp, 40..242: not flat
     (tmp_path / "c").mkdir()
-    Image.fromarray(deep).save(tmp_path / "c" / "deep.tif")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "c" / "deep.tif")  # 16-bit: v * 257 -> v
     rgba = np.zeros((4, 8, 4), dtype=np.uint8)  # fully transparent: composited onto white
     Image.fromarray(rgba, mode="RGBA").save(tmp_path / "c" / "rgba.png")
-    Image.new("P", (3, 3), 0).save(tmp_path / "c" / "pal.gif")
+    pal = Image.fromarray(np.array([[0, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=np.uint8), mode="P")
+    pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)  # index 0 red, 1 blue
+    pal.save(tmp_path / "c" / "pal.gif")
     (tmp_path / "c" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     plan = plan_folder(tmp_path, min_class_count=1)
     samples, failed = _produce(FolderSource(plan, size=16, channels=1))
     by_path = {s.meta["path"]: s for s in samples}
     assert sorted(by_path) == ["c/deep.tif", "c/pal.gif", "c/rgba.png"]
-    assert np.all(by_path["c/deep.tif"].image == 200) and by_path["c/deep.tif"].image.shape == (16, 16)
+    deep = by_path["c/deep.tif"].image
+    assert deep.shape == (16, 16) and len(np.unique(deep)) > 10
+    np.testing.assert_array_equal(deep, resize(pad_to_square(gray, border_value(gray)), (16, 16)))
+    # Palette -> RGB -> ITU-R 601 luma: red 0.299 * 255 = 76, blue 0.114 * 255 = 29; already square.
+    luma = np.where(np.array([[0, 1, 0], [1, 1, 0], [0, 0, 1]]) == 0, 76, 29).astype(np.uint8)
+    np.testing.assert_array_equal(by_path["c/pal.gif"].image, resize(luma, (16, 16)))
+    assert set(np.unique(by_path["c/pal.gif"].image)) >= {29, 76}
+    assert by_path["c/pal.gif"].meta["pad"] == 76  # border median: 5 red, 3 blue of 8
     assert np.all(by_path["c/rgba.png"].image == 255)
     assert (by_path["c/deep.tif"].meta["height"], by_path["c/deep.tif"].meta["width"]) == (8, 4)
     assert [f["source"] for f in failed] == [str(tmp_path / "c" / "broken.png")]
@@ -223,6 +245,9 @@ def test_units_payloads_and_pickling(tmp_path: Path) -> None:
         "files-000000", "files-000001", "files-000002"]
     clone = pickle.loads(pickle.dumps(source))
     assert clone._items is None and clone.params() == source.params()
+    assert clone._index == source._index == {"a": 0, "b": 1}
+    assert [u.cost for u in units] == [4.0, 4.0, 2.0]
+    assert units[2].path == str(tmp_path / "b" / "img3.png")  # a unit's path is its first file
     keys = [s.key for u in units for s in clone.produce(u, skip=0, progress=Progress())]
     assert keys == [f"{c}_img{i}" for c in "ab" for i in range(5)]
     _png(tmp_path / "a" / "img9.png")
@@ -351,6 +376,76 @@ def test_cli_writes_shards_and_reports_unexpected(tmp_path: Path, capsys: pytest
     assert not any(n.endswith(".cls") for n in names) and sum(n.endswith(".png") for n in names) == 6
 
 
+
+def test_rerun_with_another_seed_leaves_splits_json(tmp_path: Path) -> None:
+    _patients(tmp_path / "in")
+    kwargs = dict(size=8, channels=1, group_regex=r"/(pt\d+)_", split=[0.5, 0.5], workers=0, progress=False,
+                  min_class_count=1)
+    shard_folder(tmp_path / "in", tmp_path / "out", seed=1, **kwargs)
+    before = (tmp_path / "out" / "splits.json").read_bytes()
+    assert json.loads(before)["seed"] == 1 and sorted(json.loads(before)["images"]) == ["train", "val"]
+    with pytest.raises(ConfigError, match="holds shards made with other settings"):
+        shard_folder(tmp_path / "in", tmp_path / "out", seed=2, **kwargs)
+    assert (tmp_path / "out" / "splits.json").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["splits.json", "train", "val"]
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    """stderr of ``sslkit ARGV``, which must end in a user error (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_cli_user_errors_are_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _class_tree(tmp_path / "in", {"a": 2})
+    base = ["shard", "folder", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--size", "6",
+            "--workers", "0", "--no-progress"]
+    err = _cli([*base, "--label-regex", "nothing-matches"], capsys)
+    assert err.startswith("sslkit: error: No image under") and "could be labelled" in err
+    assert "Traceback" not in err
+    (tmp_path / "latin1.csv").write_bytes(b"a/img0.png,caf\xe9\n")
+    err = _cli([*base, "--csv", str(tmp_path / "latin1.csv")], capsys)
+    assert f"CSV file {tmp_path / 'latin1.csv'} cannot be read" in err and "UTF-8" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    (tmp_path / "huge.csv").write_text("a/img0.png," + "x" * 200_000 + "\n")  # over csv's field limit
+    err = _cli([*base, "--csv", str(tmp_path / "huge.csv")], capsys)
+    assert f"CSV file {tmp_path / 'huge.csv'} cannot be read" in err and "field limit" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_classes_file_and_split_names(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _class_tree(tmp_path / "in", {"a": 4, "b": 4, "c": 4})
+    (tmp_path / "classes.txt").write_text("\ufeff# index order\nc\n\n  a  \nb\n", encoding="utf-8")
+    main(["shard", "folder", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--size", "6",
+          "--classes-file", str(tmp_path / "classes.txt"), "--split", "0.5,0.5", "--split-names", "left,right",
+          "--seed", "3", "--workers", "0", "--no-progress"])
+    capsys.readouterr()
+    audit = json.loads((tmp_path / "out" / "splits.json").read_text())
+    assert list(audit["images"]) == ["left", "right"] and sum(audit["images"].values()) == 12
+    assert set(audit["group_to_split"].values()) == {"left", "right"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["left", "right", "splits.json"]
+    samples = {}
+    for name in ("left", "right"):
+        manifest = json.loads((tmp_path / "out" / name / "manifest.json").read_text())
+        assert manifest["num_samples"] == audit["images"][name]
+        assert manifest["params"]["classes"] == ["c", "a", "b"] and manifest["params"]["split"] == name
+        samples.update(_read_set(tmp_path / "out" / name))
+    assert {meta["path"]: label for label, meta in samples.values()} == {
+        f"{c}/img{i}.png": "cab".index(c) for c in "abc" for i in range(4)}
+    both = ["shard", "folder", str(tmp_path / "in"), "--out", str(tmp_path / "o2"), "--size", "6"]
+    assert "not both" in _cli([*both, "--classes", "a", "--classes-file", str(tmp_path / "classes.txt")], capsys)
+    assert "--split-names" in _cli([*both, "--split", "0.5,0.5", "--split-names", "x,y,z"], capsys)
+    assert "needs --split" in _cli([*both, "--split-names", "x,y"], capsys)
+    assert "does not exist" in _cli([*both, "--classes-file", str(tmp_path / "none.txt")], capsys)
+    assert not (tmp_path / "o2").exists()
+    summaries = shard_folder(tmp_path / "in", tmp_path / "four", size=6, split=[0.25] * 4, workers=0,
+                             progress=False)  # four fractions: default names split0..split3
+    assert sorted(summaries) == [str(tmp_path / "four" / f"split{i}") for i in range(4)]
+    two = shard_folder(tmp_path / "in", tmp_path / "two", size=6, split=[0.5, 0.5], workers=0, progress=False)
+    assert sorted(two) == [str(tmp_path / "two" / n) for n in ("train", "val")]
+
 @pytest.mark.slow
 def test_chromosomes_end_to_end(chromosomes: Path, tmp_path: Path) -> None:
     summaries = shard_folder(chromosomes, tmp_path, size=32, channels=1, label_regex=r"clase(\d+)",
@@ -361,9 +456,14 @@ def test_chromosomes_end_to_end(chromosomes: Path, tmp_path: Path) -> None:
     for name in ("train", "val", "test"):
         manifest = summaries[str(tmp_path / name)]["manifest"]
         per_class.update(manifest["classes"])
-        for label, meta in _read_set(tmp_path / name).values():
+        samples = _read_set(tmp_path / name)
+        for label, meta in samples.values():
             assert meta["label"] == str(label + 1) and (meta["height"], meta["width"]) != (32, 32)
             assert split_of.setdefault(meta["group"], name) == name  # no metaphase in two splits
+        for key in sorted(samples)[::max(1, len(samples) // 10)]:  # about ten samples per split
+            meta = samples[key][1]
+            with Image.open(chromosomes / meta["path"]) as img:
+                assert (meta["width"], meta["height"]) == img.size
     assert per_class == files and len(per_class) == 24 and stray == 1 and len(split_of) == 612
     failed = summaries[str(tmp_path / "train")]["manifest"]["failed"]
     assert len(failed) == 1 and "clase25" in failed[0]["source"] and "--min-class-count 1" in failed[0]["reason"]

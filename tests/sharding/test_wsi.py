@@ -18,7 +18,7 @@ from PIL import Image
 openslide = pytest.importorskip("openslide")
 pytest.importorskip("tiffslide")
 
-from sslkit.sharding import slides, tissue, wsi  # noqa: E402
+from sslkit.sharding import slide_files, slides, tissue, wsi  # noqa: E402
 from sslkit.sharding.source import Progress, UnitError  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -138,21 +138,21 @@ def test_edge_tiles_are_whole(tmp_path):
 # ---------------------------------------------------------------- levels and resizing
 
 
-@pytest.mark.parametrize("target, downsamples, level, scale", [
-    (0.5, (1, 2, 4), 0, 1.0), (0.505, (1, 2, 4), 0, 1.0), (0.75, (1, 2, 4), 0, 1.5), (1.0, (1, 2, 4), 1, 1.0),
-    (1.5, (1, 2, 4), 1, 1.5), (3.0, (1, 2, 4), 2, 1.5), (50.0, (1, 2, 4), 2, 25.0),
-    (1.5, (1, 3), 1, 1.0), (2.0, (1, 3), 1, None), (1.0, (1, 3), 0, 2.0)])
-def test_level_choice(tmp_path, target, downsamples, level, scale):
+@pytest.mark.parametrize("target, downsamples, level, scale, size", [
+    (0.5, (1, 2, 4), 0, 1.0, (2048, 1536)), (0.505, (1, 2, 4), 0, 1.0, (2048, 1536)),
+    (0.75, (1, 2, 4), 0, 1.5, (1365, 1024)), (1.0, (1, 2, 4), 1, 1.0, (1024, 768)),
+    (1.5, (1, 2, 4), 1, 1.5, (682, 512)), (3.0, (1, 2, 4), 2, 1.5, (341, 256)), (50.0, (1, 2, 4), 2, 25.0, (20, 15)),
+    (1.5, (1, 3), 1, 1.0, (682, 512)), (1.0, (1, 3), 0, 2.0, (1024, 768)),
+    # 682 x 512 under 2048 x 1536: OpenSlide's downsample is (2048 / 682 + 1536 / 512) / 2 = 3.0014663,
+    # not 3; the level (1.5007 um/px) is shrunk by the exact remaining 2.0 / 1.5007 = 1.3326820, not 4 / 3
+    (2.0, (1, 3), 1, 1.3326820, (511, 384))])
+def test_level_choice(tmp_path, target, downsamples, level, scale, size):
     path = write_slide(tmp_path / "s.tif", layout(), downsamples=downsamples, compression="jpeg")
     s = slides.open_slide(str(path))
     assert len(s.dimensions) == len(downsamples)
     geom = slides.choose_level(s, (0.5, 0.5), target)
-    if scale is None:  # not a whole downsample: shrink by the exact remaining factor
-        scale = target / (0.5 * s.downsamples[level])
-        assert s.downsamples[level] != 3.0 and scale != pytest.approx(4 / 3, abs=1e-4)
-    assert geom.level == level and geom.scale[0] == pytest.approx(scale, rel=1e-9)
-    width = s.dimensions[level][0]
-    assert geom.size[0] == int(width / geom.scale[0] + 1e-9)
+    assert geom.level == level and geom.scale[0] == pytest.approx(scale, rel=1e-7)
+    assert geom.scale[1] == geom.scale[0] and geom.size == size
 
 
 def test_finer_than_level0_refused(slide):
@@ -322,19 +322,28 @@ def test_no_tissue_slide_gives_note(tmp_path):
 # ---------------------------------------------------------------- resume, bad input, ids
 
 
-def test_skip_does_not_read_skipped_tiles(slide, monkeypatch):
-    monkeypatch.setattr(wsi, "BLOCK_PX", 512)  # blocks of 4 x 4 tiles: 4 x 3 blocks
-    full, _ = produce(slide, mpp=0.5, tile=128, min_tissue=0.0)  # all 192 tiles
+@pytest.mark.parametrize("reader", ["openslide", "auto", "tiffslide"])
+@pytest.mark.parametrize("mpp, n", [(0.5, 16 * 12), (0.75, 10 * 8)])  # 0.75: level 0 shrunk by 1.5
+def test_skip_does_not_read_skipped_tiles(slide, monkeypatch, reader, mpp, n):
+    """Resuming inside a block reads that block's row first, then whole blocks again; with
+    per-tile reads (auto, no resize) every read is one tile. TiffSlide's cost (whole stored
+    tiles) at 0.75 is where a block's bounding box, skipped tiles included, would be cheapest."""
+    monkeypatch.setattr(wsi, "BLOCK_PX", 512)  # 0.5: blocks of 4 x 4 tiles, 4 x 3 blocks; 0.75: 2 x 2 tiles
+    full, progress = produce(slide, mpp=mpp, tile=128, min_tissue=0.0, reader=reader)  # every tile
+    assert len(full) == n and progress.details["reader"] == {"auto": "openslide+tifffile"}.get(reader, reader)
     reads = []
     original = wsi.read_target
     monkeypatch.setattr(wsi, "read_target", lambda s, g, x, y, w, h: reads.append((x, y, w, h)) or
                         original(s, g, x, y, w, h))
-    for skip in (0, 5, 16, 21, 100, 191, 192):
+    per_tile = reader == "auto" and mpp == 0.5
+    for skip in sorted(k for k in {0, 1, 2, 3, 5, 16, 21, 41, 100, 191, n - 1, n} if k <= n):
         reads.clear()
-        rest, _ = produce(slide, skip=skip, mpp=0.5, tile=128, min_tissue=0.0)
-        assert [s.key for s in rest] == [s.key for s in full[skip:]] and bool(reads) == (skip < 192)
+        rest, _ = produce(slide, skip=skip, mpp=mpp, tile=128, min_tissue=0.0, reader=reader)
+        assert [s.key for s in rest] == [s.key for s in full[skip:]] and bool(reads) == (skip < n)
+        if skip == 0:  # block reads unless per tile
+            assert all((w, h) == (128, 128) for _, _, w, h in reads) == per_tile
         for s in full[:skip]:
-            x, y = s.meta["x"], s.meta["y"]
+            x, y = round(s.meta["x"] * 0.5 / mpp), round(s.meta["y"] * 0.5 / mpp)  # target pixels
             assert not any(x < rx + rw and rx < x + 128 and y < ry + rh and ry < y + 128 for rx, ry, rw, rh in reads)
         for a, b in zip(rest, full[skip:]):
             np.testing.assert_array_equal(a.image, b.image)
@@ -345,7 +354,7 @@ def test_unreadable_slides_fail_with_reason(tmp_path, reader):
     text = tmp_path / "notes.svs"
     text.write_text("not a slide")
     with pytest.raises(UnitError, match=r"notes\.svs.*OpenSlide: Unsupported or missing image file"):
-        produce(text)
+        produce(text, reader=reader)
     path = write_slide(tmp_path / "damaged.tif", layout(), compression="jpeg")
     page = tifffile.TiffFile(path).pages[0]
     offset, size = page.dataoffsets[4 * 16 + 4], page.databytecounts[4 * 16 + 4]  # a tile inside A
@@ -363,26 +372,29 @@ def test_slide_ids_and_finding(tmp_path):
     for name in ("a/x.svs", "b/x.svs", "b/x.tif", "c/y z.ndpi", "c/notes.txt", "c/deep/w.svs"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"0" * 10)
-    found, failed = slides.find_slides([str(tmp_path / "c"), str(tmp_path / "a" / "x.svs")])
+    found, failed = slide_files.find_slides([str(tmp_path / "c"), str(tmp_path / "a" / "x.svs")])
     assert [Path(p).name for p in found] == ["y z.ndpi", "x.svs"] and failed == []
-    assert [Path(p).name for p in slides.find_slides([str(tmp_path / "c")], recursive=True)[0]] == ["w.svs", "y z.ndpi"]
+    assert [Path(p).name for p in slide_files.find_slides([str(tmp_path / "c")], recursive=True)[0]] == ["w.svs", "y z.ndpi"]
     (tmp_path / "list.txt").write_text("# slides\na/x.svs\nb/x.svs\n\nb/x.tif\nmissing.svs\na/x.svs\n")
-    found, failed = slides.find_slides([f"@{tmp_path / 'list.txt'}"])
+    found, failed = slide_files.find_slides([f"@{tmp_path / 'list.txt'}"])
     assert len(found) == 3 and [f["source"] for f in failed] == [str(tmp_path / "missing.svs")]
-    assert slides.slide_ids(found) == ["a_x_svs", "b_x_svs", "b_x_tif"]
-    assert slides.slide_ids(["p/q.svs", "p/q.svs.svs", "r/y z.svs"]) == ["q", "q_svs", "y_z"]
-    assert slides.slide_ids(["a/x.svs", "b/x.svs", "c/x.svs"]) == ["a_x", "b_x", "c_x"]
-    assert slides.slide_ids(["p/a/x.svs", "q/a/x.svs"]) == ["p_a_x", "q_a_x"]
+    assert slide_files.slide_ids(found) == ["a_x_svs", "b_x_svs", "b_x_tif"]
+    assert slide_files.slide_ids(["p/q.svs", "p/q.svs.svs", "r/y z.svs"]) == ["q", "q_svs", "y_z"]
+    assert slide_files.slide_ids(["a/x.svs", "b/x.svs", "c/x.svs"]) == ["a_x", "b_x", "c_x"]
+    assert slide_files.slide_ids(["p/a/x.svs", "q/a/x.svs"]) == ["p_a_x", "q_a_x"]
+    # told apart by nothing safe: numbered past an existing id; no id is "_" (keys <id>_<x>_<y> stay safe)
+    assert slide_files.slide_ids(["p/a b/q.svs", "p/a_b/q.svs", "p/q-2.svs"]) == ["q", "q-3", "q-2"]
+    assert slide_files.slide_ids(["p/#.svs", "p/(1).svs"]) == ["slide", "1"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no slide files"):
-        slides.find_slides([str(tmp_path / "empty")])
+        slide_files.find_slides([str(tmp_path / "empty")])
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        slides.find_slides([str(tmp_path / "nope.svs")])
+        slide_files.find_slides([str(tmp_path / "nope.svs")])
     mrxs = tmp_path / "m.mrxs"
     mrxs.write_bytes(b"1" * 5)
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "Data0000.dat").write_bytes(b"2" * 100)
-    assert slides.slide_bytes(str(mrxs)) == 105
+    assert slide_files.slide_bytes(str(mrxs)) == 105
 
 
 @pytest.mark.parametrize("bad", [{"overlap": 256}, {"min_tissue": 1.5}, {"mpp": 0}, {"tile": 4},
@@ -398,9 +410,11 @@ def test_bad_settings(slide, bad):
 
 
 def read_shards(out: Path) -> dict:
+    from sslkit.sharding.manifest import read_manifest
+
     samples: dict = {}
-    for shard in sorted(out.glob("wsi-*.tar")):
-        with tarfile.open(shard) as tar:
+    for shard in read_manifest(out)["shards"]:
+        with tarfile.open(out / shard["name"]) as tar:
             for member in tar.getmembers():
                 key, ext = member.name.split(".", 1)
                 samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
@@ -441,7 +455,7 @@ def test_run_source_png_and_jpeg_round_trip(slide, tmp_path):
                 assert np.abs(decoded - want).mean() < 2.0
 
 
-def test_cli_with_workers_and_resume(slide, tmp_path):
+def test_cli_with_workers_and_resume(slide, tmp_path, capsys):
     from sslkit.cli import main
 
     out = tmp_path / "cli"
@@ -450,7 +464,9 @@ def test_cli_with_workers_and_resume(slide, tmp_path):
     main(args)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num_samples"] == 30 and manifest["params"]["tile"] == 128
+    assert "1 slide done, 0 failed, 0 already done; 30 tiles" in capsys.readouterr().out
     main(args)  # everything done: nothing re-read, the same set
+    assert "0 slides done, 0 failed, 1 already done; 0 tiles" in capsys.readouterr().out
     assert json.loads((out / "manifest.json").read_text())["shards"] == manifest["shards"]
 
 
