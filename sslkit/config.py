@@ -42,7 +42,7 @@ class BalancedConfig:
 
 @dataclass
 class ViewsConfig:
-    recipe: str = "local_global"  # local_global (CCRL) | global_global (both views uncropped)
+    recipe: str = "local_global"  # local_global (CCRL) | global_global (neither crops) | local_local (both crop: SimCLR)
     local: str = "query"  # which branch gets the random resized crop: query | key
     backend: str = "tensor"  # tensor: whole batches on the training device | pil: per image in the workers
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
@@ -54,6 +54,7 @@ class ViewsConfig:
     blur_kernel: int = 0  # odd kernel size; 0: about a tenth of data.size, MoCo v2's rule (3 at 32x32)
     rotation: float = 180.0  # degrees, uniform in [0, rotation]
     flips: bool = True
+    vflip: bool = True  # with flips: vertical flips too (SupCAM flips horizontally only)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class ModelConfig:
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {width: 32}
     in_chans: int = 3
     projector: list[int] = field(default_factory=lambda: [128, 64])  # hidden, out (input = backbone dim)
+    embed_dim: int = 128  # SupCAM's fc output (no projector), SCL's embedding E (1024 in the paper)
     predictor: list[int] = field(default_factory=lambda: [32, 64])  # hidden, out (out = projector out)
     head_norm: bool = True  # BatchNorm in the hidden layer of the heads
     channels_last: bool = False  # see README: channels_last + CPU + checkpointing corrupted memory in torch 2.14
@@ -83,12 +85,37 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "ccrl"
-    tau: float = 0.07
-    queue_size: int = 65536
-    momentum: float = 0.999
-    in_batch_negatives: bool = True  # CCRL: True; MoCo v2: False
-    use_predictor: bool = True
+    """All methods' parameters in one section; each method reads its own (METHODS.md)."""
+
+    name: str = "ccrl"  # ccrl | supcam | scl | simclr | autoencoder | finetune
+    tau: float = 0.07  # temperature: ccrl, supcam, simclr (SSCL: 0.7)
+    queue_size: int = 65536  # ccrl, supcam (1,024)
+    momentum: float = 0.999  # ccrl, supcam
+    in_batch_negatives: bool = True  # ccrl: True; MoCo v2: False
+    use_predictor: bool = True  # ccrl
+    # supcam
+    margin: float = 0.2  # additive angular margin of the self-margin loss (radians)
+    use_self_margin: bool = True  # L = L_SC + L_SM; false: L_SC alone (the "+SupCon" ablation)
+    table: str = "middle"  # composition look-up table: middle | light | heavy | none
+    p_cap: int = 200  # overlap pixels up to which a composite counts as touching
+    tries: int = 10  # shift draws before an uncertain composite falls back to the candidate
+    combine: str = "equal"  # where both images have foreground: equal | lambda | max
+    roles: list[str] = field(default_factory=lambda: ["I", "T", "O", "TO"])  # cluster type of each class
+    composite: dict[str, int] = field(default_factory=dict)  # composite type -> class; default: by roles
+    background: int = 0  # background grey level of the images (white karyograms: 255)
+    threshold: int = 0  # foreground: differs from background by more than this
+    # scl
+    gamma: float = 2.0  # focal loss exponent (scl)
+    scale_init: float = 10.0  # initial value of the learnable similarity scale t (scl)
+    con_weight: float = 1.0  # L = con_weight * L_con + cls_weight * L_cls (scl)
+    cls_weight: float = 1.0
+    num_classes: int = 0  # classifier outputs (scl, finetune); 0: the number of classes in the manifest
+    # simclr
+    projection: str = "mlp"  # mlp (model.projector) | linear (SSCL: one linear layer to model.projector[1])
+    # autoencoder
+    arch: str = "conv"  # fc | conv | conv_pool | resnet (DCAE's models; conv is its best, no max-pool)
+    latent: int = 64  # bottleneck size for fc; conv bottlenecks are their last feature map
+    ae_norm: bool = True  # BatchNorm in the autoencoder layers
 
 
 @dataclass
@@ -99,7 +126,9 @@ class OptimConfig:
     momentum: float = 0.9  # sgd only
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
-    schedule: str = "cosine"  # cosine | constant
+    schedule: str = "cosine"  # cosine | constant | step
+    milestones: list[float] = field(default_factory=list)  # step: epochs (train.epochs) or steps at which lr *= gamma
+    gamma: float = 0.1  # step schedule factor
     min_lr: float = 0.0
     grad_clip: Optional[float] = None
 
@@ -107,6 +136,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
+    epochs: int = 0  # when > 0, max_steps = epochs x batches per epoch (and step milestones are epochs)
     precision: str = "no"  # no | bf16 | fp16
     grad_accum: int = 1
     log_every: int = 10
@@ -133,6 +163,14 @@ class EvalConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    init: Optional[str] = None  # pretrained backbone: a run directory or a .safetensors backbone file
+    label_smoothing: float = 0.0  # cross-entropy label smoothing (SupCAM: 0.1)
+    freeze_backbone: bool = False  # true: a linear probe on frozen features
+    views: str = "rotate"  # training augmentation: rotate (SupCAM: RandomRotate only) | views (data.views, one branch) | none
+
+
+@dataclass
 class TrackerConfig:
     name: str = "wandb"  # wandb | tensorboard | none
     project: str = "sslkit"
@@ -148,17 +186,23 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
 
 
 CHOICES = {
-    "data.views.recipe": ("local_global", "global_global"),
+    "data.views.recipe": ("local_global", "global_global", "local_local"),
     "data.views.local": ("query", "key"),
     "data.views.backend": ("tensor", "pil"),
-    "method.name": ("ccrl",),
+    "method.name": ("ccrl", "supcam", "scl", "simclr", "autoencoder", "finetune"),
+    "method.table": ("middle", "light", "heavy", "none"),
+    "method.combine": ("equal", "lambda", "max"),
+    "method.projection": ("mlp", "linear"),
+    "method.arch": ("fc", "conv", "conv_pool", "resnet"),
     "optim.name": ("adam", "adamw", "sgd"),
-    "optim.schedule": ("cosine", "constant"),
+    "optim.schedule": ("cosine", "constant", "step"),
     "train.precision": ("no", "bf16", "fp16"),
+    "finetune.views": ("rotate", "views", "none"),
     "eval.encoder": ("momentum", "query"),
     "eval.features": ("backbone", "projector"),
     "tracker.name": ("wandb", "tensorboard", "none"),
@@ -243,6 +287,19 @@ def validate(cfg: Config) -> None:
     if cfg.data.workers < 0:
         raise ConfigError(f"Config key 'data.workers' must be 0 or more, got {cfg.data.workers}.")
     check_balanced(cfg.data)
+    if cfg.data.views.backend == "pil" and cfg.method.name not in ("ccrl", "simclr"):
+        raise ConfigError(f"Config key 'data.views.backend' is 'pil', which makes query/key views in the workers; "
+                          f"method '{cfg.method.name}' makes its own inputs: set data.views.backend=tensor.")
+    unknown = sorted(set(cfg.method.roles) - {"I", "T", "O", "TO"})
+    if unknown:
+        raise ConfigError(f"Config key 'method.roles' holds {unknown}; each class's role is one of I, T, O, TO.")
+    for role, label in cfg.method.composite.items():
+        if role not in ("T", "O", "TO") or not 0 <= label < len(cfg.method.roles):
+            raise ConfigError(f"Config key 'method.composite' maps '{role}' to {label}; map T, O or TO to a class "
+                              f"index below {len(cfg.method.roles)} (the length of method.roles).")
+    if cfg.optim.schedule == "step" and not cfg.optim.milestones:
+        raise ConfigError("Config key 'optim.schedule' is 'step' but 'optim.milestones' is empty; "
+                          "give the epochs (or steps) at which the learning rate drops, e.g. [8, 12].")
     kernel = cfg.data.views.blur_kernel
     if kernel != 0 and (kernel < 3 or kernel % 2 == 0):
         raise ConfigError(f"Config key 'data.views.blur_kernel' must be 0 (about a tenth of data.size) "

@@ -19,9 +19,9 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from sslkit.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from sslkit.config import Config, git_sha, run_dir, to_dict, to_yaml
+from sslkit.config import Config, ConfigError, git_sha, run_dir, to_dict, to_yaml
 from sslkit import dist
-from sslkit.data.augment import BatchViews, build_views
+from sslkit.data.augment import build_views
 from sslkit.data.stream import ShardSet, resolve_shards, train_loader
 from sslkit.methods import build_method
 from sslkit.optim import build_lr_schedule, build_optimizer, set_lr
@@ -46,7 +46,7 @@ def build_accelerator(cfg: Config, *, out_dir: Path) -> Accelerator:
 def batch_stream(shards: ShardSet, cfg: Config, *, batches_per_epoch: int, start: int) -> Iterator[dict[str, Any]]:
     """Batches from micro-batch index ``start`` on; epoch e is seeded by (seed, e), so a resumed
     run sees the batches a straight run would (the skipped part of the epoch is decoded and dropped).
-    With the tensor back-end the batches hold uint8 ``image``s; ``make_views`` turns them into views."""
+    With the tensor back-end the batches hold uint8 ``image``s; the method's ``prepare`` turns them into its inputs."""
     views = build_views(cfg.data.views, size=cfg.data.size, channels=cfg.data.channels) \
         if cfg.data.views.backend == "pil" else None
     index = start
@@ -60,23 +60,19 @@ def batch_stream(shards: ShardSet, cfg: Config, *, batches_per_epoch: int, start
         index = (epoch + 1) * batches_per_epoch
 
 
-class _DeviceViews:
-    """Tensor back-end: {"image": uint8} on the device -> {"query", "key"}, made by ``BatchViews``.
+class _Inputs:
+    """The method's ``prepare``: the loader's batch on the device -> the method's inputs (views,
+    composites, ...). Micro-batch i on rank r draws from a generator seeded by (seed, r, i), so
+    a resumed run makes the inputs a straight run would, and ranks differ."""
 
-    Micro-batch i on rank r draws from a generator seeded by (seed, r, i), so a resumed run
-    makes the views a straight run would, and ranks differ."""
-
-    def __init__(self, cfg: Config, device: torch.device) -> None:
-        self.views = BatchViews(cfg.data.views, channels=cfg.data.channels)
+    def __init__(self, method: torch.nn.Module, cfg: Config, device: torch.device) -> None:
+        self.prepare = method.prepare
         self.seed, self.rank = cfg.run.seed, dist.rank()
         self.generator = torch.Generator(device=device)
 
     def __call__(self, batch: dict[str, Any], index: int) -> dict[str, Any]:
-        if "image" not in batch:  # PIL back-end: the workers made the views
-            return batch
         self.generator.manual_seed(((self.seed * 1_000_003 + self.rank) * 1_000_003 + index) % 2**63)
-        batch["query"], batch["key"] = self.views(batch.pop("image"), generator=self.generator)
-        return batch
+        return self.prepare(batch, self.generator)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -87,6 +83,21 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def _channels_last(batch: dict[str, Any]) -> dict[str, Any]:
     return {name: value.contiguous(memory_format=torch.channels_last) if torch.is_tensor(value) and value.ndim == 4
             else value for name, value in batch.items()}
+
+
+def resolve_from_data(cfg: Config, shards: ShardSet, *, batches_per_epoch: int) -> int:
+    """Fill in what the shards decide, in place (the run's config.yaml records the result):
+    ``train.max_steps`` from ``train.epochs`` and ``method.num_classes`` from the manifest.
+    Returns optimizer steps per epoch."""
+    steps_per_epoch = max(1, batches_per_epoch // cfg.train.grad_accum)
+    if cfg.train.epochs > 0:
+        cfg.train.max_steps = cfg.train.epochs * steps_per_epoch
+    if cfg.method.name in ("scl", "finetune") and cfg.method.num_classes == 0:
+        if not shards.classes:
+            raise ConfigError(f"Method '{cfg.method.name}' needs the number of classes, and the manifest of "
+                              f"'{cfg.data.shards}' names none; set method.num_classes.")
+        cfg.method.num_classes = len(shards.classes)
+    return steps_per_epoch
 
 
 def train(cfg: Config) -> Path:
@@ -104,12 +115,14 @@ def train(cfg: Config) -> Path:
         raise ValueError(f"Shards at '{cfg.data.shards}' have no manifest.json with num_samples; "
                          "write one with `sslkit shard ...` or point data.manifest at it.")
     batches_per_epoch = max(1, shards.num_samples // (cfg.data.batch_size * world))
+    steps_per_epoch = resolve_from_data(cfg, shards, batches_per_epoch=batches_per_epoch)
 
     model = build_method(cfg)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, model=model)
-    lrs = build_lr_schedule(cfg.optim, total_steps=cfg.train.max_steps)
+    lrs = build_lr_schedule(cfg.optim, total_steps=cfg.train.max_steps,
+                            steps_per_epoch=steps_per_epoch if cfg.train.epochs else None)
     model, optimizer = accelerator.prepare(model, optimizer)
     method = accelerator.unwrap_model(model)
 
@@ -127,8 +140,8 @@ def train(cfg: Config) -> Path:
     step = int(state["step"])
     accum = cfg.train.grad_accum
     batches = batch_stream(shards, cfg, batches_per_epoch=batches_per_epoch, start=step * accum)
-    make_views = _DeviceViews(cfg, accelerator.device)
-    progress = tqdm(total=cfg.train.max_steps, initial=step, desc="pretrain", unit="step",
+    make_inputs = _Inputs(method, cfg, accelerator.device)
+    progress = tqdm(total=cfg.train.max_steps, initial=step, desc=cfg.method.name, unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     model.train()
     corrupt, t0, done_since_log = 0, time.perf_counter(), 0
@@ -137,7 +150,7 @@ def train(cfg: Config) -> Path:
         for micro in range(accum):
             batch = next(batches)
             corrupt += int(batch.pop("corrupt", 0))
-            batch = make_views(_to_device(batch, accelerator.device), step * accum + micro)
+            batch = make_inputs(_to_device(batch, accelerator.device), step * accum + micro)
             if cfg.model.channels_last:
                 batch = _channels_last(batch)
             sync = nullcontext() if micro == accum - 1 else accelerator.no_sync(model)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sslkit.config import OptimConfig
-from sslkit.schedules import warmup_constant, warmup_cosine
+from sslkit.schedules import warmup_constant, warmup_cosine, warmup_step
 
 
 def build_optimizer(cfg: OptimConfig, *, model: nn.Module) -> torch.optim.Optimizer:
@@ -29,7 +29,12 @@ def build_optimizer(cfg: OptimConfig, *, model: nn.Module) -> torch.optim.Optimi
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
 
-def build_lr_schedule(cfg: OptimConfig, *, total_steps: int) -> np.ndarray:
+def build_lr_schedule(cfg: OptimConfig, *, total_steps: int, steps_per_epoch: int | None = None) -> np.ndarray:
+    """Learning rate per optimizer step. ``steps_per_epoch``: step milestones are epochs (else steps)."""
+    if cfg.schedule == "step":
+        per = steps_per_epoch or 1
+        return warmup_step(base=cfg.lr, total_steps=total_steps, milestones=[round(m * per) for m in cfg.milestones],
+                           gamma=cfg.gamma, warmup_steps=cfg.warmup_steps)
     if cfg.schedule == "cosine":
         return warmup_cosine(base=cfg.lr, total_steps=total_steps, warmup_steps=cfg.warmup_steps, final=cfg.min_lr)
     return warmup_constant(base=cfg.lr, total_steps=total_steps, warmup_steps=cfg.warmup_steps)

@@ -2,7 +2,8 @@
 
 ``local_global`` (CCRL, METHODS.md section 1): ONE branch takes a RandomResizedCrop
 (the local view), the other keeps the whole cell resized (the global view);
-``cfg.local`` says which. ``global_global``: neither branch crops. Both branches then
+``cfg.local`` says which. ``global_global``: neither branch crops; ``local_local``: both
+do (SimCLR). Both branches then
 apply MoCo v2's photometric ops with CCRL's flips and rotation:
 
     views = build_views(cfg.data.views, size=32, channels=3)
@@ -81,7 +82,7 @@ def _branch(cfg: ViewsConfig, *, local: bool, size: int, channels: int, rotation
         ops.append(v2.RandomGrayscale(cfg.p_gray))
     ops.append(v2.RandomApply([v2.GaussianBlur(blur_kernel(cfg, size), sigma=tuple(cfg.blur_sigma))], p=cfg.p_blur))
     if cfg.flips:
-        ops += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
+        ops += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()] if cfg.vflip else [v2.RandomHorizontalFlip()]
     if cfg.rotation > 0:
         fill = 0.0 if rotation_fill is None else rotation_fill
         rotate = v2.RandomRotation((0.0, cfg.rotation), interpolation=_BILINEAR, fill=fill)
@@ -102,6 +103,21 @@ def blur_kernel(cfg: ViewsConfig, size: int) -> int:
     return cfg.blur_kernel
 
 
+RECIPES = ("local_global", "global_global", "local_local")
+
+
+def cropping_branches(cfg: ViewsConfig) -> dict[str, bool]:
+    """Which of the two branches take a random resized crop under ``cfg.recipe``."""
+    if cfg.recipe not in RECIPES:
+        raise ValueError(f"data.views.recipe is '{cfg.recipe}'; choose one of {', '.join(RECIPES)}.")
+    if cfg.local not in ("query", "key"):
+        raise ValueError(f"data.views.local is '{cfg.local}'; choose query or key.")
+    if cfg.recipe == "local_local":
+        return {"query": True, "key": True}
+    crops = cfg.recipe == "local_global"
+    return {"query": crops and cfg.local == "query", "key": crops and cfg.local == "key"}
+
+
 class TwoViews:
     """PIL image -> (query view, key view), each (C, size, size) float32."""
 
@@ -115,18 +131,14 @@ class TwoViews:
 def build_views(
     cfg: ViewsConfig, *, size: int, channels: int, rotation_fill: Optional[float] = None
 ) -> TwoViews:
-    """The two-view augmentation named by ``cfg.recipe`` (``local_global`` or ``global_global``).
+    """The two-view augmentation named by ``cfg.recipe`` (see ``RECIPES``).
 
     ``rotation_fill``: None reflects the crop's border into the rotated corners; a number
     fills them with that constant (0-255).
     """
-    if cfg.recipe not in ("local_global", "global_global"):
-        raise ValueError(f"data.views.recipe is '{cfg.recipe}'; choose local_global or global_global.")
-    if cfg.local not in ("query", "key"):
-        raise ValueError(f"data.views.local is '{cfg.local}'; choose query or key.")
-    crops = cfg.recipe == "local_global"
+    local = cropping_branches(cfg)
     query, key = (
-        _branch(cfg, local=crops and cfg.local == side, size=size, channels=channels, rotation_fill=rotation_fill)
+        _branch(cfg, local=local[side], size=size, channels=channels, rotation_fill=rotation_fill)
         for side in ("query", "key")
     )
     return TwoViews(query, key)
@@ -179,6 +191,11 @@ def _hsv_to_rgb(x: Tensor) -> Tensor:
     return table.gather(0, index).squeeze(0).permute(1, 0, 2, 3)
 
 
+def normalize(x: Tensor) -> Tensor:
+    """[0, 1] -> the network's input scale (MEAN/STD), as for evaluation."""
+    return (x - MEAN) / STD
+
+
 def _per_sample(values: Tensor) -> Tensor:
     return values.view(-1, 1, 1, 1)
 
@@ -199,23 +216,22 @@ class BatchViews:
     """
 
     def __init__(self, cfg: ViewsConfig, *, channels: int) -> None:
-        if cfg.recipe not in ("local_global", "global_global"):
-            raise ValueError(f"data.views.recipe is '{cfg.recipe}'; choose local_global or global_global.")
-        if cfg.local not in ("query", "key"):
-            raise ValueError(f"data.views.local is '{cfg.local}'; choose query or key.")
         if channels not in (1, 3):
             raise ValueError(f"data.channels is {channels}; set it to 1 (grayscale) or 3 (RGB).")
         self.cfg, self.channels = cfg, channels
-        crops = cfg.recipe == "local_global"
-        self.local = {"query": crops and cfg.local == "query", "key": crops and cfg.local == "key"}
+        self.local = cropping_branches(cfg)
 
     def __call__(self, images: Tensor, *, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
-        if images.ndim != 4 or images.shape[1] != self.channels:
-            raise ValueError(f"BatchViews expects (B, {self.channels}, H, W) images; got {tuple(images.shape)}.")
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        x = self.unit(images)
         query = self.branch(x, local=self.local["query"], generator=generator)
         key = self.branch(x, local=self.local["key"], generator=generator)
-        return (query - MEAN) / STD, (key - MEAN) / STD
+        return normalize(query), normalize(key)
+
+    def unit(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) uint8 (or float in [0, 1]) -> float32 in [0, 1], shape checked."""
+        if images.ndim != 4 or images.shape[1] != self.channels:
+            raise ValueError(f"BatchViews expects (B, {self.channels}, H, W) images; got {tuple(images.shape)}.")
+        return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
 
     # -- one branch
 
@@ -261,7 +277,7 @@ class BatchViews:
         else:
             half_w, half_h, cx, cy = ones, ones, 0 * ones, 0 * ones
         flip_x = torch.where(self._coin(n, 0.5, like, g), -ones, ones) if cfg.flips else ones
-        flip_y = torch.where(self._coin(n, 0.5, like, g), -ones, ones) if cfg.flips else ones
+        flip_y = torch.where(self._coin(n, 0.5, like, g), -ones, ones) if cfg.flips and cfg.vflip else ones
         angle = self._uniform(n, 0.0, math.radians(cfg.rotation), like, g)
         cos, sin = torch.cos(angle), torch.sin(angle)
         # input = centre + S @ Flip @ R(-angle) @ output: crop, then flip, then rotate the view

@@ -10,7 +10,8 @@ a look-up table from the parents' cluster types and how many foreground pixels o
 Cluster types (roles): I instance, T touching, O overlapping, TO touching-overlapping.
 ``roles[label]`` names the type of each dataset label; a dataset without some type (the
 two-class single/cluster set) simply never produces it: a composite whose type has no
-label counts as uncertain.
+label counts as uncertain, unless ``composite`` names the class each composite type takes
+(for single vs cluster: roles ("I", "TO") and composite {"T": 1, "O": 1, "TO": 1}).
 
 - Foreground: pixels differing from ``background`` by more than ``threshold`` in any
   channel (the paper's images have a black background; karyograms are white: background
@@ -29,7 +30,7 @@ label counts as uncertain.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -132,7 +133,7 @@ class Composed:
 def compose(
     primary: np.ndarray, candidate: np.ndarray, *, label_p: int, label_c: int, roles: Sequence[str],
     rng: np.random.Generator, table: str = "middle", p_cap: int = 200, tries: int = 10, combine: str = "equal",
-    background: int = 0, threshold: int = 0,
+    background: int = 0, threshold: int = 0, composite: Optional[Mapping[str, int]] = None,
 ) -> tuple[np.ndarray, int, Composed]:
     """Compose (image, label) from a primary and a candidate sample, or return the candidate.
 
@@ -142,6 +143,8 @@ def compose(
         label_p, label_c: their dataset labels; ``roles[label]`` is the cluster type of a label.
         rng: the generator that draws shifts (and lambda).
         table, p_cap, tries, combine, background, threshold: see the module notes.
+        composite: the label of each composite type (T, O, TO); by default the class whose
+            role it is. A two-class single/cluster set maps all three to its cluster class.
 
     Returns:
         (image, label, Composed). With ``table="none"`` or after ``tries`` uncertain draws,
@@ -149,7 +152,7 @@ def compose(
     """
     if p_cap < 0 or tries < 1:
         raise ValueError(f"p_cap must be >= 0 and tries >= 1, got {p_cap} and {tries}.")
-    role_to_label = {role: i for i, role in enumerate(roles)}
+    role_to_label = {role: i for i, role in enumerate(roles)} if composite is None else dict(composite)
     if table == "none":
         return candidate, label_c, Composed(tries=0, overlap=0, composed=False, role=None)
     shape = (max(primary.shape[0], candidate.shape[0]), max(primary.shape[1], candidate.shape[1]),

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from sslkit import dist
 from sslkit.config import Config
 from sslkit.losses import info_nce
-from sslkit.methods.base import StepOutput, register
+from sslkit.methods.base import StepOutput, TwoViewInputs, register
 from sslkit.models import KeyQueue, MLPHead, MomentumEncoder, create_backbone
 
 
@@ -26,14 +26,20 @@ class CCRL(nn.Module):
     def __init__(
         self, *, backbone: nn.Module, projector: nn.Module, predictor: nn.Module | None,
         queue_size: int, key_dim: int, tau: float, momentum: float, in_batch_negatives: bool,
+        inputs: TwoViewInputs | None = None,
     ) -> None:
         super().__init__()
+        self.inputs = inputs
         self.encoder = nn.Sequential(OrderedDict(backbone=backbone, projector=projector))
         self.predictor = predictor
         self.key_encoder = MomentumEncoder(self.encoder)
         self.queue = KeyQueue(queue_size, key_dim)
         self.tau, self.momentum, self.in_batch_negatives = tau, momentum, in_batch_negatives
         self._pending: list[tuple[Tensor, Tensor]] = []  # gathered keys waiting for the optimizer step
+
+    def prepare(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """uint8 ``image`` -> ``query`` and ``key`` views (local-global by default)."""
+        return self.inputs(batch, generator) if self.inputs is not None else batch
 
     def forward(self, batch: dict[str, Tensor]) -> StepOutput:
         q = self.encoder(batch["query"])  # (B, P)
@@ -82,5 +88,5 @@ def build_ccrl(cfg: Config) -> CCRL:
     return CCRL(
         backbone=backbone, projector=projector, predictor=predictor, queue_size=cfg.method.queue_size,
         key_dim=out, tau=cfg.method.tau, momentum=cfg.method.momentum,
-        in_batch_negatives=cfg.method.in_batch_negatives,
+        in_batch_negatives=cfg.method.in_batch_negatives, inputs=TwoViewInputs(cfg),
     )
