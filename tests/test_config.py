@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from sslkit.cli import recipe_path
@@ -45,3 +46,33 @@ def test_missing_file_and_recipe():
 def test_round_trip_through_dict():
     cfg = apply_overrides(load_config(recipe_path("demo")), ["method.tau=0.2"])
     assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_step_schedule_drops_at_epoch_milestones():
+    from sslkit.config import OptimConfig
+    from sslkit.optim import build_lr_schedule
+
+    cfg = OptimConfig(name="sgd", lr=0.01, schedule="step", milestones=[8, 12], gamma=0.1)
+    lrs = build_lr_schedule(cfg, total_steps=15 * 10, steps_per_epoch=10)  # SupCAM: 15 epochs, x0.1 at 8 and 12
+    assert lrs.shape == (150,)
+    np.testing.assert_allclose(lrs[:80], 0.01)
+    np.testing.assert_allclose(lrs[80:120], 0.001)
+    np.testing.assert_allclose(lrs[120:], 0.0001)
+    # without steps_per_epoch the milestones are steps
+    lrs = build_lr_schedule(cfg, total_steps=20)
+    np.testing.assert_allclose(lrs, [0.01] * 8 + [0.001] * 4 + [0.0001] * 8)
+
+
+def test_method_sections_are_validated():
+    with pytest.raises(ConfigError, match="method.name"):
+        load_config(None, ["method.name=byol"])
+    with pytest.raises(ConfigError, match="method.roles"):
+        load_config(None, ["method.name=supcam", "method.roles=[I,X]"])
+    with pytest.raises(ConfigError, match="method.composite"):
+        load_config(None, ["method.name=supcam", "method.roles=[I,TO]", "method.composite={T: 2}"])
+    with pytest.raises(ConfigError, match="optim.milestones"):
+        load_config(None, ["optim.schedule=step"])
+    with pytest.raises(ConfigError, match="data.views.backend"):
+        load_config(None, ["method.name=autoencoder", "data.views.backend=pil"])
+    cfg = load_config(None, ["method.name=supcam", "method.roles=[I,TO]", "method.composite={T: 1, O: 1, TO: 1}"])
+    assert cfg.method.composite == {"T": 1, "O": 1, "TO": 1}

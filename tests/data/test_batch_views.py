@@ -89,6 +89,16 @@ def test_flips_are_exact_and_about_half_the_samples(images):
     assert 0.35 < flipped_x < 0.65  # binomial(300, 0.5): 5 standard deviations either side
 
 
+def test_vflip_off_flips_horizontally_only(images):
+    views = A.BatchViews(ViewsConfig(rotation=0.0, flips=True, vflip=False), channels=3)
+    theta = views.geometry(300, local=False, like=images, generator=torch.Generator().manual_seed(0))
+    assert (theta[:, 1, 1] == 1).all()  # never flipped vertically
+    assert 0.35 < (theta[:, 0, 0] < 0).float().mean().item() < 0.65
+    pil = A.build_views(ViewsConfig(flips=True, vflip=False), size=16, channels=3)
+    names = [type(op).__name__ for op in pil.query.transforms]
+    assert "RandomHorizontalFlip" in names and "RandomVerticalFlip" not in names
+
+
 def test_local_crop_has_the_drawn_area_and_aspect_and_stays_inside_the_image():
     cfg = ViewsConfig(crop_scale=[0.04, 0.04], rotation=0.0, flips=False)
     views = A.BatchViews(cfg, channels=1)
@@ -117,6 +127,9 @@ def test_recipes_crop_only_the_local_branch():
         views = A.BatchViews(ViewsConfig(local=local), channels=3)
         assert views.local == {"query": local == "query", "key": local == "key"}
     assert A.BatchViews(ViewsConfig(recipe="global_global"), channels=3).local == {"query": False, "key": False}
+    assert A.BatchViews(ViewsConfig(recipe="local_local"), channels=3).local == {"query": True, "key": True}
+    with pytest.raises(ValueError, match="data.views.recipe"):
+        A.BatchViews(ViewsConfig(recipe="local"), channels=3)
     # a global branch's warp has unit scale: |det| of the 2x2 part is 1
     views = A.BatchViews(ViewsConfig(), channels=3)
     theta = views.geometry(8, local=False, like=x, generator=torch.Generator().manual_seed(0))
