@@ -8,6 +8,7 @@
     sslkit pretrain configs/ccrl.yaml data.shards=shards/consep optim.lr=3e-4
     accelerate launch --config_file launch/cpu-2proc.yaml -m sslkit pretrain demo
     sslkit evaluate runs/demo
+    sslkit finetune supcam-finetune finetune.init=runs/supcam      # then test metrics on eval.shards
 """
 
 from __future__ import annotations
@@ -69,6 +70,25 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
 
     if dist.is_main_process():
         print(f"Run directory: {out}")
+
+
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    from sslkit import dist
+    from sslkit.config import load_config
+    from sslkit.engine import train
+    from sslkit.evaluate.probe import evaluate_classifier, format_report
+    from sslkit.methods.finetune import finetune_config
+
+    cfg, notes = finetune_config(load_config(recipe_path(args.config), args.overrides))
+    main_process = os.environ.get("RANK", "0") == "0"  # no process group yet
+    if main_process:
+        for note in notes:
+            print(note)
+    out = train(cfg)
+    results = evaluate_classifier(out)
+    if dist.is_main_process():
+        print(format_report(results))
+        print(f"Run directory: {out} (metrics in {out / 'eval' / 'classification.json'})")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -143,6 +163,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     pre.add_argument("config", help="YAML file or recipe name (demo, ccrl)")
     pre.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     pre.set_defaults(fn=_cmd_pretrain)
+
+    ft = sub.add_parser("finetune", help="train a classifier on a pretrained backbone, then test it on eval.shards",
+                        epilog="example: sslkit finetune supcam-finetune finetune.init=runs/supcam "
+                               "finetune.freeze_backbone=true")
+    ft.add_argument("config", help="YAML file or recipe name (supcam-finetune, sscl-finetune)")
+    ft.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    ft.set_defaults(fn=_cmd_finetune)
 
     ev = sub.add_parser("evaluate", help="k-means + kNN of a run's embeddings, with baselines",
                         epilog="example: sslkit evaluate runs/demo eval.encoder=query")

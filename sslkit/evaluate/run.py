@@ -64,6 +64,10 @@ def evaluate_run(run_dir: str | Path, *, overrides: tuple[str, ...] | list[str] 
         "method": cfg.method.name.upper(), "encoder": ev.encoder, "features": ev.features, "step": state["step"],
         "checkpoint": state["checkpoint"], "num_samples": int(len(labels)), "classes": shards.classes,
     }
+    if hasattr(method, "predict"):  # a classifier head (SCL, fine-tuned runs): its test metrics too
+        from sslkit.evaluate.probe import evaluate_classifier
+
+        results["probe"] = evaluate_classifier(run_dir, device=device)["probe"]
     if ev.baselines:
         results["baselines"] = _baselines(cfg, shards, common, labels)
     if dist.is_main_process():
@@ -75,7 +79,9 @@ def _baselines(cfg: Config, shards: ShardSet, common: dict[str, Any], labels: np
     ev = cfg.eval
     raw, raw_labels, _ = embed_shards(lambda x: x.flatten(1), shards, desc="embed (raw pixels)", **common)
     set_seed(cfg.run.seed + 1)
-    fresh = build_method(cfg).eval().to(common["device"])
+    # A fine-tuned run's config points at its pretrained weights: the baseline must not load them.
+    fresh_cfg = apply_overrides(cfg, ["finetune.init=null"]) if cfg.method.name == "finetune" else cfg
+    fresh = build_method(fresh_cfg).eval().to(common["device"])
     rand, rand_labels, _ = embed_shards(lambda x: fresh.embed(x, encoder="query", features=ev.features),
                                         shards, desc="embed (random init)", **common)
     assert np.array_equal(raw_labels, labels) and np.array_equal(rand_labels, labels)
@@ -110,4 +116,9 @@ def format_table(results: dict[str, Any]) -> str:
     for label, res in rows:
         cells = "".join(f"{res['cluster'][c]:8.3f}" for c in cols)
         lines.append(label.ljust(width) + cells + f"{res['knn']['top1']:10.3f}")
+    if "probe" in results:
+        probe = results["probe"]
+        lines.append("classifier head: " + "  ".join(f"{k} {probe[k]:.3f}" for k in
+                                                     ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc")
+                                                     if probe.get(k) is not None))
     return "\n".join(lines)

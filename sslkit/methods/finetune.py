@@ -1,0 +1,241 @@
+"""Fine-tuning: a pretrained backbone and a new linear head, trained with cross-entropy.
+
+SupCAM (METHODS.md section 2): RandomRotate only, SGD 0.01, batch 16, 15 epochs, lr x0.1 at
+epochs 8 and 12, label smoothing 0.1. SSCL (section 4): Adam 1e-4, batch 64, 100 epochs.
+``finetune.freeze_backbone=true`` makes it a linear probe.
+
+Where the backbone's weights come from (``finetune.init``):
+
+- a run directory: the pretrained method's ``backbone`` from its newest checkpoint; the
+  model section (backbone, backbone_kwargs, in_chans) must match the run's, which
+  ``finetune_config`` copies over before anything is built;
+- a ``.safetensors`` file holding a backbone state dict (timm key names);
+- None: random initialisation, the "from scratch" baseline.
+
+The weights are loaded when the method is built, so the engine's resume and
+``load_trained`` of a fine-tuned run work unchanged: they build (loading the init again,
+which the checkpoint then overwrites) and load the fine-tuned checkpoint. A rebuild must
+not depend on the init still being there, so a missing init only warns at build time;
+``finetune_config`` -- what ``sslkit finetune`` calls before training -- refuses it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from sslkit.config import Config, ConfigError, from_dict, validate
+from sslkit.data.augment import BatchViews, normalize
+from sslkit.methods.base import StepOutput, register
+from sslkit.models import create_backbone
+
+log = logging.getLogger(__name__)
+
+MODEL_KEYS = ("backbone", "backbone_kwargs", "in_chans")  # what must describe the pretrained network
+
+
+class ClassifierInputs:
+    """``prepare`` for fine-tuning: uint8 ``image`` -> normalised ``input`` (``finetune.views``)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.mode, self.shards = cfg.finetune.views, cfg.data.shards
+        self.num_classes = cfg.method.num_classes
+        views = copy.deepcopy(cfg.data.views)
+        if self.mode == "rotate":  # SupCAM: RandomRotate and nothing else
+            views.p_jitter = views.p_gray = views.p_blur = 0.0
+            views.flips, views.recipe = False, "global_global"
+        self.views = BatchViews(views, channels=cfg.data.channels)
+        self.local = self.views.local["query"]  # "views": the query branch of the recipe
+
+    def __call__(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
+        if "image" not in batch:
+            return batch
+        label = batch["label"]
+        if label.numel() and (int(label.min()) < 0 or int(label.max()) >= self.num_classes):
+            raise ConfigError(f"The training shards at '{self.shards}' hold labels outside 0..{self.num_classes - 1} "
+                              f"(-1 = unlabelled); fine-tuning needs a class for every sample, so shard labelled "
+                              f"data (e.g. `sslkit shard folder --label-regex ...`) and check method.num_classes.")
+        x = self.views.unit(batch["image"])
+        if self.mode != "none":
+            x = self.views.branch(x, local=self.mode == "views" and self.local, generator=generator)
+        return {"input": normalize(x), "label": label}
+
+
+class Finetune(nn.Module):
+    def __init__(
+        self, *, backbone: nn.Module, num_classes: int, label_smoothing: float = 0.0,
+        freeze_backbone: bool = False, inputs: ClassifierInputs | None = None,
+    ) -> None:
+        super().__init__()
+        self.inputs = inputs
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.num_features, num_classes)
+        self.label_smoothing, self.frozen = label_smoothing, freeze_backbone
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+
+    def train(self, mode: bool = True) -> "Finetune":
+        """A linear probe keeps the frozen backbone in eval mode (BatchNorm statistics fixed)."""
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def prepare(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
+        return self.inputs(batch, generator) if self.inputs is not None else batch
+
+    def logits(self, images: Tensor) -> Tensor:
+        """(N, C, H, W) -> (N, num_classes)."""
+        if self.frozen:
+            with torch.no_grad():
+                feats = self.backbone(images)
+        else:
+            feats = self.backbone(images)
+        return self.head(feats)
+
+    def forward(self, batch: dict[str, Tensor]) -> StepOutput:
+        logits = self.logits(batch["input"]).float()  # (B, K)
+        label = batch["label"]
+        loss = F.cross_entropy(logits, label, label_smoothing=self.label_smoothing)
+        acc = (logits.detach().argmax(1) == label).float().mean()
+        return StepOutput(loss, {"loss": loss.detach(), "acc": acc})
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Nothing to update: no momentum encoder, no queue."""
+
+    @torch.no_grad()
+    def embed(self, images: Tensor, *, encoder: str = "query", features: str = "backbone") -> Tensor:
+        """(N, C, H, W) -> (N, D) backbone features, or (N, K) logits with ``features="projector"``."""
+        return self.backbone(images) if features == "backbone" else self.logits(images)
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> Tensor:
+        """(N, C, H, W) -> (N, K) class probabilities."""
+        return self.logits(images).float().softmax(dim=1)
+
+
+# ------------------------------------------------------------------ pretrained weights
+
+
+def _init_kind(init: str) -> str:
+    path = Path(init)
+    if path.is_dir():
+        return "run"
+    if path.suffix == ".safetensors" and path.is_file():
+        return "file"
+    if not path.exists():
+        raise ConfigError(f"Config key 'finetune.init' is '{init}', which does not exist; give a pretraining run "
+                          "directory, a .safetensors backbone file, or null to train from scratch.")
+    raise ConfigError(f"Config key 'finetune.init' is '{init}', which is neither a run directory nor a "
+                      ".safetensors backbone file; point it at one of those, or null to train from scratch.")
+
+
+def run_config(run_dir: str | Path) -> Config:
+    """The stored config of a pretraining run's newest checkpoint (nothing is built)."""
+    from sslkit.checkpoint import latest_checkpoint, read_state
+
+    path = latest_checkpoint(Path(run_dir) / "checkpoints")
+    if path is None:
+        raise ConfigError(f"Config key 'finetune.init' is '{run_dir}', which has no complete checkpoint under "
+                          "checkpoints/; pretrain it first or point finetune.init at another run.")
+    return from_dict(read_state(path)["config"])
+
+
+def pretrained_backbone_state(init: str) -> dict[str, Tensor]:
+    """The backbone state dict that ``finetune.init`` names (a run directory or a safetensors file)."""
+    if _init_kind(init) == "file":
+        return load_file(init)
+    from sslkit.evaluate.run import load_trained
+
+    run_config(init)  # a clear error when the run has no checkpoint
+    with torch.random.fork_rng(devices=[]):  # building the pretrained method must not move our RNG
+        _, method, _ = load_trained(Path(init))
+    return {k: v.detach().clone() for k, v in method.backbone.state_dict().items()}
+
+
+def load_backbone(backbone: nn.Module, init: str, *, model_desc: str) -> None:
+    """Load ``init`` into ``backbone`` exactly (strict), or raise ConfigError in one sentence."""
+    state = pretrained_backbone_state(init)
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).split("\n\t")[1].strip() if "\n\t" in str(err) else str(err).splitlines()[0]
+        raise ConfigError(f"The weights in finetune.init '{init}' do not fit {model_desc} ({first}); set "
+                          f"model.backbone, model.backbone_kwargs and model.in_chans to the pretrained network.") from None
+
+
+def finetune_config(cfg: Config) -> tuple[Config, list[str]]:
+    """Check a fine-tuning config before training and copy the pretrained run's model section.
+
+    Returns the config to train with and notes for the user (what was taken from the run).
+    Raises ConfigError for a wrong method name, a missing ``eval.shards`` or a bad ``finetune.init``.
+    """
+    if cfg.method.name != "finetune":
+        raise ConfigError(f"Config key 'method.name' is '{cfg.method.name}', but `sslkit finetune` trains "
+                          "method.name=finetune; use `sslkit pretrain` for the other methods.")
+    if not cfg.eval.shards:
+        raise ConfigError("Config key 'eval.shards' is not set; fine-tuning reports test metrics, so point it at "
+                          "held-out labelled shards (e.g. eval.shards=shards/clusters/test).")
+    from sslkit.data.stream import resolve_shards
+
+    train_classes = resolve_shards(cfg.data.shards, manifest=cfg.data.manifest).classes
+    try:
+        eval_classes = resolve_shards(cfg.eval.shards).classes
+    except (FileNotFoundError, ValueError) as err:  # the reader's message names data.shards
+        raise ConfigError(f"Config key 'eval.shards' is '{cfg.eval.shards}', which cannot be read: "
+                          f"{str(err).split(';')[0]}; point it at held-out labelled shards.") from None
+    if train_classes and eval_classes and train_classes != eval_classes:
+        raise ConfigError(f"The classes of data.shards ({', '.join(train_classes)}) and eval.shards "
+                          f"({', '.join(eval_classes)}) differ, so their labels mean different things; "
+                          "shard both splits with one command.")
+    notes: list[str] = []
+    cfg = copy.deepcopy(cfg)
+    if cfg.finetune.init is None:
+        notes.append("finetune.init is null: training from a random initialisation (the from-scratch baseline).")
+    elif _init_kind(cfg.finetune.init) == "run":
+        stored = run_config(cfg.finetune.init)
+        for key in MODEL_KEYS:
+            ours, theirs = getattr(cfg.model, key), getattr(stored.model, key)
+            if ours != theirs:
+                notes.append(f"model.{key}={theirs} from {cfg.finetune.init} (was {ours}).")
+            setattr(cfg.model, key, copy.deepcopy(theirs))
+        if cfg.data.channels != cfg.model.in_chans:  # the images must be what the backbone was built for
+            notes.append(f"data.channels={cfg.model.in_chans} to match the pretrained network (was {cfg.data.channels}).")
+            cfg.data.channels = cfg.model.in_chans
+        if cfg.data.size != stored.data.size:
+            notes.append(f"Note: data.size is {cfg.data.size} but {cfg.finetune.init} was pretrained at "
+                         f"{stored.data.size}; override data.size to fine-tune at the pretraining size.")
+        validate(cfg)
+    if cfg.data.channels != cfg.model.in_chans:
+        raise ConfigError(f"Config keys 'data.channels' ({cfg.data.channels}) and 'model.in_chans' "
+                          f"({cfg.model.in_chans}) differ; set both to the channels of the shards' images.")
+    return cfg, notes
+
+
+@register("finetune")
+def build_finetune(cfg: Config) -> Finetune:
+    m, ft = cfg.model, cfg.finetune
+    if cfg.method.num_classes < 1:
+        raise ConfigError("Config key 'method.num_classes' is 0 and nothing filled it in from the manifest; "
+                          "set it to the number of classes.")
+    backbone = create_backbone(m.backbone, in_chans=m.in_chans, **m.backbone_kwargs)
+    method = Finetune(backbone=backbone, num_classes=cfg.method.num_classes, label_smoothing=ft.label_smoothing,
+                      freeze_backbone=ft.freeze_backbone, inputs=ClassifierInputs(cfg))
+    if ft.init is None:
+        log.warning("finetune.init is null: the backbone starts from a random initialisation.")
+    elif not Path(ft.init).exists():
+        # Rebuilding a fine-tuned run (resume, evaluation) loads its own checkpoint next.
+        log.warning("finetune.init '%s' does not exist; the backbone keeps its random initialisation.", ft.init)
+    else:
+        load_backbone(method.backbone, ft.init,
+                      model_desc=f"model.backbone={m.backbone} with {m.backbone_kwargs} and in_chans={m.in_chans}")
+        log.info("Loaded the backbone from %s.", ft.init)
+    return method
