@@ -1,0 +1,166 @@
+"""SupCAM: supervised MoCo with composed clusters and a self-margin (Luo et al., 2023; METHODS.md section 2).
+
+Per step, each primary image I_p gives two category-invariant views x_q, x_k; a
+candidate I_c from the same batch is composed with it (``sslkit.data.compose``) into
+I_g with label y_g, and I_g gives the view x_g. Then
+
+    q = f_q(x_q), k+ = f_k(x_k), k_g = f_k(x_g)       f_q: backbone -> fc (128-d), no projection head
+    keys = {k+, k_g of every rank} + queue              each with its label
+    L = L_SC(q; keys) + L_SM(q, k+; keys)               supcon(denominator="negatives") + self_margin
+
+f_k is the momentum copy of f_q (m = 0.999); k+ and k_g (with labels) are enqueued
+after the optimizer step. ``method.use_self_margin=false`` is the "+SupCon" ablation
+and ``method.table=none`` makes x_g a view of the candidate itself (Table 4's no-table).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sslkit import dist
+from sslkit.config import Config
+from sslkit.data.augment import BatchViews, normalize
+from sslkit.data.compose import compose
+from sslkit.losses import self_margin, supcon
+from sslkit.methods.base import StepOutput, register
+from sslkit.models import KeyQueue, MomentumEncoder, create_backbone
+
+
+def partners(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """(n,) candidate index of each primary: (i + s) mod n with one s ~ U{1..n-1}, never i itself
+    (a batch of one composes its only image with itself)."""
+    if n == 1:
+        return torch.zeros(1, dtype=torch.long, device=device)
+    shift = torch.randint(1, n, (1,), generator=generator, device=device)
+    return (torch.arange(n, device=device) + shift) % n
+
+
+class CompositeInputs:
+    """SupCAM's ``prepare``: uint8 ``image`` + ``label`` -> ``query``, ``key`` (views of the primary),
+    ``composite`` (a view of I_g), ``composite_label`` and ``composed`` (1.0 where I_g is a composite,
+    0.0 where the candidate came back). Every view is a RandomResizedCrop branch of ``data.views``
+    (the paper: crop + horizontal flip); ``data.views.recipe`` and ``local`` are not used."""
+
+    def __init__(self, cfg: Config) -> None:
+        m = cfg.method
+        self.views = BatchViews(cfg.data.views, channels=cfg.data.channels)
+        self.options = dict(roles=list(m.roles), table=m.table, p_cap=m.p_cap, tries=m.tries, combine=m.combine,
+                            background=m.background, threshold=m.threshold, composite=dict(m.composite) or None)
+        self.labels_field, self.shards = cfg.data.labels, cfg.data.shards
+
+    def __call__(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
+        if "image" not in batch:  # inputs made already (tests, fixed batches)
+            return batch
+        images, labels = batch.pop("image"), batch["label"]
+        self._check(labels)
+        device = generator.device if generator is not None else images.device
+        candidates = partners(images.shape[0], generator, device).to(images.device)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+        composites, composite_labels, composed = self.compose(images, labels, candidates, np.random.default_rng(seed))
+        x, g = self.views.unit(images), self.views.unit(composites)
+        batch["query"] = normalize(self.views.branch(x, local=True, generator=generator))  # (B, C, H, W)
+        batch["key"] = normalize(self.views.branch(x, local=True, generator=generator))  # replaces the sample ids
+        batch["composite"] = normalize(self.views.branch(g, local=True, generator=generator))
+        batch["composite_label"], batch["composed"] = composite_labels, composed
+        return batch
+
+    def compose(self, images: Tensor, labels: Tensor, candidates: Tensor, rng: np.random.Generator
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """Algorithm 1 per (primary i, candidate candidates[i]) on the CPU: (B, C, H, W) uint8 I_g,
+        (B,) long y_g and (B,) float composed, on the images' device."""
+        arr = images.detach().cpu().numpy().transpose(0, 2, 3, 1)  # (B, H, W, C)
+        hw = arr[..., 0] if arr.shape[-1] == 1 else arr  # compose takes (H, W) or (H, W, C)
+        ys, cand = labels.tolist(), candidates.tolist()
+        out, out_labels, flags = [], [], []
+        for i, j in enumerate(cand):
+            image, label, info = compose(hw[i], hw[j], label_p=ys[i], label_c=ys[j], rng=rng, **self.options)
+            out.append(image.reshape(arr.shape[1:]))
+            out_labels.append(label)
+            flags.append(info.composed)
+        composites = torch.from_numpy(np.stack(out).transpose(0, 3, 1, 2).copy()).to(images.device)
+        return (composites, torch.tensor(out_labels, dtype=torch.long, device=images.device),
+                torch.tensor(flags, dtype=torch.float32, device=images.device))
+
+    def _check(self, labels: Tensor) -> None:
+        roles = self.options["roles"]
+        if bool((labels < 0).any()):
+            raise ValueError(f"SupCAM is supervised but {int((labels < 0).sum())} samples of this batch have no "
+                             f"label: point data.shards ('{self.shards}') at labelled shards and data.labels "
+                             f"('{self.labels_field}') at the field that holds the class.")
+        if bool((labels >= len(roles)).any()):
+            raise ValueError(f"A batch holds label {int(labels.max())} but method.roles {roles} names the cluster "
+                             f"type of only {len(roles)} classes; give one role per class of data.shards.")
+
+
+class SupCAM(nn.Module):
+    def __init__(self, *, encoder: nn.Module, queue_size: int, key_dim: int, tau: float, momentum: float,
+                 margin: float, use_self_margin: bool, inputs: CompositeInputs | None = None) -> None:
+        super().__init__()
+        self.inputs = inputs
+        self.encoder = encoder  # Sequential(backbone, fc)
+        self.key_encoder = MomentumEncoder(encoder)
+        self.queue = KeyQueue(queue_size, key_dim)
+        self.tau, self.momentum, self.margin, self.use_self_margin = tau, momentum, margin, use_self_margin
+        self._pending: list[tuple[Tensor, Tensor]] = []  # gathered keys + labels waiting for the optimizer step
+
+    def prepare(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
+        """uint8 ``image`` + ``label`` -> ``query``, ``key``, ``composite``, ``composite_label``."""
+        return self.inputs(batch, generator) if self.inputs is not None else batch
+
+    def forward(self, batch: dict[str, Tensor]) -> StepOutput:
+        labels, composite_labels = batch["label"], batch["composite_label"]  # (B,), (B,)
+        q = F.normalize(self.encoder(batch["query"]).float(), dim=1)  # (B, D)
+        with torch.no_grad():
+            k_pos = F.normalize(self.key_encoder(batch["key"]).float(), dim=1)  # (B, D)
+            k_g = F.normalize(self.key_encoder(batch["composite"]).float(), dim=1)  # (B, D)
+        fresh = torch.cat([dist.gather_no_grad(k_pos), dist.gather_no_grad(k_g)])  # (2 * world * B, D)
+        fresh_labels = torch.cat([dist.gather_no_grad(labels), dist.gather_no_grad(composite_labels)])
+        queued, queued_labels = self.queue.current()  # (F, D), (F,)
+        keys = torch.cat([fresh, queued])  # (K, D), K = 2 * world * B + F
+        key_labels = torch.cat([fresh_labels, queued_labels])  # (K,)
+        l_sc = supcon(q, keys, anchor_labels=labels, key_labels=key_labels, tau=self.tau, denominator="negatives")
+        l_sm = torch.zeros((), device=q.device)
+        if self.use_self_margin:
+            negatives = key_labels[None, :] != labels[:, None]  # (B, K)
+            l_sm = self_margin(q, k_pos, keys, negatives=negatives, margin=self.margin, tau=self.tau)
+        loss = l_sc + l_sm
+        self._pending.append((fresh, fresh_labels))
+        logs = {"loss": loss.detach(), "l_sc": l_sc.detach(), "l_sm": l_sm.detach(),
+                "pos_sim": (q.detach() * k_pos).sum(dim=1).mean(), "queue_filled": self.queue.filled.float()}
+        if "composed" in batch:
+            logs["composed"] = batch["composed"].float().mean()
+        return StepOutput(loss, logs)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int) -> None:
+        """theta_k <- m theta_k + (1 - m) theta_q, then enqueue k+ and k_g of all ranks with their labels."""
+        self.key_encoder.update(self.encoder, self.momentum)
+        for keys, labels in self._pending:
+            self.queue.push(keys, labels)
+        self._pending.clear()
+
+    @torch.no_grad()
+    def embed(self, images: Tensor, *, encoder: str = "momentum", features: str = "backbone") -> Tensor:
+        """(N, C, H, W) -> (N, D): pooled backbone features, or the 128-d fc output ("projector")."""
+        net = self.key_encoder.ema if encoder == "momentum" else self.encoder
+        return net.backbone(images) if features == "backbone" else net(images)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.encoder.backbone
+
+
+@register("supcam")
+def build_supcam(cfg: Config) -> SupCAM:
+    m = cfg.model
+    backbone = create_backbone(m.backbone, in_chans=m.in_chans, **m.backbone_kwargs)
+    encoder = nn.Sequential(OrderedDict(backbone=backbone, fc=nn.Linear(backbone.num_features, m.embed_dim)))
+    return SupCAM(encoder=encoder, queue_size=cfg.method.queue_size, key_dim=m.embed_dim, tau=cfg.method.tau,
+                  momentum=cfg.method.momentum, margin=cfg.method.margin,
+                  use_self_margin=cfg.method.use_self_margin, inputs=CompositeInputs(cfg))
