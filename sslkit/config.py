@@ -277,7 +277,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"Config key '{dotted}' must be positive, got {value}.")
     if len(cfg.model.projector) != 2 or len(cfg.model.predictor) != 2:
         raise ConfigError("Config keys 'model.projector' and 'model.predictor' are [hidden, out] lists.")
-    if cfg.model.predictor[1] != cfg.model.projector[1]:
+    if cfg.method.name == "ccrl" and cfg.method.use_predictor and cfg.model.predictor[1] != cfg.model.projector[1]:
         raise ConfigError(
             f"Config key 'model.predictor' must end at the projector's size {cfg.model.projector[1]}, "
             f"got {cfg.model.predictor[1]}."

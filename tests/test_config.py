@@ -20,13 +20,20 @@ def test_overrides_are_typed():
         ("optim.lr=fast", "Bad value for config key 'optim.lr'"),
         ("tracker.name=mlflow", "'tracker.name' is 'mlflow'; choose one of"),
         ("train.max_steps=0", "'train.max_steps' must be positive"),
-        ("model.predictor=[32,32]", "must end at the projector's size 64"),
         ("optim.lr", "not of the form key=value"),
     ],
 )
 def test_bad_configs_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(recipe_path("demo"), [override])
+
+
+def test_predictor_size_is_checked_only_where_a_predictor_is_used():
+    with pytest.raises(ConfigError, match="must end at the projector's size 64"):
+        load_config(recipe_path("ccrl"), ["model.predictor=[32,32]"])
+    # the demo runs CCRL without the predictor, and SimCLR has none: the setting is unused there
+    assert load_config(recipe_path("demo"), ["model.predictor=[32,32]"]).model.predictor == [32, 32]
+    assert load_config(None, ["method.name=simclr", "model.predictor=[32,32]"]).method.name == "simclr"
 
 
 def test_unknown_key_in_yaml_file(tmp_path):

@@ -104,7 +104,9 @@ def _write(out: Path, results: dict[str, Any], feats: np.ndarray, labels: np.nda
 
 def format_table(results: dict[str, Any]) -> str:
     """One text table: the trained encoder and the baselines, clustering and kNN side by side."""
-    rows = [(f"{results.get('method', 'trained')} ({results['encoder']} encoder)", results)]
+    momentum = results.get("method") in ("CCRL", "SUPCAM")  # the methods with a momentum encoder
+    name = results.get("method", "trained")
+    rows = [(f"{name} ({results['encoder']} encoder)" if momentum else name, results)]
     for name, label in (("random_init", "random-init backbone"), ("raw_pixels", "raw pixels")):
         if name in results.get("baselines", {}):
             rows.append((label, results["baselines"][name]))

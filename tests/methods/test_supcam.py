@@ -70,7 +70,8 @@ def _paper_losses(q, k_pos, keys, labels, key_labels, *, tau, margin):
 @pytest.mark.parametrize("use_self_margin", [True, False])
 def test_loss_is_supcon_over_fresh_and_queued_keys_plus_self_margin(use_self_margin: bool) -> None:
     torch.manual_seed(0)
-    method = build_method(load_config(None, OVERRIDES + ["method.margin=0.3", f"method.use_self_margin={use_self_margin}"]))
+    overrides = OVERRIDES + ["method.margin=0.3", f"method.use_self_margin={use_self_margin}"]
+    method = build_method(load_config(None, overrides))
     g = torch.Generator().manual_seed(5)
     queued = torch.randn(10, 8, generator=g)
     queued_labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 1, 1])
@@ -125,7 +126,8 @@ def _inputs(*extra: str, channels: int = 1) -> CompositeInputs:
 @pytest.mark.parametrize("channels", [1, 3])
 def test_prepare_makes_three_normalised_views_and_labels(channels: int) -> None:
     images, labels = _bars(6, channels=channels), torch.tensor([0, 1, 2, 3, 0, 1])
-    out = _inputs(channels=channels)({"image": images, "label": labels, "key": ["a"] * 6}, torch.Generator().manual_seed(0))
+    batch = {"image": images, "label": labels, "key": ["a"] * 6}  # "key": the sample ids, replaced by a view
+    out = _inputs(channels=channels)(batch, torch.Generator().manual_seed(0))
     assert "image" not in out and torch.equal(out["label"], labels)
     for name in ("query", "key", "composite"):
         assert out[name].shape == (6, channels, 32, 32) and out[name].dtype == torch.float32
@@ -213,6 +215,7 @@ STEPS_REAL = 150
 # minutes (353 s against 26 s with one thread, measured side by side).
 REAL_OVERRIDES = ["method.p_cap=4", "method.momentum=0.9", "train.threads=1"]
 
+
 @pytest.fixture(scope="module")
 def cluster_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not CLUSTERS.is_dir():
@@ -252,7 +255,8 @@ def test_training_on_real_clusters_lowers_the_loss_and_beats_random_init(cluster
 
     steps = STEPS_REAL
     cfg = load_config(ROOT / "configs" / "supcam-cpu.yaml", [
-        f"data.shards={cluster_shards / 'train'}", f"eval.shards={cluster_shards / 'test'}", f"run.dir={tmp_path / 'run'}",
+        f"data.shards={cluster_shards / 'train'}", f"eval.shards={cluster_shards / 'test'}",
+        f"run.dir={tmp_path / 'run'}",
         "tracker.name=none", "data.size=32", f"train.max_steps={steps}", "optim.warmup_steps=5", "train.log_every=1",
         "train.ckpt_every=1000", "data.workers=1", *REAL_OVERRIDES])
     run = train(cfg)
