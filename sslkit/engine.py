@@ -115,6 +115,7 @@ def train(cfg: Config) -> Path:
         raise ValueError(f"Shards at '{cfg.data.shards}' have no manifest.json with num_samples; "
                          "write one with `sslkit shard ...` or point data.manifest at it.")
     batches_per_epoch = max(1, shards.num_samples // (cfg.data.batch_size * world))
+    requested_steps = cfg.train.max_steps
     steps_per_epoch = resolve_from_data(cfg, shards, batches_per_epoch=batches_per_epoch)
 
     model = build_method(cfg)
@@ -132,6 +133,10 @@ def train(cfg: Config) -> Path:
     if resume_from is not None:
         state = load_checkpoint(accelerator, resume_from)
         accelerator.print(f"Resuming from {resume_from} at step {state['step']}.")
+    if cfg.train.epochs and cfg.train.max_steps != requested_steps:
+        accelerator.print(f"train.epochs={cfg.train.epochs} x {steps_per_epoch} steps per epoch: training "
+                          f"{cfg.train.max_steps} steps (train.max_steps={requested_steps} is not used; "
+                          "set train.epochs=0 to use it).")
     tracker = RunLogger(accelerator, cfg, run_dir=out_dir, run_id=state.get("run_id"))
     tracker.start()
     if accelerator.is_main_process:

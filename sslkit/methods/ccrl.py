@@ -19,23 +19,21 @@ from sslkit import dist
 from sslkit.config import Config
 from sslkit.losses import info_nce
 from sslkit.methods.base import StepOutput, TwoViewInputs, register
-from sslkit.models import KeyQueue, MLPHead, MomentumEncoder, create_backbone
+from sslkit.methods.momentum_contrast import MomentumContrast
+from sslkit.models import MLPHead, create_backbone
 
 
-class CCRL(nn.Module):
+class CCRL(MomentumContrast):
     def __init__(
         self, *, backbone: nn.Module, projector: nn.Module, predictor: nn.Module | None,
         queue_size: int, key_dim: int, tau: float, momentum: float, in_batch_negatives: bool,
         inputs: TwoViewInputs | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(nn.Sequential(OrderedDict(backbone=backbone, projector=projector)),
+                         queue_size=queue_size, key_dim=key_dim, momentum=momentum)
         self.inputs = inputs
-        self.encoder = nn.Sequential(OrderedDict(backbone=backbone, projector=projector))
         self.predictor = predictor
-        self.key_encoder = MomentumEncoder(self.encoder)
-        self.queue = KeyQueue(queue_size, key_dim)
-        self.tau, self.momentum, self.in_batch_negatives = tau, momentum, in_batch_negatives
-        self._pending: list[tuple[Tensor, Tensor]] = []  # gathered keys waiting for the optimizer step
+        self.tau, self.in_batch_negatives = tau, in_batch_negatives
 
     def prepare(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """uint8 ``image`` -> ``query`` and ``key`` views (local-global by default)."""
@@ -54,28 +52,10 @@ class CCRL(nn.Module):
         queued, _ = self.queue.current()  # (F, P), F <= Q
         loss = info_nce(q.float(), keys, positive=positive, queue=queued, tau=self.tau,
                         in_batch=self.in_batch_negatives)
-        self._pending.append((keys, dist.gather_no_grad(labels)))
+        self.stage(keys, dist.gather_no_grad(labels))
         with torch.no_grad():
             pos_sim = (F.normalize(q.float(), dim=1) * k).sum(dim=1).mean()
         return StepOutput(loss, {"loss": loss.detach(), "pos_sim": pos_sim, "queue_filled": self.queue.filled.float()})
-
-    @torch.no_grad()
-    def after_optimizer_step(self, step: int) -> None:
-        """theta_k <- m theta_k + (1 - m) theta_q, then enqueue this step's keys (all ranks')."""
-        self.key_encoder.update(self.encoder, self.momentum)
-        for keys, labels in self._pending:
-            self.queue.push(keys, labels)
-        self._pending.clear()
-
-    @torch.no_grad()
-    def embed(self, images: Tensor, *, encoder: str = "momentum", features: str = "backbone") -> Tensor:
-        """(N, C, H, W) -> (N, D) from the momentum (default) or query encoder."""
-        net = self.key_encoder.ema if encoder == "momentum" else self.encoder
-        return net.backbone(images) if features == "backbone" else net(images)
-
-    @property
-    def backbone(self) -> nn.Module:
-        return self.encoder.backbone
 
 
 @register("ccrl")

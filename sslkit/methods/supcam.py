@@ -29,7 +29,8 @@ from sslkit.data.augment import BatchViews, normalize
 from sslkit.data.compose import compose
 from sslkit.losses import self_margin, supcon
 from sslkit.methods.base import StepOutput, register
-from sslkit.models import KeyQueue, MomentumEncoder, create_backbone
+from sslkit.methods.momentum_contrast import MomentumContrast
+from sslkit.models import create_backbone
 
 
 def partners(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -98,16 +99,12 @@ class CompositeInputs:
                              f"type of only {len(roles)} classes; give one role per class of data.shards.")
 
 
-class SupCAM(nn.Module):
+class SupCAM(MomentumContrast):
     def __init__(self, *, encoder: nn.Module, queue_size: int, key_dim: int, tau: float, momentum: float,
                  margin: float, use_self_margin: bool, inputs: CompositeInputs | None = None) -> None:
-        super().__init__()
+        super().__init__(encoder, queue_size=queue_size, key_dim=key_dim, momentum=momentum)  # encoder: backbone, fc
         self.inputs = inputs
-        self.encoder = encoder  # Sequential(backbone, fc)
-        self.key_encoder = MomentumEncoder(encoder)
-        self.queue = KeyQueue(queue_size, key_dim)
-        self.tau, self.momentum, self.margin, self.use_self_margin = tau, momentum, margin, use_self_margin
-        self._pending: list[tuple[Tensor, Tensor]] = []  # gathered keys + labels waiting for the optimizer step
+        self.tau, self.margin, self.use_self_margin = tau, margin, use_self_margin
 
     def prepare(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
         """uint8 ``image`` + ``label`` -> ``query``, ``key``, ``composite``, ``composite_label``."""
@@ -130,30 +127,12 @@ class SupCAM(nn.Module):
             negatives = key_labels[None, :] != labels[:, None]  # (B, K)
             l_sm = self_margin(q, k_pos, keys, negatives=negatives, margin=self.margin, tau=self.tau)
         loss = l_sc + l_sm
-        self._pending.append((fresh, fresh_labels))
+        self.stage(fresh, fresh_labels)
         logs = {"loss": loss.detach(), "l_sc": l_sc.detach(), "l_sm": l_sm.detach(),
                 "pos_sim": (q.detach() * k_pos).sum(dim=1).mean(), "queue_filled": self.queue.filled.float()}
         if "composed" in batch:
             logs["composed"] = batch["composed"].float().mean()
         return StepOutput(loss, logs)
-
-    @torch.no_grad()
-    def after_optimizer_step(self, step: int) -> None:
-        """theta_k <- m theta_k + (1 - m) theta_q, then enqueue k+ and k_g of all ranks with their labels."""
-        self.key_encoder.update(self.encoder, self.momentum)
-        for keys, labels in self._pending:
-            self.queue.push(keys, labels)
-        self._pending.clear()
-
-    @torch.no_grad()
-    def embed(self, images: Tensor, *, encoder: str = "momentum", features: str = "backbone") -> Tensor:
-        """(N, C, H, W) -> (N, D): pooled backbone features, or the 128-d fc output ("projector")."""
-        net = self.key_encoder.ema if encoder == "momentum" else self.encoder
-        return net.backbone(images) if features == "backbone" else net(images)
-
-    @property
-    def backbone(self) -> nn.Module:
-        return self.encoder.backbone
 
 
 @register("supcam")

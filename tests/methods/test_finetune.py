@@ -24,7 +24,7 @@ from sslkit.methods.finetune import finetune_config
 from sslkit.optim import build_lr_schedule, build_optimizer
 from sslkit.sharding.synthetic import make_synthetic
 
-from two_process import compare
+from two_process import TINY_BACKBONE, compare
 
 # As tests/engine/conftest.py: a CCRL model small enough that a few steps take seconds.
 TINY = [
@@ -35,8 +35,7 @@ TINY = [
 
 # Two-process case: GroupNorm (BatchNorm statistics would depend on the split).
 OVERRIDES = [
-    "method.name=finetune", "method.num_classes=3", "model.backbone_kwargs.width=4",
-    "model.backbone_kwargs.norm=group", "finetune.label_smoothing=0.1",
+    "method.name=finetune", "method.num_classes=3", *TINY_BACKBONE, "finetune.label_smoothing=0.1",
 ]
 
 

@@ -15,7 +15,7 @@ import torch
 from sslkit.config import ConfigError, load_config
 from sslkit.data.augment import normalize
 from sslkit.methods import build_method
-from two_process import compare
+from two_process import TINY_BACKBONE, compare
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 GBAND = DATA / "chromosome-gband-24class.tar.gz"
@@ -23,10 +23,9 @@ GBAND = DATA / "chromosome-gband-24class.tar.gz"
 P, SIZE, CLASSES = 3, 16, 5
 # No BatchNorm anywhere: the two-process comparison needs batch-independent statistics.
 OVERRIDES = [
-    "method.name=scl", "model.backbone=preact_resnet18", "model.backbone_kwargs.width=4",
-    "model.backbone_kwargs.norm=group", "model.embed_dim=8", "model.in_chans=1", "data.channels=1",
-    f"data.balanced.classes={P}", "data.balanced.per_class=2", f"data.batch_size={2 * P}",
-    f"method.num_classes={CLASSES}", "method.scale_init=5.0", "model.channels_last=false",
+    "method.name=scl", "model.backbone=preact_resnet18", *TINY_BACKBONE, "model.embed_dim=8", "model.in_chans=1",
+    "data.channels=1", f"data.balanced.classes={P}", "data.balanced.per_class=2", f"data.batch_size={2 * P}",
+    f"method.num_classes={CLASSES}", "method.scale_init=5.0",
 ]
 # Each group is B1 then B2 with the same class sequence (not sorted: positions are the
 # contrastive targets, labels the classifier's).

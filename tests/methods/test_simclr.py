@@ -12,13 +12,12 @@ from sslkit.evaluate.run import evaluate_run
 from sslkit.methods import build_method
 from sslkit.sharding.synthetic import make_synthetic
 
-from two_process import compare
+from two_process import TINY_BACKBONE, compare
 
 # GroupNorm backbone and a norm-free head: the two runs can agree to float precision, so
 # the only way they differ is a wrong gradient through the cross-rank gather.
-OVERRIDES = ["method.name=simclr", "model.backbone_kwargs.width=4", "model.backbone_kwargs.norm=group",
-             "model.head_norm=false", "model.projector=[16,8]", "model.predictor=[8,8]", "method.tau=0.5",
-             "model.channels_last=false"]
+OVERRIDES = ["method.name=simclr", *TINY_BACKBONE, "model.head_norm=false", "model.projector=[16,8]",
+             "method.tau=0.5"]
 GLOBAL_BATCH, STEPS, SIZE = 8, 3, 16
 
 

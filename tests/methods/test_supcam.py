@@ -15,16 +15,15 @@ from sslkit.config import load_config
 from sslkit.methods import build_method
 from sslkit.methods.supcam import CompositeInputs
 
-from two_process import compare
+from two_process import TINY_BACKBONE, compare
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTERS = ROOT.parent / "shared" / "data" / "chromosome-clusters" / "images"
 
 # GroupNorm and a plain fc: nothing depends on how the batch is split across ranks.
 OVERRIDES = [
-    "method.name=supcam", "model.backbone_kwargs.width=4", "model.backbone_kwargs.norm=group",
-    "model.in_chans=1", "data.channels=1", "model.embed_dim=8", "method.queue_size=24", "method.momentum=0.9",
-    "method.tau=0.2", "model.channels_last=false",
+    "method.name=supcam", *TINY_BACKBONE, "model.in_chans=1", "data.channels=1", "model.embed_dim=8",
+    "method.queue_size=24", "method.momentum=0.9", "method.tau=0.2",
 ]
 GLOBAL_BATCH, STEPS, SIZE = 8, 3, 16
 
