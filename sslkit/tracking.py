@@ -2,19 +2,29 @@
 
 Weights & Biases runs offline unless ``tracker.mode=online`` and an API key is set;
 ``tracker.name=none`` turns trackers off (``metrics.jsonl`` is still written).
+
+W&B and resuming: the run id is saved in every checkpoint and passed back with
+``resume="allow"``, so a resumed run logs to the same W&B run. Offline, each process
+writes its own ``RUN/wandb/offline-run-*-<id>/`` folder with the same id; its history
+continues at the resumed step because every row is logged with the training step.
+``wandb sync RUN/wandb/offline-run-*`` (wandb >= 0.30) replays the folders of one id in
+start-time order, each resuming the run. Evaluation (:func:`log_evaluation`) re-opens
+the same run the same way.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from accelerate import Accelerator
 
-from sslkit.config import Config, TrackerConfig, to_dict
+from sslkit import dist
+from sslkit.config import Config, TrackerConfig, git_sha, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +41,41 @@ def _wandb_mode(cfg: TrackerConfig) -> str:
     return cfg.mode
 
 
+def run_config(cfg: Config) -> dict[str, Any]:
+    """What the tracker records as the run's config: the resolved config and the git commit."""
+    return {**to_dict(cfg), "git": git_sha()}
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"prefix/a/b": 1}``, every leaf kept as it is."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def numeric_leaves(tree: Mapping[str, Any], prefix: str = "eval") -> dict[str, float | int]:
+    """The numbers of a nested dict (``eval/metrics.json``) as flat ``prefix/a/b`` keys.
+
+    Strings (notes, protocol names), lists and None are left out: trackers plot numbers."""
+    out: dict[str, float | int] = {}
+    for name, value in flatten(tree, prefix).items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            continue
+        out[name] = int(value) if isinstance(value, numbers.Integral) else float(value)
+    return out
+
+
+def _hparams(config: dict[str, Any]) -> dict[str, Any]:
+    """TensorBoard's ``add_hparams`` takes flat int/float/str/bool values only."""
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for key, value in flatten(config).items()}
+
+
 class RunLogger:
     """Writes ``metrics.jsonl`` in the run directory and forwards to the Accelerate tracker."""
 
@@ -42,13 +87,16 @@ class RunLogger:
     def start(self) -> None:
         if self.cfg.tracker.name == "none":
             return
+        config = run_config(self.cfg)
         init_kwargs: dict[str, Any] = {}
         if self.cfg.tracker.name == "wandb":
             os.environ.setdefault("WANDB_SILENT", "true")
             # Resuming passes the stored id, so W&B continues the same run.
             init_kwargs["wandb"] = {"dir": str(self.run_dir), "id": self.run_id, "resume": "allow",
                                     "name": self.cfg.run.name, "mode": _wandb_mode(self.cfg.tracker)}
-        self.accelerator.init_trackers(self.cfg.tracker.project, config=to_dict(self.cfg), init_kwargs=init_kwargs)
+        elif self.cfg.tracker.name == "tensorboard":
+            config = _hparams(config)
+        self.accelerator.init_trackers(self.cfg.tracker.project, config=config, init_kwargs=init_kwargs)
         if self.cfg.tracker.name == "wandb" and self.accelerator.is_main_process:
             self.run_id = self.accelerator.get_tracker("wandb", unwrap=True).id
 
@@ -63,3 +111,70 @@ class RunLogger:
     def finish(self) -> None:
         if self.cfg.tracker.name != "none":
             self.accelerator.end_training()
+
+
+def log_evaluation(run_dir: str | Path, cfg: Config, *, run_id: str | None, step: int,
+                   metrics: Mapping[str, Any], images: Mapping[str, str | Path] | None = None) -> None:
+    """Log evaluation results to the training run's tracker, at the trained ``step``.
+
+    ``metrics`` is nested as ``eval/metrics.json``; its numbers are logged as ``eval/cluster/ami``,
+    ``eval/baselines/raw_pixels/knn/top1``, ... and each image (a PNG path) under ``eval/<name>``.
+    W&B: the run ``run_id`` is re-opened (same directory and mode rules as training), the row lands
+    in its history and summary. TensorBoard: scalars and images go to the training run's folder.
+    ``metrics.jsonl`` stays the training log. Does nothing off the main process.
+    """
+    if not dist.is_main_process() or cfg.tracker.name == "none":
+        return
+    run_dir = Path(run_dir)
+    values = numeric_leaves(metrics)
+    pictures = {name: Path(path) for name, path in (images or {}).items()}
+    for name, path in list(pictures.items()):
+        if not path.is_file():
+            log.warning("Figure '%s' (%s) does not exist; not logged to the tracker.", name, path)
+            del pictures[name]
+    if cfg.tracker.name == "wandb":
+        if run_id is None:
+            log.warning("The checkpoint stores no W&B run id, so the evaluation is not logged to W&B "
+                        "(train with tracker.name=wandb to get one).")
+            return
+        _wandb_evaluation(run_dir, cfg, run_id=run_id, step=step, values=values, images=pictures)
+    elif cfg.tracker.name == "tensorboard":
+        _tensorboard_evaluation(run_dir, cfg, step=step, values=values, images=pictures)
+
+
+def _wandb_evaluation(run_dir: Path, cfg: Config, *, run_id: str, step: int, values: dict[str, float | int],
+                      images: dict[str, Path]) -> None:
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run = wandb.init(project=cfg.tracker.project, id=run_id, resume="allow", dir=str(run_dir), name=cfg.run.name,
+                     mode=_wandb_mode(cfg.tracker), reinit="create_new")
+    try:
+        # eval/* is plotted against eval/step, the trained step, whatever W&B's own step is.
+        run.define_metric("eval/step")
+        run.define_metric("eval/*", step_metric="eval/step")
+        row: dict[str, Any] = {**values, "eval/step": step}
+        row.update({f"eval/{name}": wandb.Image(str(path)) for name, path in images.items()})
+        # W&B ignores rows below its current step. Offline that is 0, so the row lands at the trained
+        # step; online, a resumed run continues after training's last row (step + 1 or later).
+        run.log(row, step=max(step, run.step))
+    finally:
+        run.finish()
+
+
+def _tensorboard_evaluation(run_dir: Path, cfg: Config, *, step: int, values: dict[str, float | int],
+                            images: dict[str, Path]) -> None:
+    import numpy as np
+    from PIL import Image
+    from torch.utils.tensorboard import SummaryWriter
+
+    # Accelerate's TensorBoard tracker writes to project_dir / project: the same run in TensorBoard.
+    writer = SummaryWriter(log_dir=str(run_dir / cfg.tracker.project))
+    try:
+        for name, value in values.items():
+            writer.add_scalar(name, value, global_step=step)
+        for name, path in images.items():
+            with Image.open(path) as im:
+                writer.add_image(f"eval/{name}", np.asarray(im.convert("RGB")), global_step=step, dataformats="HWC")
+    finally:
+        writer.close()
