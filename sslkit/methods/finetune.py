@@ -172,6 +172,25 @@ def load_backbone(backbone: nn.Module, init: str, *, model_desc: str) -> None:
                           f"model.backbone, model.backbone_kwargs and model.in_chans to the pretrained network.") from None
 
 
+def _pretrained_model(init: str) -> dict[str, Any]:
+    """What built the pretrained backbone: a run directory's model section, or the metadata that
+    ``sslkit export`` writes into a .safetensors file (a file without it keeps the recipe's model)."""
+    if _init_kind(init) == "run":
+        stored = run_config(init)
+        return {**{key: getattr(stored.model, key) for key in MODEL_KEYS}, "size": stored.data.size}
+    from safetensors import safe_open
+
+    with safe_open(init, framework="pt") as f:
+        meta = f.metadata() or {}
+    if "architecture" not in meta:
+        return {}
+    from sslkit.export import read_info
+
+    info = read_info(init)
+    return {"backbone": info["architecture"], "backbone_kwargs": info["backbone_kwargs"],
+            "in_chans": info["in_chans"], "size": info["input_size"][-1]}
+
+
 def finetune_config(cfg: Config) -> tuple[Config, list[str]]:
     """Check a fine-tuning config before training and copy the pretrained run's model section.
 
@@ -200,19 +219,18 @@ def finetune_config(cfg: Config) -> tuple[Config, list[str]]:
     cfg = copy.deepcopy(cfg)
     if cfg.finetune.init is None:
         notes.append("finetune.init is null: training from a random initialisation (the from-scratch baseline).")
-    elif _init_kind(cfg.finetune.init) == "run":
-        stored = run_config(cfg.finetune.init)
+    elif pretrained := _pretrained_model(cfg.finetune.init):  # MODEL_KEYS and the pretraining size
         for key in MODEL_KEYS:
-            ours, theirs = getattr(cfg.model, key), getattr(stored.model, key)
+            ours, theirs = getattr(cfg.model, key), pretrained[key]
             if ours != theirs:
                 notes.append(f"model.{key}={theirs} from {cfg.finetune.init} (was {ours}).")
             setattr(cfg.model, key, copy.deepcopy(theirs))
         if cfg.data.channels != cfg.model.in_chans:  # the images must be what the backbone was built for
             notes.append(f"data.channels={cfg.model.in_chans} to match the pretrained network (was {cfg.data.channels}).")
             cfg.data.channels = cfg.model.in_chans
-        if cfg.data.size != stored.data.size:
+        if cfg.data.size != pretrained["size"]:
             notes.append(f"Note: data.size is {cfg.data.size} but {cfg.finetune.init} was pretrained at "
-                         f"{stored.data.size}; override data.size to fine-tune at the pretraining size.")
+                         f"{pretrained['size']}; override data.size to fine-tune at the pretraining size.")
         validate(cfg)
     if cfg.data.channels != cfg.model.in_chans:
         raise ConfigError(f"Config keys 'data.channels' ({cfg.data.channels}) and 'model.in_chans' "

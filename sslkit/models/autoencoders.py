@@ -43,11 +43,21 @@ patches, 64x64 chromosomes, 224x224 tiles):
   timm ResNet keeps its own.
 - The models are built for one input size (``data.size``): the fc layers, the bottleneck
   kernel and the output paddings depend on it; another size is refused with a clear error.
+
+The fc, conv and conv_pool encoders are registered with timm as ``dcae_fc_encoder``,
+``dcae_conv_encoder`` and ``dcae_conv_pool_encoder`` (``img_size``, ``in_chans`` and the
+builder's arguments), so ``sslkit export`` writes them as timm checkpoints like any other
+backbone; the resnet encoder already is timm's model. Their pretrained config says mean 0,
+std 1: the inputs are [0, 1] images.
 """
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
 import timm
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 CONV_WIDTHS = (128, 256, 512, 256, 256)  # the paper's channels; the last is the bottleneck
@@ -79,20 +89,39 @@ def _check_input(x: Tensor, in_chans: int, size: int, name: str) -> None:
 
 
 class _Encoder(nn.Module):
-    """Runs ``body`` (the decoder's input map) and ``head`` (map -> flat bottleneck features)."""
+    """Runs ``body`` (the decoder's input map), then pools or flattens it: (B, num_features).
 
-    def __init__(self, body: nn.Module, *, num_features: int, pool: bool, in_chans: int, size: int, name: str) -> None:
+    timm's model contract (``num_features``, ``forward_features``, ``forward_head``,
+    ``reset_classifier``), so the fc and conv encoders are timm models too. The classifier is
+    empty (``num_classes=0``) inside an autoencoder, which keeps its state dict unchanged.
+    ``timm_name`` and ``timm_kwargs`` (besides ``in_chans``) are what ``timm.create_model``
+    rebuilds it from (see ``timm_encoder``)."""
+
+    def __init__(self, body: nn.Module, *, num_features: int, pool: bool, in_chans: int, size: int, name: str,
+                 num_classes: int = 0, timm_name: str | None = None, timm_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.body, self.num_features, self.pool = body, num_features, pool
         self.in_chans, self.size, self.name = in_chans, size, name
+        self.timm_name, self.timm_kwargs = timm_name or f"dcae_{name}_encoder", dict(timm_kwargs or {})
+        self.reset_classifier(num_classes)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
 
     def forward_features(self, x: Tensor) -> Tensor:
         _check_input(x, self.in_chans, self.size, self.name)
         return self.body(x)
 
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = x.mean(dim=(2, 3)) if self.pool else x.flatten(1)  # (B, num_features)
+        return x if pre_logits else self.head(x)
+
     def forward(self, x: Tensor) -> Tensor:
-        h = self.forward_features(x)
-        return h.mean(dim=(2, 3)) if self.pool else h.flatten(1)  # (B, num_features)
+        return self.forward_head(self.forward_features(x))
 
 
 class Autoencoder(nn.Module):
@@ -114,26 +143,34 @@ def _fc_block(in_dim: int, out_dim: int, norm: bool) -> list[nn.Module]:
     return [nn.Linear(in_dim, out_dim), nn.BatchNorm1d(out_dim) if norm else nn.Identity(), nn.ReLU(inplace=True)]
 
 
-def fc_autoencoder(*, in_chans: int, size: int, latent: int = 64, hidden: tuple[int, ...] = (2000, 1000, 500),
-                   norm: bool = True) -> Autoencoder:
-    """C*H*W -> hidden... -> latent -> reversed hidden -> C*H*W (7500-2000-1000-500-64 at 3x50x50)."""
+def fc_encoder(*, in_chans: int, size: int, latent: int = 64, hidden: tuple[int, ...] = (2000, 1000, 500),
+               norm: bool = True, num_classes: int = 0) -> _Encoder:
+    """Flatten, then Linear+BN+ReLU through ``hidden`` to ``latent``: (B, C, H, W) -> (B, latent)."""
     dims = [in_chans * size * size, *hidden, latent]
     enc: list[nn.Module] = [nn.Flatten(1)]
     for a, b in zip(dims[:-1], dims[1:]):
         enc += _fc_block(a, b, norm)
-    back = dims[::-1]
+    args = {"img_size": size, "latent": latent, "hidden": list(hidden), "norm": norm}
+    return _Encoder(nn.Sequential(*enc), num_features=latent, pool=False, in_chans=in_chans, size=size, name="fc",
+                    num_classes=num_classes, timm_kwargs=args)
+
+
+def fc_autoencoder(*, in_chans: int, size: int, latent: int = 64, hidden: tuple[int, ...] = (2000, 1000, 500),
+                   norm: bool = True) -> Autoencoder:
+    """C*H*W -> hidden... -> latent -> reversed hidden -> C*H*W (7500-2000-1000-500-64 at 3x50x50)."""
+    encoder = fc_encoder(in_chans=in_chans, size=size, latent=latent, hidden=hidden, norm=norm)
+    back = [in_chans * size * size, *hidden, latent][::-1]
     dec: list[nn.Module] = []
     for a, b in zip(back[:-2], back[1:-1]):
         dec += _fc_block(a, b, norm)
     dec += [nn.Linear(back[-2], back[-1]), nn.Sigmoid(), nn.Unflatten(1, (in_chans, size, size))]
-    encoder = _Encoder(nn.Sequential(*enc), num_features=latent, pool=False, in_chans=in_chans, size=size, name="fc")
     return Autoencoder(encoder, nn.Sequential(*dec))
 
 
-def conv_autoencoder(*, in_chans: int, size: int, pool: bool = False, widths: tuple[int, ...] = CONV_WIDTHS,
-                     norm: bool = True) -> Autoencoder:
-    """DCAE's conv AE: four downsampling 3x3 convs (stride 2, or stride 1 + max-pool when
-    ``pool``) and a bottleneck conv spanning the remaining map -> (widths[-1], 1, 1)."""
+def conv_encoder(*, in_chans: int, size: int, pool: bool = False, widths: tuple[int, ...] = CONV_WIDTHS,
+                 norm: bool = True, num_classes: int = 0) -> _Encoder:
+    """Four downsampling 3x3 convs (stride 2, or stride 1 + max-pool when ``pool``) and a
+    bottleneck conv spanning the remaining map: (B, C, H, W) -> (B, widths[-1], 1, 1)."""
     if len(widths) != 5:
         raise ValueError(f"conv autoencoder widths are five channel counts, got {widths}.")
     sides = halvings(size, 4)  # sides[i]: the map side after i downsamplings
@@ -146,7 +183,17 @@ def conv_autoencoder(*, in_chans: int, size: int, pool: bool = False, widths: tu
         if pool:
             enc.append(nn.MaxPool2d(2, stride=2, ceil_mode=True))
     enc += [nn.Conv2d(widths[3], widths[4], sides[4], bias=not norm), _norm2d(widths[4], norm)]
+    args = {"img_size": size, "widths": list(widths), "norm": norm}
+    return _Encoder(nn.Sequential(*enc), num_features=widths[4], pool=False, in_chans=in_chans, size=size,
+                    name="conv_pool" if pool else "conv", num_classes=num_classes, timm_kwargs=args)
 
+
+def conv_autoencoder(*, in_chans: int, size: int, pool: bool = False, widths: tuple[int, ...] = CONV_WIDTHS,
+                     norm: bool = True) -> Autoencoder:
+    """DCAE's conv AE: ``conv_encoder`` and a decoder of transposed convs back to (C, H, W)."""
+    encoder = conv_encoder(in_chans=in_chans, size=size, pool=pool, widths=widths, norm=norm)
+    sides = halvings(size, 4)
+    chans = [in_chans, *widths]
     dec: list[nn.Module] = [nn.ReLU(inplace=False),
                             nn.ConvTranspose2d(widths[4], widths[3], sides[4], bias=not norm),
                             _norm2d(widths[3], norm), nn.ReLU(inplace=True)]
@@ -154,8 +201,6 @@ def conv_autoencoder(*, in_chans: int, size: int, pool: bool = False, widths: tu
     for i, out_chs in enumerate(outs):  # side sides[4 - i] -> sides[3 - i]
         dec.append(_up(chans[4 - i], out_chs, target=sides[3 - i], source=sides[4 - i]))
         dec += [_norm2d(out_chs, norm), nn.ReLU(inplace=True)] if i < 3 else [nn.Sigmoid()]
-    name = "conv_pool" if pool else "conv"
-    encoder = _Encoder(nn.Sequential(*enc), num_features=widths[4], pool=False, in_chans=in_chans, size=size, name=name)
     return Autoencoder(encoder, nn.Sequential(*dec))
 
 
@@ -187,7 +232,7 @@ def resnet_autoencoder(*, in_chans: int, size: int, backbone: str = "resnet18", 
         dec.append(_up(a, b, target=sides[4 - i], source=sides[5 - i]))
         dec += [_norm2d(b, norm), nn.ReLU(inplace=True)] if i < 4 else [nn.Sigmoid()]
     encoder = _Encoder(_TimmBody(model), num_features=model.num_features, pool=True, in_chans=in_chans,
-                       size=size, name="resnet")
+                       size=size, name="resnet", timm_name=backbone, timm_kwargs=timm_kwargs)
     return Autoencoder(encoder, nn.Sequential(*dec))
 
 
@@ -203,3 +248,72 @@ def create_autoencoder(arch: str, *, in_chans: int, size: int, latent: int = 64,
         return resnet_autoencoder(in_chans=in_chans, size=size, norm=norm, **kwargs)
     raise ValueError(f"Unknown autoencoder '{arch}' (method.arch); choose fc, conv, conv_pool or resnet.")
 
+
+
+def timm_encoder(net: Autoencoder) -> tuple[nn.Module, str, dict[str, Any]]:
+    """The encoder as a timm model: (module, timm name, ``create_model`` kwargs besides ``in_chans``).
+
+    The resnet encoder is the timm ResNet inside it (its pooled features are the encoder's);
+    the others are the registered ``dcae_*_encoder`` models below."""
+    encoder = net.encoder
+    module = encoder.body.model if isinstance(encoder.body, _TimmBody) else encoder
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in encoder.timm_kwargs.items()}  # as JSON has them
+    return module, encoder.timm_name, kwargs
+
+
+# ------------------------------------------------------------------ timm registry
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    # [0, 1] inputs (mean 0, std 1); the whole image resized to the one size the model takes.
+    return {"url": "", "num_classes": 0, "input_size": (3, 32, 32), "fixed_input_size": True,
+            "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "crop_pct": 1.0, "crop_mode": "squash",
+            "interpolation": "bilinear", "classifier": "head", **kwargs}
+
+
+# timm's registry reads this module-level table when the models below are registered.
+default_cfgs = generate_default_cfgs({
+    "dcae_fc_encoder.untrained": _cfg(first_conv=None),  # a Linear first: no input-conv adaptation
+    "dcae_conv_encoder.untrained": _cfg(first_conv="body.0"),
+    "dcae_conv_pool_encoder.untrained": _cfg(first_conv="body.0"),
+})
+
+
+def _side(img_size: int | tuple[int, ...] | list[int]) -> int:
+    if isinstance(img_size, int):
+        return img_size
+    if len(img_size) != 2 or img_size[0] != img_size[1]:
+        raise ValueError(f"The DCAE encoders take square images; got img_size={img_size}.")
+    return int(img_size[0])
+
+
+def _build_encoder(*, arch: str, img_size: int | tuple[int, int] = 32, in_chans: int = 3, num_classes: int = 0,
+                   **kwargs: Any) -> _Encoder:
+    """timm's entry: ``img_size`` (timm passes the pretrained config's (H, W) when not given)."""
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    if arch == "fc":
+        return fc_encoder(in_chans=in_chans, size=_side(img_size), num_classes=num_classes, **kwargs)
+    return conv_encoder(in_chans=in_chans, size=_side(img_size), pool=arch == "conv_pool", num_classes=num_classes,
+                        **kwargs)
+
+
+def _create(arch: str, pretrained: bool, **kwargs: Any) -> _Encoder:
+    return build_model_with_cfg(partial(_build_encoder, arch=arch), f"dcae_{arch}_encoder", pretrained, **kwargs)
+
+
+if "dcae_conv_encoder" not in timm.list_models("dcae_*"):
+
+    @register_model
+    def dcae_fc_encoder(pretrained: bool = False, **kwargs: Any) -> _Encoder:
+        """DCAE's fully connected encoder (``latent``, ``hidden``, ``norm``) for [0, 1] images."""
+        return _create("fc", pretrained, **kwargs)
+
+    @register_model
+    def dcae_conv_encoder(pretrained: bool = False, **kwargs: Any) -> _Encoder:
+        """DCAE's conv encoder, stride-2 convolutions (``widths``, ``norm``) for [0, 1] images."""
+        return _create("conv", pretrained, **kwargs)
+
+    @register_model
+    def dcae_conv_pool_encoder(pretrained: bool = False, **kwargs: Any) -> _Encoder:
+        """DCAE's base CNN encoder, convolutions + max-pools (``widths``, ``norm``) for [0, 1] images."""
+        return _create("conv_pool", pretrained, **kwargs)

@@ -2,10 +2,12 @@
 
 ``preact_resnet18`` is the pre-activation ResNet-18 that CCRL uses for 32x32 cell crops:
 a 3x3 stride-1 stem and no max-pool, so a 32x32 crop reaches the last stage at 4x4.
-It is registered with timm, so ``timm.create_model("preact_resnet18", num_classes=0)``
-builds it like any other model and follows timm's contract (``num_features``,
-``forward_features``, ``forward_head``, ``reset_classifier``). ``width`` scales every
-stage (64 is the paper's; 16 or 32 trade accuracy for CPU speed).
+It is registered with timm when ``sslkit.models`` is imported, so
+``timm.create_model("preact_resnet18", num_classes=0)`` builds it like any other model
+and follows timm's contract (``num_features``, ``num_classes``, ``forward_features``,
+``forward_head``, ``reset_classifier``); weights written by ``sslkit export`` load with
+``pretrained=True, pretrained_cfg_overlay=dict(file=...)``. ``width`` scales every stage
+(64 is the paper's; 16 or 32 trade accuracy for CPU speed).
 """
 
 from __future__ import annotations
@@ -69,12 +71,13 @@ class PreActResNet(nn.Module):
         self.final_norm = _norm(norm, in_chs)
         self.num_features = in_chs
         self.drop_rate = drop_rate
-        self.fc = nn.Linear(in_chs, num_classes) if num_classes > 0 else nn.Identity()
+        self.reset_classifier(num_classes)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+        self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def get_classifier(self) -> nn.Module:
@@ -94,7 +97,10 @@ class PreActResNet(nn.Module):
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
+    # sslkit's input: the whole crop resized to 32x32 (bilinear, no crop), (x - 0.5) / 0.5.
+    # No url: weights come from ``sslkit export`` files, pretrained_cfg_overlay=dict(file=...).
     return {"url": "", "num_classes": 1000, "input_size": (3, 32, 32), "pool_size": (4, 4),
+            "crop_pct": 1.0, "crop_mode": "squash", "interpolation": "bilinear",
             "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "first_conv": "stem",
             "classifier": "fc", **kwargs}
 
