@@ -15,7 +15,7 @@ else
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test install browser clean-demo
 
 install: $(STAMP)
 
@@ -29,7 +29,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/sslkit demo
 
-test: $(STAMP)
+# The report test renders report.html in headless Chromium (Debian's package). Installed here
+# when missing and this is a root shell with apt-get; otherwise that one test says how to add it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)); } || \
+	  echo "note: no Chromium; the report rendering test will be skipped (install Debian's chromium)."
+
+test: $(STAMP) browser
 	$(VENV)/bin/pytest
 
 clean-demo:

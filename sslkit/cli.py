@@ -7,7 +7,9 @@
     sslkit shard folder cells/ --out shards/cells --size 64 --split 0.8,0.1,0.1     # class sub-folders
     sslkit pretrain configs/ccrl.yaml data.shards=shards/consep optim.lr=3e-4
     accelerate launch --config_file launch/cpu-2proc.yaml -m sslkit pretrain demo
-    sslkit evaluate runs/demo
+    sslkit evaluate runs/demo                                      # eval/metrics.json and plots
+    sslkit report runs/demo                                        # runs/demo/report.html
+    sslkit export runs/demo --out demo.safetensors                 # backbone for timm.create_model
     sslkit finetune supcam-finetune finetune.init=runs/supcam      # then test metrics on eval.shards
 """
 
@@ -92,10 +94,27 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from sslkit import dist
     from sslkit.evaluate.run import evaluate_run, format_table
 
-    results = evaluate_run(args.run_dir, overrides=args.overrides)
-    print(format_table(results))
+    results = evaluate_run(args.run_dir, shards=args.shards, split=args.split, overrides=args.overrides)
+    if dist.is_main_process():
+        print(format_table(results))
+        figures = ", ".join(fig["file"] for fig in results.get("figures", []))
+        print(f"Written to {Path(args.run_dir) / 'eval'}: metrics.json" + (f", {figures}" if figures else ""))
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from sslkit.report import write_report
+
+    out = write_report(args.run_dir, out=Path(args.out) if args.out else None)
+    print(f"Wrote {out} (self-contained: open it in any browser, no network needed).")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from sslkit.export import describe, export_run
+
+    print(describe(export_run(args.run_dir, args.out, encoder=args.encoder)))
 
 
 def _cmd_embed(args: argparse.Namespace) -> None:
@@ -171,11 +190,28 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     ft.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     ft.set_defaults(fn=_cmd_finetune)
 
-    ev = sub.add_parser("evaluate", help="k-means + kNN of a run's embeddings, with baselines",
-                        epilog="example: sslkit evaluate runs/demo eval.encoder=query")
+    ev = sub.add_parser("evaluate", help="k-means, kNN and linear probe of a run's embeddings, with baselines and plots",
+                        epilog="examples: sslkit evaluate runs/demo eval.encoder=query\n"
+                               "          sslkit evaluate runs/scl --shards shards/gband --split val",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("run_dir")
+    ev.add_argument("--shards", help="shards to evaluate (default: eval.shards, else data.shards)")
+    ev.add_argument("--split", help="a split of those shards: their sub-folder or sibling folder of this name")
     ev.add_argument("overrides", nargs="*", help="dotted key=value overrides (eval.*)")
     ev.set_defaults(fn=_cmd_evaluate)
+
+    rep = sub.add_parser("report", help="write RUN_DIR/report.html: metrics, baselines, plots, config (offline)",
+                         epilog="example: sslkit evaluate runs/demo && sslkit report runs/demo")
+    rep.add_argument("run_dir")
+    rep.add_argument("--out", help="output file (default RUN_DIR/report.html)")
+    rep.set_defaults(fn=_cmd_report)
+
+    exp = sub.add_parser("export", help="the trained backbone as safetensors, loadable with timm.create_model",
+                         epilog="example: sslkit export runs/demo --out demo-backbone.safetensors")
+    exp.add_argument("run_dir")
+    exp.add_argument("--out", required=True, help="the .safetensors file to write")
+    exp.add_argument("--encoder", choices=("momentum", "query"), help="which encoder (default: eval.encoder)")
+    exp.set_defaults(fn=_cmd_export)
 
     emb = sub.add_parser("embed", help="write embeddings.npy, labels.npy, keys.txt for shards",
                          epilog="example: sslkit embed runs/demo --shards shards/demo/eval")

@@ -11,6 +11,7 @@ that names the key (and the closest known one).
 
 from __future__ import annotations
 
+import copy
 import difflib
 import subprocess
 from dataclasses import dataclass, field
@@ -142,6 +143,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 500
     keep_ckpts: int = 2
+    eval_every: int = 0  # online evaluation (kNN, k-means AMI/ARI on eval.online_samples held-out crops) every N steps; 0: off
     threads: int = 0  # torch intra-op threads per process; 0 leaves torch's default
 
 
@@ -154,12 +156,18 @@ class EvalConfig:
     k: Optional[int] = None  # k-means clusters; default: number of classes
     restarts: int = 5
     niter: int = 50
-    max_points_per_centroid: int = 1_000_000  # faiss subsamples above k * this; set high on purpose
+    kmeans_max_train: Optional[int] = 100_000  # k-means trains on a seeded sample this large (at least 256 per cluster), then assigns all; null: all points
     knn_k: int = 20
     knn_tau: float = 0.07
     batch_size: int = 512
     max_samples: Optional[int] = None
     baselines: bool = True
+    probe: bool = True  # logistic-regression probe on frozen features (trained on data.shards, or cross-validated)
+    probe_samples: int = 10_000  # training crops the probe is fitted on (the first ones of data.shards)
+    plots: bool = True  # eval/*.png: embedding map, confusion matrices, curves, cluster gallery, Grad-CAM
+    projection: str = "umap"  # embedding map: umap | tsne
+    gallery: int = 12  # example crops per cluster in the gallery
+    online_samples: int = 2000  # held-out crops used by train.eval_every
 
 
 @dataclass
@@ -205,6 +213,7 @@ CHOICES = {
     "finetune.views": ("rotate", "views", "none"),
     "eval.encoder": ("momentum", "query"),
     "eval.features": ("backbone", "projector"),
+    "eval.projection": ("umap", "tsne"),
     "tracker.name": ("wandb", "tensorboard", "none"),
     "tracker.mode": ("offline", "online"),
 }
@@ -287,6 +296,13 @@ def validate(cfg: Config) -> None:
     if cfg.data.workers < 0:
         raise ConfigError(f"Config key 'data.workers' must be 0 or more, got {cfg.data.workers}.")
     check_balanced(cfg.data)
+    if cfg.train.eval_every < 0 or cfg.eval.online_samples < 2 or cfg.eval.probe_samples < 1:
+        raise ConfigError(f"Config keys 'train.eval_every' (0 = off), 'eval.online_samples' (>= 2) and "
+                          f"'eval.probe_samples' (>= 1) got {cfg.train.eval_every}, {cfg.eval.online_samples} "
+                          f"and {cfg.eval.probe_samples}.")
+    if cfg.train.eval_every and not cfg.eval.shards:
+        raise ConfigError("Config key 'train.eval_every' turns on online evaluation, which needs labelled held-out "
+                          "shards: set eval.shards, or train.eval_every=0.")
     if cfg.data.views.backend == "pil" and cfg.method.name not in ("ccrl", "simclr"):
         raise ConfigError(f"Config key 'data.views.backend' is 'pil', which makes query/key views in the workers; "
                           f"method '{cfg.method.name}' makes its own inputs: set data.views.backend=tensor.")
@@ -339,8 +355,17 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
+# Keys older sslkit versions stored in run directories and checkpoints; dropped on reading, so
+# their runs stay loadable. Each says what replaced it.
+RETIRED = {"eval.max_points_per_centroid": "eval.kmeans_max_train"}
+
+
 def from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config from ``to_dict`` output (as stored in a run directory)."""
+    data = copy.deepcopy(data)
+    for dotted in RETIRED:
+        section, _, key = dotted.rpartition(".")
+        data.get(section, {}).pop(key, None)
     return OmegaConf.to_object(_merge(OmegaConf.structured(Config), OmegaConf.create(data), "stored config"))
 
 

@@ -2,8 +2,9 @@
 
 1. make the demo shards under ``shards/demo/{train,eval}`` unless they are there;
 2. pretrain CCRL with ``configs/demo.yaml`` (resumes if a run is already there);
-3. embed the held-out crops with the momentum encoder, k-means + kNN, against raw
-   pixels and a randomly initialised backbone; print one table.
+3. embed the held-out crops with the momentum encoder; k-means, kNN and a linear probe,
+   against raw pixels and a randomly initialised backbone; plots; print one table;
+4. write the self-contained HTML report ``runs/demo/report.html``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def run_demo(*, shards: Path = Path("shards/demo"), overrides: list[str] | tuple
     from sslkit.cli import recipe_path
     from sslkit.engine import train
     from sslkit.evaluate.run import evaluate_run, format_table
+    from sslkit.report import write_report
 
     cfg = load_config(recipe_path("demo"), [f"data.shards={shards / 'train'}",
                                             f"eval.shards={shards / 'eval'}", *overrides])
@@ -49,5 +51,7 @@ def run_demo(*, shards: Path = Path("shards/demo"), overrides: list[str] | tuple
     results = evaluate_run(out)
     print()
     print(format_table(results))
-    print(f"\nRun directory: {run_dir(cfg)} (metrics in eval/metrics.json, training log in metrics.jsonl)")
+    report = write_report(out)
+    print(f"\nRun directory: {out} (metrics and plots in eval/, training log in metrics.jsonl)")
+    print(f"Report: {report} (open it in a browser; `sslkit export {out} --out demo.safetensors` exports the backbone)")
     return results

@@ -13,6 +13,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sslkit import dist
+from sslkit.data.augment import MEAN, STD
 from sslkit.data.stream import ShardSet, eval_loader
 
 
@@ -46,3 +47,24 @@ def embed_shards(
     all_keys = [k for p in parts for k in p[2]]
     order = np.argsort(np.asarray(all_keys), kind="stable")
     return all_feats[order], all_labels[order], [all_keys[i] for i in order]
+
+
+def load_crops(shards: ShardSet, keys: list[str] | set[str], *, size: int, channels: int, workers: int = 2,
+               max_samples: int | None = None) -> dict[str, np.ndarray]:
+    """The crops with the given sample keys, as the evaluation saw them: {key: (H, W, C) uint8}.
+
+    One pass over the shards (this process only), stopping once every key is found; for
+    galleries and heat maps, so only a few hundred crops are asked for.
+    """
+    wanted, found = set(keys), {}
+    loader = eval_loader(shards, size=size, channels=channels, batch_size=256, workers=workers, rank=0,
+                         world_size=1, max_samples=max_samples)
+    for batch in loader:
+        for image, key in zip(batch["image"], batch["key"]):
+            if key in wanted:
+                # eval_loader yields (x / 255 - MEAN) / STD: back to the stored 8-bit pixels.
+                pixels = ((image * STD + MEAN) * 255).round().clamp(0, 255).to(torch.uint8)
+                found[key] = pixels.permute(1, 2, 0).numpy()
+        if len(found) == len(wanted):
+            break
+    return found

@@ -146,6 +146,11 @@ def train(cfg: Config) -> Path:
     accum = cfg.train.grad_accum
     batches = batch_stream(shards, cfg, batches_per_epoch=batches_per_epoch, start=step * accum)
     make_inputs = _Inputs(method, cfg, accelerator.device)
+    online = None
+    if cfg.train.eval_every:
+        from sslkit.evaluate.online import OnlineEval  # faiss is imported only for evaluation
+
+        online = OnlineEval(cfg, device=accelerator.device)
     progress = tqdm(total=cfg.train.max_steps, initial=step, desc=cfg.method.name, unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     model.train()
@@ -180,6 +185,10 @@ def train(cfg: Config) -> Path:
             tracker.log(logs, step=step)
             progress.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{pairs:.0f}")
             t0, done_since_log = time.perf_counter(), 0
+        if online is not None and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
+            scores = online(method)
+            tracker.log(scores, step=step)
+            t0 += scores.get("online/seconds", 0.0)  # throughput counts training time only
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
             state = {"step": step, "run_id": tracker.run_id, "world_size": world, "config": to_dict(cfg),
                      "git": git_sha()}

@@ -83,3 +83,13 @@ def test_method_sections_are_validated():
         load_config(None, ["method.name=autoencoder", "data.views.backend=pil"])
     cfg = load_config(None, ["method.name=supcam", "method.roles=[I,TO]", "method.composite={T: 1, O: 1, TO: 1}"])
     assert cfg.method.composite == {"T": 1, "O": 1, "TO": 1}
+
+
+def test_stored_configs_with_retired_keys_still_load():
+    from sslkit.config import from_dict, to_dict
+
+    stored = to_dict(load_config(recipe_path("demo")))
+    stored["eval"]["max_points_per_centroid"] = 1_000_000  # written by an earlier sslkit
+    cfg = from_dict(stored)
+    assert cfg.eval.kmeans_max_train == load_config(recipe_path("demo")).eval.kmeans_max_train
+    assert "max_points_per_centroid" in stored["eval"]  # the caller's dict is not modified

@@ -9,7 +9,8 @@ from sslkit.cli import main
 TINY = [
     "model.backbone_kwargs.width=4", "model.projector=[16,8]", "model.predictor=[8,8]",
     "method.queue_size=64", "data.batch_size=32", "data.shuffle_buffer=64", "data.workers=1",
-    "train.max_steps=4", "train.ckpt_every=2", "eval.restarts=1", "eval.knn_k=5",
+    "train.max_steps=4", "train.ckpt_every=2", "eval.restarts=1", "eval.knn_k=5", "eval.online_samples=48",
+    "eval.projection=tsne",  # UMAP's first fit compiles for ~20 s; tests/evaluate/test_plots.py covers it
 ]
 
 
@@ -29,8 +30,9 @@ def test_demo_end_to_end_tiny(tmp_path, capsys, monkeypatch):
 
     assert (run / "config.yaml").read_text().startswith("# git:")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [4]  # log_every 10 from configs/demo.yaml: only the last step is logged
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [4]  # log_every 10 from configs/demo.yaml: the last step
+    assert [r["step"] for r in rows if "online/knn_top1" in r] == [4]  # eval_every 50: at the end only
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb")), "W&B offline run was written"
 
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
@@ -43,6 +45,11 @@ def test_demo_end_to_end_tiny(tmp_path, capsys, monkeypatch):
     amis = {metrics["cluster"]["ami"], metrics["baselines"]["raw_pixels"]["cluster"]["ami"],
             metrics["baselines"]["random_init"]["cluster"]["ami"]}
     assert len(amis) == 3
+    # Plots and the report: every figure listed is on disk and inside report.html.
+    assert {fig["name"] for fig in metrics["figures"]} >= {"curves", "embedding_map", "cluster_confusion", "gallery"}
+    page = (run / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(metrics["figures"])
+    assert "Report:" in out and "sslkit export" in out
 
 
 def test_bad_override_is_one_clear_sentence(tmp_path, capsys):

@@ -33,7 +33,7 @@ def evaluate_embeddings(
     restarts: int = 5,
     niter: int = 50,
     seed: int = 0,
-    max_points_per_centroid: int | None = None,
+    max_train_points: int | None = None,
     knn_k: int = 20,
     knn_tau: float = 0.07,
     normalize: bool = True,
@@ -43,7 +43,7 @@ def evaluate_embeddings(
     Args:
         x: (N, D) embeddings.
         labels: (N,) ground-truth classes.
-        k, restarts, niter, seed, max_points_per_centroid, normalize: as in
+        k, restarts, niter, seed, max_train_points, normalize: as in
             :func:`cluster_eval` (k defaults to the number of distinct labels).
         knn_k, knn_tau: neighbours and temperature of :func:`knn_eval` (always cosine).
 
@@ -59,7 +59,7 @@ def evaluate_embeddings(
             restarts=restarts,
             niter=niter,
             seed=seed,
-            max_points_per_centroid=max_points_per_centroid,
+            max_train_points=max_train_points,
             normalize=normalize,
         ),
         "knn": knn_eval(x, labels, k=knn_k, tau=knn_tau),

@@ -1,15 +1,24 @@
 """k-means on embeddings with ``faiss.Kmeans`` (GPU build used when present).
 
-FAISS is imported only inside ``sslkit.evaluate``. ``faiss.Kmeans`` trains on at most
-``max_points_per_centroid * k`` points and silently subsamples the rest (STACK-NOTES.md),
-so :func:`kmeans` always sets that limit explicitly, by default high enough that every
-point is used.
+FAISS is imported only inside ``sslkit.evaluate``. For large N, :func:`kmeans` trains on a
+seeded uniform sample of ``max_train_points`` rows, drawn here, and then assigns every
+point to the final centroids. ``faiss.Kmeans`` would otherwise subsample silently to
+``max_points_per_centroid * k`` rows (STACK-NOTES.md), so that limit is always set above
+the number of rows it is given.
+
+On CPU, the restarts run in parallel threads with faiss single-threaded in each. faiss's
+own OpenMP splits every search into many short parallel regions; when the cores are
+shared with other processes each region waits for a descheduled thread, and two OpenMP
+threads ran 8-19x slower than one on a loaded 2-core machine. Whole tasks per thread
+keep the parallelism coarse, as scikit-learn's k-means does.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import faiss
 import numpy as np
@@ -18,10 +27,35 @@ from sslkit.evaluate.metrics import cluster_metrics
 
 __all__ = ["faiss_gpu_available", "as_features", "kmeans", "cluster_eval"]
 
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+# faiss's Clustering seeds restart r with seed + r * 15486557: the same seeds make the
+# parallel restarts here give exactly what faiss's own ``nredo`` loop gives.
+_REDO_SEED_STRIDE = 15486557
+_ASSIGN_CHUNK = 65536  # rows per assignment task: ~10 ms of work each, few tasks
+
 
 def faiss_gpu_available() -> bool:
     """True when the installed faiss is a GPU build and sees at least one GPU."""
     return bool(hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0)
+
+
+def worker_threads() -> int:
+    """Threads for faiss work on CPU: faiss's OpenMP limit (``OMP_NUM_THREADS`` or
+    ``faiss.omp_set_num_threads``), so the usual knob still caps it."""
+    return max(1, int(faiss.omp_get_max_threads()))
+
+
+def thread_map(fn: Callable[[_T], _R], items: Sequence[_T], *, workers: int | None = None) -> list[_R]:
+    """``[fn(item) for item in items]`` on ``workers`` threads, faiss single-threaded in each.
+
+    faiss releases the GIL while it computes, so the threads run in parallel. The results
+    come back in the order of ``items`` and do not depend on the number of workers.
+    """
+    workers = min(len(items), workers or worker_threads()) or 1
+    with ThreadPoolExecutor(workers, initializer=faiss.omp_set_num_threads, initargs=(1,)) as pool:
+        return list(pool.map(fn, items))
 
 
 def as_features(x: Any, *, name: str = "x", normalize: bool = False) -> np.ndarray:
@@ -50,12 +84,15 @@ def as_features(x: Any, *, name: str = "x", normalize: bool = False) -> np.ndarr
             "check the encoder outputs (e.g. a diverged run) before evaluating."
         )
     if normalize:
-        arr = arr.copy()  # never normalise the caller's array in place
-        faiss.normalize_L2(arr)  # rows with zero norm are left as they are
+        # A new array: the caller's is never changed. numpy rather than faiss.normalize_L2,
+        # whose OpenMP loop suffers on shared cores like the searches do.
+        norms = np.sqrt(np.einsum("ij,ij->i", arr, arr))  # (N,)
+        arr = arr / np.where(norms > 0, norms, 1.0).astype(np.float32)[:, None]  # zero rows stay zero
     return arr
 
 
-def _resolve_gpu(gpu: bool | None) -> bool:
+def resolve_gpu(gpu: bool | None) -> bool:
+    """``None`` -> whether a faiss GPU is available; ``True`` requires one."""
     if gpu is None:
         return faiss_gpu_available()
     if gpu and not faiss_gpu_available():
@@ -66,42 +103,9 @@ def _resolve_gpu(gpu: bool | None) -> bool:
     return bool(gpu)
 
 
-def kmeans(
-    x: Any,
-    *,
-    k: int,
-    restarts: int = 5,
-    niter: int = 50,
-    seed: int = 0,
-    max_points_per_centroid: int | None = None,
-    gpu: bool | None = None,
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """k-means with ``faiss.Kmeans``, best of ``restarts`` runs.
-
-    Args:
-        x: (N, D) embeddings; converted to contiguous float32.
-        k: number of clusters, 1 <= k <= N.
-        restarts: independent runs (faiss ``nredo``); the lowest objective is kept.
-        niter: Lloyd iterations per run.
-        seed: faiss random seed (initial centroids, and subsampling if any).
-        max_points_per_centroid: faiss trains on at most this many points per centroid.
-            Default ``ceil(N / k) + 1``, so all N points are used. A smaller value
-            makes faiss subsample (quietly) to ``max_points_per_centroid * k`` points.
-        gpu: ``None`` uses a faiss GPU when one is available, ``False`` never does,
-            ``True`` requires one.
-
-    Returns:
-        assignments: (N,) int64 cluster index of each point.
-        centroids: (k, D) float32.
-        objective: sum over all N points of the squared L2 distance to the assigned
-            centroid, for the returned centroids (comparable to scikit-learn's
-            ``KMeans.inertia_``; faiss's own last ``obj`` lags one update behind).
-
-    Raises:
-        ValueError: for N < k, k < 1, NaN/inf in ``x``, or ``gpu=True`` without a GPU.
-    """
-    arr = as_features(x)
-    n, d = arr.shape
+def _check_kmeans_args(
+    n: int, k: int, restarts: int, niter: int, max_train_points: int | None, tol: float
+) -> None:
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}.")
     if n < k:
@@ -111,25 +115,121 @@ def kmeans(
         )
     if restarts < 1 or niter < 1:
         raise ValueError(f"restarts and niter must be >= 1, got {restarts} and {niter}.")
-    if max_points_per_centroid is None:
-        max_points_per_centroid = math.ceil(n / k) + 1
-    if max_points_per_centroid < 1:
-        raise ValueError(f"max_points_per_centroid must be >= 1, got {max_points_per_centroid}.")
+    if max_train_points is not None and max_train_points < k:
+        raise ValueError(
+            f"max_train_points={max_train_points} is smaller than k={k}; set eval.kmeans_max_train "
+            "to at least k (or null to train on all points)."
+        )
+    if not 0.0 <= tol < 1.0:
+        raise ValueError(f"tol must be in [0, 1), got {tol}.")
 
-    km = faiss.Kmeans(
-        d,
-        int(k),
-        niter=int(niter),
-        nredo=int(restarts),
-        seed=int(seed),
-        max_points_per_centroid=int(max_points_per_centroid),
-        gpu=_resolve_gpu(gpu),
-    )
-    km.train(arr)
-    # Assign with the final centroids; D holds squared L2 distances.
-    sq_dist, assign = km.assign(arr)
-    objective = float(np.sum(sq_dist, dtype=np.float64))
-    return assign.astype(np.int64), np.asarray(km.centroids, dtype=np.float32), objective
+
+def training_sample(n: int, max_train_points: int | None, *, seed: int) -> np.ndarray | None:
+    """Sorted row indices of the seeded uniform training sample, or None for all N rows."""
+    if max_train_points is None or n <= max_train_points:
+        return None
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=max_train_points, replace=False))
+
+
+def _assign(arr: np.ndarray, centroids: np.ndarray, *, gpu: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid of every row: (N,) squared L2 distances and (N,) int64 indices."""
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(centroids)
+    if gpu:
+        sq_dist, assign = faiss.index_cpu_to_all_gpus(index).search(arr, 1)
+        return sq_dist[:, 0], assign[:, 0].astype(np.int64)
+    n = arr.shape[0]
+    sq_dist = np.empty(n, dtype=np.float32)
+    assign = np.empty(n, dtype=np.int64)
+
+    def search(start: int) -> None:  # each task writes its own rows
+        stop = min(start + _ASSIGN_CHUNK, n)
+        dist, idx = index.search(arr[start:stop], 1)  # concurrent searches are safe on CPU
+        sq_dist[start:stop], assign[start:stop] = dist[:, 0], idx[:, 0]
+
+    thread_map(search, range(0, n, _ASSIGN_CHUNK))
+    return sq_dist, assign
+
+
+def sample_size(limit: int | None, k: int) -> int | None:
+    """The ``max_train_points`` that evaluation uses: ``limit`` (``eval.kmeans_max_train``) but never
+    fewer than faiss's own 256 points per cluster, so a large k is not starved; None: all points."""
+    return None if limit is None else max(int(limit), 256 * int(k))
+
+
+def kmeans(
+    x: Any,
+    *,
+    k: int,
+    restarts: int = 5,
+    niter: int = 50,
+    seed: int = 0,
+    max_train_points: int | None = None,
+    tol: float = 1e-4,
+    gpu: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """k-means with ``faiss.Kmeans`` (k-means++ seeding), best of ``restarts`` runs.
+
+    Each run seeds with k-means++ and does Lloyd iterations until the objective improves
+    by less than ``tol`` (relative) or ``niter`` is reached. The run with the lowest
+    training objective is kept, and then all N points are assigned to its centroids.
+
+    Args:
+        x: (N, D) embeddings; converted to contiguous float32.
+        k: number of clusters, 1 <= k <= N.
+        restarts: independent runs (faiss ``nredo``); run r is seeded with
+            ``seed + r * 15486557`` as in faiss, so the result equals faiss's own loop.
+        niter: most Lloyd iterations per run.
+        seed: seeds the training sample and the runs.
+        max_train_points: train on a seeded uniform sample of this many rows when
+            N exceeds it; ``None`` trains on all N rows. Assignment always covers all N.
+        tol: stop a run once ``(obj_prev - obj) / obj_prev < tol`` (faiss's
+            ``early_stop_threshold``); 0 runs ``niter`` iterations unless the objective
+            stops changing.
+        gpu: ``None`` uses a faiss GPU when one is available, ``False`` never does,
+            ``True`` requires one.
+
+    Returns:
+        assignments: (N,) int64 cluster index of each point.
+        centroids: (k, D) float32.
+        objective: sum over all N points of the squared L2 distance to the assigned
+            centroid (comparable to scikit-learn's ``KMeans.inertia_``).
+
+    Raises:
+        ValueError: for N < k, k < 1, ``max_train_points`` < k, NaN/inf in ``x``, or
+            ``gpu=True`` without a GPU.
+    """
+    arr = as_features(x)
+    n, d = arr.shape
+    _check_kmeans_args(n, k, restarts, niter, max_train_points, tol)
+    sample = training_sample(n, max_train_points, seed=seed)
+    train = arr if sample is None else arr[sample]
+    use_gpu = resolve_gpu(gpu)
+
+    def run(run_seed: int) -> tuple[float, np.ndarray]:
+        km = faiss.Kmeans(
+            d,
+            int(k),
+            niter=int(niter),
+            nredo=1,
+            seed=run_seed,
+            # Above the sample size, so faiss trains on every row it is given.
+            max_points_per_centroid=math.ceil(train.shape[0] / k) + 1,
+            init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
+            early_stop_threshold=float(tol),
+            verbose=False,
+            gpu=use_gpu,
+        )
+        km.train(train)
+        # faiss keeps the restart with the lowest last objective; so does min() below.
+        return float(km.obj[-1]), np.asarray(km.centroids, dtype=np.float32)
+
+    seeds = [(int(seed) + r * _REDO_SEED_STRIDE) % 2**31 for r in range(restarts)]
+    runs = [run(s) for s in seeds] if use_gpu else thread_map(run, seeds)
+    centroids = min(runs, key=lambda r: r[0])[1]
+    sq_dist, assign = _assign(arr, centroids, gpu=use_gpu)
+    return assign, centroids, float(np.sum(sq_dist, dtype=np.float64))
 
 
 def cluster_eval(
@@ -140,7 +240,7 @@ def cluster_eval(
     restarts: int = 5,
     niter: int = 50,
     seed: int = 0,
-    max_points_per_centroid: int | None = None,
+    max_train_points: int | None = None,
     normalize: bool = True,
 ) -> dict[str, float | int]:
     """Cluster embeddings with :func:`kmeans` and score the clusters against labels.
@@ -149,7 +249,7 @@ def cluster_eval(
         x: (N, D) embeddings.
         labels: (N,) ground-truth classes.
         k: number of clusters; default the number of distinct labels.
-        restarts, niter, seed, max_points_per_centroid: passed to :func:`kmeans`.
+        restarts, niter, seed, max_train_points: passed to :func:`kmeans`.
         normalize: L2-normalise rows before clustering (cosine geometry).
 
     Returns:
@@ -174,7 +274,7 @@ def cluster_eval(
         restarts=restarts,
         niter=niter,
         seed=seed,
-        max_points_per_centroid=max_points_per_centroid,
+        max_train_points=max_train_points,
     )
     out: dict[str, float | int] = dict(cluster_metrics(y, assign))
     out["k"] = int(k)

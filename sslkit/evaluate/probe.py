@@ -1,12 +1,17 @@
-"""Test metrics of a fine-tuned (or linear-probe) classifier: predict the evaluation shards,
-score with ``classification_metrics``, add the per-class report and the confusion matrix.
+"""Classifiers on top of embeddings, and their scores.
 
-    results = evaluate_classifier("runs/supcam-finetune")   # writes eval/classification.json
+Two kinds, scored the same way (``probe_report``: macro metrics, per-class table, confusion matrix):
+
+- the **linear probe**: logistic regression on frozen features (``linear_probe``), fitted on
+  labelled training embeddings or, without them, cross-validated on the evaluation set
+  (``cv_probe``); ``sslkit evaluate`` runs it for every encoder and baseline (the ``probe``
+  block of ``eval/metrics.json``, DESIGN.md);
+- a run's **own classifier head** (SCL, fine-tuned runs): ``evaluate_classifier`` predicts the
+  evaluation shards and writes ``eval/classification.json``, ``eval/predictions.npz``
+  (probabilities (N, K), labels (N,), keys (N,)) and the ``classifier`` block of ``metrics.json``.
+
+    results = evaluate_classifier("runs/supcam-finetune")
     print(format_report(results))
-
-Written to ``RUN/eval/``: ``classification.json`` (everything below), ``predictions.npz``
-(probabilities (N, K), labels (N,), keys (N,)) and the ``probe`` block of ``metrics.json``
-(DESIGN.md), merged into the file if ``sslkit evaluate`` wrote one.
 """
 
 from __future__ import annotations
@@ -19,10 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn import metrics as skm
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from sslkit import dist
-from sslkit.config import ConfigError
-from sslkit.data.stream import resolve_shards
+from sslkit.config import Config, ConfigError
+from sslkit.data.stream import ShardSet, resolve_shards
 from sslkit.embed import embed_shards
 from sslkit.evaluate.metrics import classification_metrics
 
@@ -61,6 +70,46 @@ def probe_report(probs: np.ndarray, labels: np.ndarray, *, classes: list[str] | 
     }
 
 
+def _probe_model(seed: int) -> Pipeline:
+    # Standardised features, L2-regularised multinomial logistic regression (C = 1): the usual
+    # frozen-feature probe; lbfgs converges well within 1,000 iterations on standardised inputs.
+    return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000, random_state=seed))
+
+
+def _full_columns(probs: np.ndarray, seen: np.ndarray, num_classes: int) -> np.ndarray:
+    """Probabilities over the classes the model saw -> (N, num_classes), zeros for unseen classes."""
+    out = np.zeros((probs.shape[0], num_classes))
+    out[:, seen] = probs
+    return out
+
+
+def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
+                 classes: list[str], seed: int = 0) -> dict[str, Any]:
+    """Fit logistic regression on (N, D) training features with labels in 0..K-1, score the test set.
+
+    Returns :func:`probe_report` of the test predictions plus ``protocol`` and ``train_samples``.
+    """
+    model = _probe_model(seed).fit(train_x, train_y)
+    probs = _full_columns(model.predict_proba(test_x), model.classes_, len(classes))
+    return {**probe_report(probs, test_y, classes=classes), "protocol": "train split",
+            "train_samples": int(len(train_y))}
+
+
+def cv_probe(x: np.ndarray, y: np.ndarray, *, classes: list[str], folds: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Linear probe without a training split: stratified k-fold, each sample predicted by the model
+    fitted on the other folds. ``folds`` shrinks to the smallest class size (at least 2)."""
+    smallest = int(np.bincount(y)[np.unique(y)].min())
+    if smallest < 2:
+        raise ValueError("A cross-validated probe needs at least two samples of every class present; "
+                         "evaluate on more samples (eval.max_samples) or give labelled training shards.")
+    folds = min(folds, smallest)
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    probs = cross_val_predict(_probe_model(seed), x, y, cv=cv, method="predict_proba")
+    probs = _full_columns(probs, np.unique(y), len(classes))
+    return {**probe_report(probs, y, classes=classes), "protocol": f"{folds}-fold cross-validation",
+            "train_samples": int(len(y) - len(y) // folds)}
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
@@ -68,7 +117,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def write_results(out: Path, results: dict[str, Any], probs: np.ndarray, labels: np.ndarray, keys: list[str]) -> None:
-    """``classification.json``, ``predictions.npz`` and the ``probe`` block of ``metrics.json`` in ``out``."""
+    """``classification.json``, ``predictions.npz`` and the ``classifier`` block of ``metrics.json`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "predictions.tmp.npz"
     np.savez(tmp, probabilities=probs.astype(np.float32), labels=labels, keys=np.asarray(keys))
@@ -76,8 +125,29 @@ def write_results(out: Path, results: dict[str, Any], probs: np.ndarray, labels:
     _write_json(out / "classification.json", results)
     metrics_path = out / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    metrics["probe"] = {key: results["probe"][key] for key in PROBE_KEYS if key in results["probe"]}
+    metrics["classifier"] = {key: results["probe"][key] for key in PROBE_KEYS if key in results["probe"]}
     _write_json(metrics_path, metrics)
+
+
+def classify_shards(cfg: Config, method: torch.nn.Module, state: dict[str, Any], shards: ShardSet, *,
+                    run_dir: Path, device: str) -> dict[str, Any]:
+    """Predict ``shards`` with the method's classifier head; write (main process) and return the scores,
+    with the (N, K) ``probs``, (N,) ``labels`` and ``keys`` they came from."""
+    method.to(device)
+    probs, labels, keys = embed_shards(method.predict, shards, size=cfg.data.size, channels=cfg.data.channels,
+                                       batch_size=cfg.eval.batch_size, workers=cfg.data.workers, device=device,
+                                       max_samples=cfg.eval.max_samples, desc="predict")
+    if (labels < 0).any():
+        raise ConfigError(f"The evaluation shards at '{cfg.eval.shards}' hold {int((labels < 0).sum())} unlabelled "
+                          "samples; point eval.shards at labelled shards.")
+    results = {
+        **probe_report(probs, labels, classes=shards.classes),
+        "method": cfg.method.name, "init": cfg.finetune.init, "freeze_backbone": cfg.finetune.freeze_backbone,
+        "eval_shards": cfg.eval.shards, "step": state["step"], "checkpoint": state["checkpoint"],
+    }
+    if dist.is_main_process():
+        write_results(Path(run_dir) / "eval", results, probs, labels, keys)
+    return {**results, "probs": probs, "labels": labels, "keys": keys}  # the arrays for the figures
 
 
 def evaluate_classifier(run_dir: str | Path, *, device: str | None = None) -> dict[str, Any]:
@@ -92,23 +162,8 @@ def evaluate_classifier(run_dir: str | Path, *, device: str | None = None) -> di
     if not cfg.eval.shards:
         raise ConfigError(f"The run '{run_dir}' has no eval.shards; classification metrics need held-out "
                           "labelled shards.")
-    shards = resolve_shards(cfg.eval.shards)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    method.to(device)
-    probs, labels, keys = embed_shards(method.predict, shards, size=cfg.data.size, channels=cfg.data.channels,
-                                       batch_size=cfg.eval.batch_size, workers=cfg.data.workers, device=device,
-                                       max_samples=cfg.eval.max_samples, desc="predict")
-    if (labels < 0).any():
-        raise ConfigError(f"The evaluation shards at '{cfg.eval.shards}' hold {int((labels < 0).sum())} unlabelled "
-                          "samples; point eval.shards at labelled shards.")
-    results = {
-        **probe_report(probs, labels, classes=shards.classes),
-        "method": cfg.method.name, "init": cfg.finetune.init, "freeze_backbone": cfg.finetune.freeze_backbone,
-        "eval_shards": cfg.eval.shards, "step": state["step"], "checkpoint": state["checkpoint"],
-    }
-    if dist.is_main_process():
-        write_results(run_dir / "eval", results, probs, labels, keys)
-    return results
+    return classify_shards(cfg, method, state, resolve_shards(cfg.eval.shards), run_dir=run_dir, device=device)
 
 
 def format_report(results: dict[str, Any]) -> str:

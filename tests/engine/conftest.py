@@ -6,7 +6,7 @@ from sslkit.sharding.synthetic import make_synthetic
 TINY = [
     "model.backbone_kwargs.width=4", "model.projector=[16,8]", "model.predictor=[8,8]",
     "method.queue_size=64", "data.batch_size=16", "data.shuffle_buffer=64", "data.workers=1",
-    "tracker.name=none", "train.log_every=1", "optim.warmup_steps=2",
+    "tracker.name=none", "train.log_every=1", "optim.warmup_steps=2", "train.eval_every=0",
 ]
 
 

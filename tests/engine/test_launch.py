@@ -23,7 +23,8 @@ def test_accelerate_launch_two_cpu_processes(tiny_shards, tmp_path):
     run = tmp_path / "run"
     cmd = [accelerate, "launch", "--config_file", str(ROOT / "launch" / "cpu-2proc.yaml"), "-m", "sslkit",
            "pretrain", "demo", *TINY, f"data.shards={tiny_shards / 'train'}", f"run.dir={run}",
-           "train.max_steps=3", "method.queue_size=256"]
+           "train.max_steps=3", "method.queue_size=256", f"eval.shards={tiny_shards / 'eval'}",
+           "train.eval_every=2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("Run directory:") == 1  # only the main process prints
@@ -34,4 +35,8 @@ def test_accelerate_launch_two_cpu_processes(tiny_shards, tmp_path):
     weights = load_file(str(ckpt / "model.safetensors"))
     assert int(weights["queue.filled"]) == 3 * 16 * 2
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3]  # one writer, not two
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]  # one writer, not two
+    # Online evaluation at step 2 and at the end: both ranks embedded their share of all 96 crops.
+    online = [r for r in rows if "online/knn_top1" in r]
+    assert [r["step"] for r in online] == [2, 3]
+    assert all(r["online/samples"] == 96 and 0.0 <= r["online/knn_top1"] <= 1.0 for r in online)

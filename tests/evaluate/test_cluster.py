@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 from sklearn.cluster import KMeans
@@ -48,21 +49,108 @@ def test_objective_matches_sklearn_inertia() -> None:
     assert obj == pytest.approx(ref.inertia_, rel=1e-4)
 
 
-def test_default_trains_on_all_points_no_silent_subsampling() -> None:
-    # N = 300 * k > faiss's default cap of 256 * k. Blobs are far apart, so Lloyd
-    # converges at once and each final centroid is the mean of the points trained on.
-    k = 4
-    rng = np.random.default_rng(2)
+def _four_corners(per: int, seed: int = 2) -> np.ndarray:
+    # Four blobs 100 apart with unit noise: Lloyd converges at once and each final
+    # centroid is the mean of the points of its blob that it was trained on.
+    rng = np.random.default_rng(seed)
     centers = np.array([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0], [100.0, 100.0]])
-    x = (np.repeat(centers, 300, axis=0) + rng.normal(size=(1200, 2))).astype(np.float32)
-    assign, centroids, _ = kmeans(x, k=k, restarts=1, niter=10)
-    exact = np.stack([x[assign == c].astype(np.float64).mean(axis=0) for c in range(k)])
-    np.testing.assert_allclose(centroids, exact, atol=1e-3)
-    # Control: capping at 256 per centroid makes faiss train on 1,024 of 1,200 points,
-    # and the centroids visibly move off the full-data means (about 0.02 per coord).
-    assign_s, centroids_s, _ = kmeans(x, k=k, restarts=1, niter=10, max_points_per_centroid=256)
-    exact_s = np.stack([x[assign_s == c].astype(np.float64).mean(axis=0) for c in range(k)])
-    assert np.abs(centroids_s - exact_s).max() > 5e-3
+    return (np.repeat(centers, per, axis=0) + rng.normal(size=(4 * per, 2))).astype(np.float32)
+
+
+def _means(x: np.ndarray, assign: np.ndarray, k: int) -> np.ndarray:
+    return np.stack([x[assign == c].astype(np.float64).mean(axis=0) for c in range(k)])
+
+
+def test_default_trains_on_all_points_no_silent_subsampling() -> None:
+    # N = 300 * k > faiss's default cap of 256 * k points, above which it subsamples.
+    x = _four_corners(300)
+    assign, centroids, _ = kmeans(x, k=4, restarts=1, niter=10)
+    np.testing.assert_allclose(centroids, _means(x, assign, 4), atol=1e-3)
+
+
+class _TrainSpy:
+    """Records the matrix and parameters of every faiss.Kmeans.train call."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[tuple[np.ndarray, int, int]] = []
+        real_train = faiss.Kmeans.train
+        spy = self
+
+        def train(km, x, *args, **kwargs):
+            spy.calls.append((np.array(x), km.cp.max_points_per_centroid, km.k))
+            return real_train(km, x, *args, **kwargs)
+
+        monkeypatch.setattr(faiss.Kmeans, "train", train)
+
+
+def test_max_train_points_trains_on_a_seeded_sample_and_assigns_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = _four_corners(300)  # N = 1200
+    x[:, 0] += np.arange(1200) * 1e-3  # every row distinct, so rows can be traced back
+    spy = _TrainSpy(monkeypatch)
+    assign, centroids, obj = kmeans(x, k=4, restarts=3, niter=10, seed=5, max_train_points=500)
+    assert len(spy.calls) == 3  # one faiss run per restart ...
+    rows = {r.tobytes(): i for i, r in enumerate(x)}
+    sample = spy.calls[0][0]
+    for trained, max_per_centroid, k in spy.calls:
+        # ... each on the same 500 distinct rows of x, which faiss may not subsample again.
+        np.testing.assert_array_equal(trained, sample)
+        assert max_per_centroid * k >= 500
+    picked = [rows[r.tobytes()] for r in sample]
+    assert sample.shape == (500, 2) and len(set(picked)) == 500
+    # The centroids are the means of the sampled rows, not of all 1,200 ...
+    sample_assign = np.argmin(((sample[:, None, :] - centroids[None]) ** 2).sum(-1), axis=1)
+    np.testing.assert_allclose(centroids, _means(sample, sample_assign, 4), atol=1e-3)
+    assert np.abs(centroids - _means(x, assign, 4)).max() > 5e-3
+    # ... and every one of the N points is assigned to its nearest final centroid.
+    sq = ((x.astype(np.float64)[:, None, :] - centroids.astype(np.float64)[None]) ** 2).sum(-1)
+    assert assign.shape == (1200,)
+    np.testing.assert_array_equal(assign, sq.argmin(axis=1))
+    assert obj == pytest.approx(sq.min(axis=1).sum(), rel=1e-5)
+    # Seeded: the same seed draws the same sample, another seed another one.
+    kmeans(x, k=4, restarts=1, niter=10, seed=5, max_train_points=500)
+    np.testing.assert_array_equal(spy.calls[-1][0], sample)
+    kmeans(x, k=4, restarts=1, niter=10, seed=6, max_train_points=500)
+    assert not np.array_equal(spy.calls[-1][0], sample)
+
+
+def test_max_train_points_at_or_above_n_trains_on_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = _four_corners(50)
+    spy = _TrainSpy(monkeypatch)
+    kmeans(x, k=4, restarts=1, niter=5, max_train_points=200)
+    kmeans(x, k=4, restarts=1, niter=5, max_train_points=None)
+    for trained, _, _ in spy.calls:
+        np.testing.assert_array_equal(trained, x)
+    with pytest.raises(ValueError, match="max_train_points=3 is smaller than k=4"):
+        kmeans(x, k=4, max_train_points=3)
+
+
+def test_sampled_training_still_separates_blobs() -> None:
+    x, y = _blobs(k=6, per=2000, d=16, spread=20.0, seed=8)
+    m = cluster_eval(x, y, restarts=2, niter=20, max_train_points=600)
+    assert m["ami"] == pytest.approx(1.0)
+    assert m["acc"] == pytest.approx(1.0)
+
+
+def test_parallel_restarts_equal_faiss_nredo() -> None:
+    # Restarts run in threads with faiss's own per-restart seeds: the best centroids are
+    # exactly those of a single faiss.Kmeans call with nredo, whatever the thread count.
+    x, _ = _blobs(k=6, per=150, d=8, spread=1.5, seed=9)  # overlapping: restarts differ
+    ref = faiss.Kmeans(
+        8, 6, niter=15, nredo=4, seed=11, max_points_per_centroid=10_000, verbose=False,
+        init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS, early_stop_threshold=0.0,
+    )
+    ref.train(x)
+    _, centroids, _ = kmeans(x, k=6, restarts=4, niter=15, seed=11, tol=0.0, gpu=False)
+    np.testing.assert_array_equal(centroids, ref.centroids)
+    _, first_only, _ = kmeans(x, k=6, restarts=1, niter=15, seed=11, tol=0.0, gpu=False)
+    assert not np.array_equal(first_only, centroids)  # a later restart won: not trivial
+    before = faiss.omp_get_max_threads()
+    try:
+        faiss.omp_set_num_threads(1)  # one worker thread: the restarts run one by one
+        _, one_thread, _ = kmeans(x, k=6, restarts=4, niter=15, seed=11, tol=0.0, gpu=False)
+    finally:
+        faiss.omp_set_num_threads(before)
+    np.testing.assert_array_equal(one_thread, centroids)
 
 
 def test_fewer_points_than_clusters_raises() -> None:

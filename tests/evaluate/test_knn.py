@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import faiss
 import numpy as np
 import pytest
 import torch
 
-from sslkit.evaluate import knn_eval, knn_predict
+from sslkit.evaluate import faiss_gpu_available, knn_eval, knn_predict
 
 
 def _torch_knn(bank, bank_y, query, *, k, tau, num_classes, leave_one_out=False):
@@ -120,3 +121,29 @@ def test_knn_eval_arbitrary_labels_and_errors() -> None:
         knn_predict(x, y, np.ones((2, 3)))
     with pytest.raises(ValueError, match="integer class indices"):
         knn_predict(x, names, x)
+
+
+def test_result_does_not_depend_on_thread_count() -> None:
+    rng = np.random.default_rng(4)
+    bank = rng.normal(size=(500, 16))
+    bank_y = rng.integers(0, 3, size=500)
+    p_many, s_many = knn_predict(bank, bank_y, bank, k=7, leave_one_out=True, chunk_size=64, gpu=False)
+    before = faiss.omp_get_max_threads()
+    try:
+        faiss.omp_set_num_threads(1)  # one worker thread: the chunks run one by one
+        p_one, s_one = knn_predict(bank, bank_y, bank, k=7, leave_one_out=True, chunk_size=64, gpu=False)
+    finally:
+        faiss.omp_set_num_threads(before)
+    np.testing.assert_array_equal(p_many, p_one)
+    np.testing.assert_array_equal(s_many, s_one)
+
+
+@pytest.mark.skipif(faiss_gpu_available(), reason="a faiss GPU is present")
+def test_gpu_true_without_gpu_raises() -> None:
+    x, y = _triplet_bank()
+    with pytest.raises(ValueError, match="no usable GPU"):
+        knn_predict(x, y, x, k=2, gpu=True)
+    with pytest.raises(ValueError, match="no usable GPU"):
+        knn_eval(x, y, k=2, gpu=True)
+    # gpu=None falls back to the CPU without a GPU and gives the CPU result.
+    assert knn_eval(x, y, k=1, gpu=None) == knn_eval(x, y, k=1, gpu=False)

@@ -79,7 +79,7 @@ def test_files_and_report(tmp_path):
     write_results(out, r, PROBS, LABELS, keys)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["cluster"] == {"ami": 0.5}
-    assert set(metrics["probe"]) == {"accuracy", "precision", "sensitivity", "specificity", "f1", "auc"}
+    assert set(metrics["classifier"]) == {"accuracy", "precision", "sensitivity", "specificity", "f1", "auc"}
     saved = json.loads((out / "classification.json").read_text())
     assert saved["confusion_matrix"] == r["confusion_matrix"]
     pred = np.load(out / "predictions.npz")
@@ -90,3 +90,58 @@ def test_files_and_report(tmp_path):
     assert "touching" in text and "macro avg" in text
     row = next(line for line in text.splitlines()[::-1] if line.startswith("single"))
     assert [int(v) for v in row.split()[1:]] == [2, 1, 0]
+
+
+def _blobs(n_per_class, *, classes=3, dim=8, spread=0.3, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, (classes, dim))
+    y = np.repeat(np.arange(classes), n_per_class)
+    return centres[y] + rng.normal(0, spread, (len(y), dim)), y
+
+
+def test_linear_probe_separable_and_agrees_with_sklearn():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from sslkit.evaluate.probe import linear_probe
+
+    x, y = _blobs(40)
+    rng = np.random.default_rng(5)  # a test set around the same class centres
+    centres = np.stack([x[y == c].mean(0) for c in range(3)])
+    yt = np.repeat(np.arange(3), 20)
+    xt = centres[yt] + rng.normal(0, 0.3, (60, 8))
+    r = linear_probe(x, y, xt, yt, classes=NAMES)
+    assert r["probe"]["accuracy"] == 1.0 and r["protocol"] == "train split" and r["train_samples"] == 120
+    # An independent fit with scikit-learn directly gives the same predictions.
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000, random_state=0)).fit(x, y)
+    cm = np.zeros((3, 3), int)
+    np.add.at(cm, (yt, ref.predict(xt)), 1)
+    assert r["confusion_matrix"] == cm.tolist()
+
+
+def test_linear_probe_pads_classes_missing_from_training():
+    from sslkit.evaluate.probe import linear_probe
+
+    x, y = _blobs(30)
+    keep = y != 2  # class 2 never seen in training: its column is all zeros, it is never predicted
+    r = linear_probe(x[keep], y[keep], x, y, classes=NAMES)
+    assert r["per_class"]["overlap"]["sensitivity"] == 0.0
+    assert np.array(r["confusion_matrix"])[:, 2].sum() == 0
+    assert r["probe"]["accuracy"] == pytest.approx(60 / 90)
+
+
+def test_cv_probe_predicts_every_sample_once():
+    from sslkit.evaluate.probe import cv_probe
+
+    x, y = _blobs(12, spread=2.0, seed=3)  # overlapping: not every prediction is right
+    r = cv_probe(x, y, classes=NAMES, folds=5)
+    assert r["num_samples"] == 36 and np.array(r["confusion_matrix"]).sum() == 36
+    assert r["protocol"] == "5-fold cross-validation"
+    # Folds shrink to the smallest class; a class seen once cannot be cross-validated.
+    y2 = y.copy()
+    y2[:9] = 1  # class 0 keeps 3 samples -> 3 folds
+    assert cv_probe(x, y2, classes=NAMES)["protocol"] == "3-fold cross-validation"
+    y2[:11] = 1
+    with pytest.raises(ValueError, match="at least two samples"):
+        cv_probe(x, y2, classes=NAMES)

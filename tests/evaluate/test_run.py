@@ -1,0 +1,95 @@
+"""`sslkit evaluate` end to end on a tiny run: the metrics.json blocks of DESIGN.md for the encoder and
+both baselines, numbers that agree with a recomputation from the saved arrays, every figure drawn,
+then `sslkit report` rendered in headless Chromium."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score
+
+from chromium import needs_chromium, render_and_check
+from sslkit.cli import main, recipe_path
+from sslkit.config import ConfigError, load_config
+from sslkit.engine import train
+from sslkit.evaluate.run import eval_shards_spec, evaluate_run
+from sslkit.sharding.synthetic import make_synthetic
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = [
+    "model.backbone_kwargs.width=4", "model.projector=[16,8]", "model.predictor=[8,8]",
+    "method.queue_size=64", "data.batch_size=16", "data.shuffle_buffer=64", "data.workers=0",
+    "tracker.name=none", "train.log_every=1", "train.eval_every=2", "eval.online_samples=48",
+]
+CLUSTER_KEYS = {"ami", "ari", "nmi", "purity", "acc", "f1", "k"}
+PROBE_KEYS = {"accuracy", "precision", "sensitivity", "specificity", "f1", "auc", "protocol", "train_samples"}
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    make_synthetic(root / "train", num_samples=160, size=32, seed=0, shard_size=48, prefix="train", progress=False)
+    make_synthetic(root / "eval", num_samples=96, size=32, seed=1, shard_size=48, prefix="eval", progress=False)
+    run = train(load_config(recipe_path("demo"), [*TINY, f"data.shards={root / 'train'}", f"run.dir={root / 'run'}",
+                                                  f"eval.shards={root / 'eval'}", "train.max_steps=4"]))
+    results = evaluate_run(run, overrides=["eval.projection=tsne", "eval.restarts=1", "eval.knn_k=5",
+                                           "eval.gallery=4"])
+    return root, run, results
+
+
+@pytest.mark.slow
+def test_metrics_blocks_and_recomputation(evaluated):
+    root, run, results = evaluated
+    saved = json.loads((run / "eval" / "metrics.json").read_text())
+    assert saved["step"] == 4 and saved["num_samples"] == 96 and saved["shards"] == str(root / "eval")
+    for block in (saved, saved["baselines"]["raw_pixels"], saved["baselines"]["random_init"]):
+        assert set(block["cluster"]) == CLUSTER_KEYS and block["cluster"]["k"] == 4
+        assert set(block["knn"]) == {"top1", "k"} and block["knn"]["k"] == 5
+        assert set(block["probe"]) == PROBE_KEYS
+        # The probe was fitted on the 160 training crops, not on the crops it is scored on.
+        assert block["probe"]["protocol"] == "train split" and block["probe"]["train_samples"] == 160
+    # The cluster block agrees with scikit-learn on the saved assignments.
+    labels, clusters = np.load(run / "eval" / "labels.npy"), np.load(run / "eval" / "clusters.npy")
+    assert len(labels) == len(clusters) == len(np.load(run / "eval" / "embeddings.npy")) == 96
+    assert saved["cluster"]["ami"] == pytest.approx(adjusted_mutual_info_score(labels, clusters), abs=1e-9)
+    assert saved["cluster"]["ari"] == pytest.approx(adjusted_rand_score(labels, clusters), abs=1e-9)
+    # The probe block agrees with its own confusion matrix.
+    probe = json.loads((run / "eval" / "probe.json").read_text())
+    cm = np.array(probe["confusion_matrix"])
+    assert cm.sum() == 96 and saved["probe"]["accuracy"] == pytest.approx(np.trace(cm) / 96)
+
+
+@pytest.mark.slow
+def test_every_figure_is_drawn(evaluated):
+    _, run, results = evaluated
+    names = [fig["name"] for fig in results["figures"]]
+    assert names == ["curves", "embedding_map", "cluster_confusion", "probe_confusion", "gallery"]
+    for fig in results["figures"]:
+        with Image.open(run / "eval" / fig["file"]) as image:
+            assert image.format == "PNG" and min(image.size) > 100, fig
+        assert fig["title"] and fig["caption"]
+
+
+@pytest.mark.slow
+def test_report_of_an_evaluated_run_renders(evaluated):
+    needs_chromium()
+    _, run, results = evaluated
+    main(["report", str(run)])
+    page = (run / "report.html").read_text()
+    assert "Online evaluation at step 4" in page and "linear probe" in page
+    render_and_check(run / "report.html", expect_images=len(results["figures"]),
+                     screenshot=ROOT / "test-artifacts" / "report-tiny-run.png")
+
+
+def test_split_resolution(tmp_path):
+    cfg = load_config(recipe_path("demo"), [f"eval.shards={tmp_path / 'set' / 'test'}"])
+    for split in ("train", "val", "test"):
+        (tmp_path / "set" / split).mkdir(parents=True)
+        (tmp_path / "set" / split / "manifest.json").write_text("{}")
+    assert eval_shards_spec(cfg) == str(tmp_path / "set" / "test")
+    assert eval_shards_spec(cfg, split="val") == str(tmp_path / "set" / "val")  # the sibling split
+    assert eval_shards_spec(cfg, shards=str(tmp_path / "set"), split="train") == str(tmp_path / "set" / "train")
+    with pytest.raises(ConfigError, match="No split 'holdout'"):
+        eval_shards_spec(cfg, split="holdout")
