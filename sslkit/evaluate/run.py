@@ -110,15 +110,26 @@ def _embedders(cfg: Config, method: torch.nn.Module, device: str) -> dict[str, E
     return embedders
 
 
+def _launched_device() -> str:
+    """Under ``accelerate launch``/torchrun, join the process group (each rank then embeds its share)
+    and use this rank's device; alone, the GPU if there is one."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_distributed():
+        from accelerate import PartialState
+
+        return str(PartialState(cpu=not torch.cuda.is_available()).device)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def evaluate_run(run_dir: str | Path, *, shards: Optional[str] = None, split: Optional[str] = None,
                  overrides: tuple[str, ...] | list[str] = (), device: Optional[str] = None) -> dict[str, Any]:
-    """Evaluate the newest checkpoint of ``run_dir``; returns what ``eval/metrics.json`` holds."""
+    """Evaluate the newest checkpoint of ``run_dir``; returns what ``eval/metrics.json`` holds (on the
+    main process; under ``accelerate launch`` the other ranks help embed and return early parts only)."""
     run_dir = Path(run_dir)
     cfg, method, state = load_trained(run_dir)
     cfg = apply_overrides(cfg, overrides)
     ev = cfg.eval
     spec = eval_shards_spec(cfg, shards=shards, split=split)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or _launched_device()
     test = resolve_shards(spec)
     classes = test.classes or []
     train_set, probe_note = _probe_training_set(cfg, test, spec) if ev.probe else (None, "")
@@ -142,6 +153,8 @@ def evaluate_run(run_dir: str | Path, *, shards: Optional[str] = None, split: Op
             tx, ty, _ = embed_shards(fn, train_set, desc=f"embed probe set ({label})",
                                      max_samples=ev.probe_samples, **common)
             train = (tx, ty)
+        if not dist.is_main_process():  # every rank embeds its share; the main process scores them all
+            continue
         block, extra = _score(feats, labels, train, ev, classes=classes, seed=cfg.run.seed,
                               normalize=ev.normalize and name != "raw_pixels")  # raw pixels: the classic baseline
         if name == "trained":

@@ -93,3 +93,29 @@ def test_split_resolution(tmp_path):
     assert eval_shards_spec(cfg, shards=str(tmp_path / "set"), split="train") == str(tmp_path / "set" / "train")
     with pytest.raises(ConfigError, match="No split 'holdout'"):
         eval_shards_spec(cfg, split="holdout")
+
+
+@pytest.mark.slow
+def test_two_ranks_under_accelerate_launch_equal_one_process(evaluated, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    _, run, _ = evaluated
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("eval", "report.html", "probed.html"))
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    cmd = [accelerate, "launch", "--config_file", str(ROOT / "launch" / "cpu-2proc.yaml"), "-m", "sslkit",
+           "evaluate", str(copy), "eval.projection=tsne", "eval.restarts=1", "eval.knn_k=5", "eval.gallery=4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Written to") == 1  # one process scores and writes; the other helped embed
+    one = json.loads((run / "eval" / "metrics.json").read_text())
+    two = json.loads((copy / "eval" / "metrics.json").read_text())
+    assert two["num_samples"] == one["num_samples"] == 96
+    for block in ("cluster", "knn"):
+        assert two[block] == one[block]
+        for name in ("raw_pixels", "random_init"):
+            assert two["baselines"][name][block] == one["baselines"][name][block]
+    # The probe refits on features that differ by float round-off between batch layouts.
+    assert two["probe"]["accuracy"] == pytest.approx(one["probe"]["accuracy"], abs=0.03)
