@@ -190,7 +190,9 @@ def test_finetune_command_end_to_end(pretrained, tmp_path, capsys):
     assert "confusion matrix" in printed and "inflammatory" in printed
     results = json.loads((out / "eval" / "classification.json").read_text())
     assert results["num_samples"] == 96 and results["step"] == 8 * (160 // 16)
-    assert results["probe"]["accuracy"] > 0.5  # chance is 0.25 on the four balanced classes
+    # Chance is 0.25 on the four balanced classes: guessing reaches 0.4 (38 of 96) with
+    # probability below 0.1 % (binomial, mean 24, sd 4.2).
+    assert results["probe"]["accuracy"] > 0.4
     saved = np.load(out / "eval" / "predictions.npz")
     pred = saved["probabilities"].argmax(1)
     again = classification_metrics(saved["labels"], pred, scores=saved["probabilities"], num_classes=4)
