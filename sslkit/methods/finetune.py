@@ -247,8 +247,8 @@ def build_finetune(cfg: Config) -> Finetune:
     backbone = create_backbone(m.backbone, in_chans=m.in_chans, **m.backbone_kwargs)
     method = Finetune(backbone=backbone, num_classes=cfg.method.num_classes, label_smoothing=ft.label_smoothing,
                       freeze_backbone=ft.freeze_backbone, inputs=ClassifierInputs(cfg))
-    if ft.init is None:
-        log.warning("finetune.init is null: the backbone starts from a random initialisation.")
+    if ft.init is None:  # `sslkit finetune` says so when it trains; evaluation builds its random baseline so
+        log.info("finetune.init is null: the backbone starts from a random initialisation.")
     elif not Path(ft.init).exists():
         # Rebuilding a fine-tuned run (resume, evaluation) loads its own checkpoint next.
         log.warning("finetune.init '%s' does not exist; the backbone keeps its random initialisation.", ft.init)
