@@ -17,7 +17,7 @@ from torch import nn
 from sslkit.config import Config
 from sslkit.data.stream import ShardSet
 from sslkit.embed import load_crops
-from sslkit.evaluate import plots
+from sslkit.evaluate import gallery, plots
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +33,14 @@ def classifier_net(method: nn.Module) -> Optional[nn.Module]:
 
 
 def _gallery(run_dir: Path, cfg: Config, test: ShardSet, kept: dict[str, Any]) -> dict[str, str]:
-    picks, titles = plots.gallery_picks(kept["assign"], labels=kept["labels"], classes=kept["classes"],
+    picks, titles = gallery.gallery_picks(kept["assign"], labels=kept["labels"], classes=kept["classes"],
                                         per_cluster=cfg.eval.gallery, seed=cfg.run.seed)
     keys = kept["keys"]
     crops = load_crops(test, {keys[i] for p in picks for i in p}, size=cfg.data.size, channels=cfg.data.channels,
                        workers=cfg.data.workers, max_samples=cfg.eval.max_samples)
     empty = np.zeros((0, cfg.data.size, cfg.data.size, cfg.data.channels), np.uint8)
     images = [np.stack([crops[keys[i]] for i in pick]) if len(pick) else empty for pick in picks]
-    plots.cluster_gallery(images, titles=titles, out=run_dir / "eval" / "gallery.png")
+    gallery.cluster_gallery(images, titles=titles, out=run_dir / "eval" / "gallery.png")
     return {"name": "gallery", "file": "gallery.png", "title": "Crops per cluster",
             "caption": f"Up to {cfg.eval.gallery} randomly drawn crops of each k-means cluster, with the cluster's "
                        "size and its most frequent true class; rows in the order of the cluster confusion matrix."}

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from sslkit.evaluate.metrics import hungarian_map
-from sslkit.evaluate.plots import (DPI, cluster_confusion, cluster_gallery, cluster_order, confusion_plot,
-                                   embedding_map, gallery_picks, project, read_metrics, stratified_subsample,
-                                   to_uint8, training_curves)
+from sslkit.evaluate.gallery import cluster_gallery, gallery_picks, to_uint8
+from sslkit.evaluate.plots import (DPI, cluster_confusion, cluster_order, confusion_plot, embedding_map, project,
+                                   read_metrics, stratified_subsample, training_curves)
 
 CLASSES = ["epithelial", "inflammatory", "spindle"]
 
