@@ -13,7 +13,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sslkit import dist
-from sslkit.data.augment import MEAN, STD
+from sslkit.data.augment import to_pixels
 from sslkit.data.stream import ShardSet, eval_loader
 
 
@@ -62,9 +62,7 @@ def load_crops(shards: ShardSet, keys: list[str] | set[str], *, size: int, chann
     for batch in loader:
         for image, key in zip(batch["image"], batch["key"]):
             if key in wanted:
-                # eval_loader yields (x / 255 - MEAN) / STD: back to the stored 8-bit pixels.
-                pixels = ((image * STD + MEAN) * 255).round().clamp(0, 255).to(torch.uint8)
-                found[key] = pixels.permute(1, 2, 0).numpy()
+                found[key] = to_pixels(image).permute(1, 2, 0).numpy()
         if len(found) == len(wanted):
             break
     return found

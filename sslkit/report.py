@@ -155,17 +155,14 @@ def _online_section(run_dir: Path) -> str:
             f"{100 * last['online/eval_share']:.1f} % of the wall time since the previous evaluation.</p>")
 
 
-def _curves(run_dir: Path, figures: list[dict[str, str]]) -> list[dict[str, str]]:
+def _curves(run_dir: Path, figures: list[dict[str, str]], cfg: dict[str, Any]) -> list[dict[str, str]]:
     """The training curves, drawn here when evaluation did not (e.g. ``eval.plots=false``)."""
     if any(fig["name"] == "curves" for fig in figures):
         return figures
-    from sslkit.evaluate.plots import training_curves
+    from sslkit.evaluate.figures import curves_figure
 
-    out = training_curves(run_dir / "metrics.jsonl", run_dir / "eval" / "curves.png")
-    if out is None:
-        return figures
-    return [{"name": "curves", "file": "curves.png", "title": "Training curves",
-             "caption": "Loss, learning rate and throughput against optimiser step."}, *figures]
+    curves = curves_figure(run_dir, online=bool(cfg.get("train", {}).get("eval_every")))
+    return figures if curves is None else [curves, *figures]
 
 
 def write_report(run_dir: str | Path, *, out: Optional[Path] = None) -> Path:
@@ -179,7 +176,7 @@ def write_report(run_dir: str | Path, *, out: Optional[Path] = None) -> Path:
     cfg = yaml.safe_load(config_text) or {}
     if not isinstance(cfg, dict):
         raise ConfigError(f"{run_dir / 'config.yaml'} is not a config mapping; it was not written by sslkit.")
-    figures = _curves(run_dir, metrics.get("figures", []))
+    figures = _curves(run_dir, metrics.get("figures", []), cfg)
     git = config_text.splitlines()[0].removeprefix("# git: ") if config_text.startswith("# git:") else "unknown"
     name = cfg.get("run", {}).get("name", run_dir.name)
     probe = metrics.get("probe", {})

@@ -196,6 +196,11 @@ def normalize(x: Tensor) -> Tensor:
     return (x - MEAN) / STD
 
 
+def to_pixels(x: Tensor) -> Tensor:
+    """The inverse of the evaluation transform: normalised floats -> the stored 8-bit pixels (uint8)."""
+    return ((x * STD + MEAN) * 255).round().clamp(0, 255).to(torch.uint8)
+
+
 def _per_sample(values: Tensor) -> Tensor:
     return values.view(-1, 1, 1, 1)
 

@@ -14,10 +14,9 @@ from typing import Any, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from sslkit.data.augment import MEAN, STD
 from sslkit.evaluate.plots import DPI, _check_classes, _labels, cluster_order, save_png
 
-__all__ = ["cluster_gallery", "gallery_picks", "to_uint8"]
+__all__ = ["cluster_gallery", "gallery_picks"]
 
 
 def gallery_picks(clusters: Any, *, labels: Any | None = None, classes: Sequence[str] | None = None,
@@ -55,15 +54,6 @@ def gallery_picks(clusters: Any, *, labels: Any | None = None, classes: Sequence
             title += f", {100 * np.mean(known == top):.0f} % {classes[top]}"
         titles.append(title)
     return indices, titles
-
-
-def to_uint8(images: Any) -> np.ndarray:
-    """(N, C, H, W) images normalised as ``eval_loader`` yields them -> (N, H, W, C) uint8 for display."""
-    x = np.asarray(images, dtype=np.float32)
-    if x.ndim != 4:
-        raise ValueError(f"images must be (N, C, H, W), got shape {x.shape}.")
-    unit = x * STD + MEAN  # undo sslkit.data.augment.normalize
-    return np.clip(np.rint(unit * 255), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def _strip(row: np.ndarray, ncols: int, gap: int) -> np.ndarray:

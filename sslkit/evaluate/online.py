@@ -20,11 +20,10 @@ import torch
 
 from sslkit import dist
 from sslkit.config import Config, ConfigError
-from sslkit.data.augment import MEAN, STD
+from sslkit.data.augment import normalize, to_pixels
 from sslkit.data.stream import eval_loader, resolve_shards
-from sslkit.evaluate.cluster import as_features, kmeans
+from sslkit.evaluate.cluster import cluster_eval
 from sslkit.evaluate.knn import knn_eval
-from sslkit.evaluate.metrics import cluster_metrics
 
 
 class OnlineEval:
@@ -37,7 +36,7 @@ class OnlineEval:
             loader = eval_loader(shards, size=cfg.data.size, channels=cfg.data.channels, batch_size=batch_size,
                                  workers=0, rank=0, world_size=1, max_samples=cfg.eval.online_samples)
             for batch in loader:
-                images.append(((batch["image"] * STD + MEAN) * 255).round().clamp(0, 255).to(torch.uint8))
+                images.append(to_pixels(batch["image"]))
                 labels.append(batch["label"])
         if not images:
             raise ConfigError(f"eval.shards '{cfg.eval.shards}' yielded no crops for online evaluation; "
@@ -56,7 +55,7 @@ class OnlineEval:
         was_training = method.training
         method.eval()
         rows = torch.arange(dist.rank(), len(self.images), dist.world_size())
-        feats = [method.embed(((self.images[chunk].to(self.device).float() / 255) - MEAN) / STD,
+        feats = [method.embed(normalize(self.images[chunk].to(self.device).float() / 255),
                               encoder=self.ev.encoder, features=self.ev.features).float().cpu()
                  for chunk in rows.split(self.batch_size)]
         method.train(was_training)
@@ -67,9 +66,8 @@ class OnlineEval:
         order = torch.cat([p[0] for p in parts]).argsort()
         x = torch.cat([p[1] for p in parts if len(p[1])])[order].numpy()
         knn = knn_eval(x, self.labels, k=min(self.ev.knn_k, len(x) - 1), tau=self.ev.knn_tau)
-        assign, _, _ = kmeans(as_features(x, normalize=self.ev.normalize), k=self.k, restarts=1, niter=self.ev.niter,
-                              seed=self.seed)
-        scores = cluster_metrics(self.labels, assign)
+        scores = cluster_eval(x, self.labels, k=self.k, restarts=1, niter=self.ev.niter, seed=self.seed,
+                              normalize=self.ev.normalize)
         now = time.perf_counter()
         seconds, share = now - start, (now - start) / max(now - self.last, 1e-9)
         self.last = now

@@ -34,6 +34,7 @@ from sslkit.config import Config, ConfigError
 from sslkit.data.stream import ShardSet, resolve_shards
 from sslkit.embed import embed_shards
 from sslkit.evaluate.metrics import classification_metrics
+from sslkit.sharding.manifest import write_json
 
 PROBE_KEYS = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc")
 
@@ -110,23 +111,17 @@ def cv_probe(x: np.ndarray, y: np.ndarray, *, classes: list[str], folds: int = 5
             "train_samples": int(len(y) - len(y) // folds)}
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def write_results(out: Path, results: dict[str, Any], probs: np.ndarray, labels: np.ndarray, keys: list[str]) -> None:
     """``classification.json``, ``predictions.npz`` and the ``classifier`` block of ``metrics.json`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "predictions.tmp.npz"
     np.savez(tmp, probabilities=probs.astype(np.float32), labels=labels, keys=np.asarray(keys))
     os.replace(tmp, out / "predictions.npz")
-    _write_json(out / "classification.json", results)
+    write_json(out / "classification.json", results)
     metrics_path = out / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     metrics["classifier"] = {key: results["probe"][key] for key in PROBE_KEYS if key in results["probe"]}
-    _write_json(metrics_path, metrics)
+    write_json(metrics_path, metrics)
 
 
 def classify_shards(cfg: Config, method: torch.nn.Module, state: dict[str, Any], shards: ShardSet, *,

@@ -10,7 +10,6 @@ all to the run's tracker.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -30,6 +29,7 @@ from sslkit.evaluate.knn import knn_eval
 from sslkit.evaluate.metrics import cluster_metrics
 from sslkit.evaluate.probe import PROBE_KEYS, cv_probe, linear_probe
 from sslkit.methods import build_method
+from sslkit.sharding.manifest import write_json
 
 Embedder = Callable[[torch.Tensor], torch.Tensor]
 
@@ -81,11 +81,11 @@ def _score(feats: np.ndarray, labels: np.ndarray, train: Optional[tuple[np.ndarr
     (cluster assignments, the full probe report)."""
     x = as_features(feats, normalize=normalize)
     k = ev.k or int(np.unique(labels).size)
-    assign, centroids, _ = kmeans(x, k=k, restarts=ev.restarts, niter=ev.niter, seed=seed,
-                                  max_train_points=sample_size(ev.kmeans_max_train, k))
+    assign, _, _ = kmeans(x, k=k, restarts=ev.restarts, niter=ev.niter, seed=seed,
+                          max_train_points=sample_size(ev.kmeans_max_train, k))
     block: dict[str, Any] = {"cluster": {**cluster_metrics(labels, assign), "k": int(k)},
                              "knn": knn_eval(feats, labels, k=ev.knn_k, tau=ev.knn_tau)}
-    extra: dict[str, Any] = {"assign": assign, "centroids": centroids, "x": x}
+    extra: dict[str, Any] = {"assign": assign}
     if ev.probe:
         if train is not None and (train[1] >= 0).all():
             report = linear_probe(train[0], train[1], feats, labels, classes=classes, seed=seed)
@@ -176,7 +176,7 @@ def evaluate_run(run_dir: str | Path, *, shards: Optional[str] = None, split: Op
         out = run_dir / "eval"
         _write(out, results, kept)
         results["figures"] = _figures(run_dir, cfg, test, kept, method) if ev.plots else []
-        _write_json(out / "metrics.json", results)
+        write_json(out / "metrics.json", results)
         _log(run_dir, cfg, state, results)
     return results
 
@@ -195,12 +195,6 @@ def _log(run_dir: Path, cfg: Config, state: dict[str, Any], results: dict[str, A
     log_evaluation(run_dir, cfg, run_id=state.get("run_id"), step=int(state["step"]), metrics=metrics, images=images)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def _write(out: Path, results: dict[str, Any], kept: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "embeddings.npy", kept["feats"])
@@ -208,8 +202,8 @@ def _write(out: Path, results: dict[str, Any], kept: dict[str, Any]) -> None:
     np.save(out / "clusters.npy", kept["assign"])
     (out / "keys.txt").write_text("\n".join(kept["keys"]) + "\n")
     if "probe" in kept:
-        _write_json(out / "probe.json", kept["probe"])
-    _write_json(out / "metrics.json", results)
+        write_json(out / "probe.json", kept["probe"])
+    write_json(out / "metrics.json", results)
 
 
 def format_table(results: dict[str, Any]) -> str:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from sslkit.evaluate.metrics import hungarian_map
-from sslkit.evaluate.gallery import cluster_gallery, gallery_picks, to_uint8
+from sslkit.evaluate.gallery import cluster_gallery, gallery_picks
 from sslkit.evaluate.plots import (DPI, cluster_confusion, cluster_order, confusion_plot, embedding_map, project,
                                    read_metrics, stratified_subsample, training_curves)
 
@@ -191,7 +191,11 @@ def test_gallery_picks_titles_and_order():
     assert plain == ["cluster 0: 4 crops", "cluster 1: 3 crops", "cluster 2: 5 crops", "cluster 3: 4 crops"]
 
 
-def test_to_uint8_inverts_eval_normalisation():
+def test_to_pixels_inverts_eval_normalisation():
+    import torch
+
+    from sslkit.data.augment import to_pixels
+
     img = np.arange(2 * 3 * 4 * 5, dtype=np.uint8).reshape(2, 3, 4, 5)
     normalised = (img.astype(np.float32) / 255 - 0.5) / 0.5
-    assert np.array_equal(to_uint8(normalised), img.transpose(0, 2, 3, 1))
+    assert np.array_equal(to_pixels(torch.from_numpy(normalised)).numpy(), img)
