@@ -209,15 +209,18 @@ class BatchViews:
     """uint8 batch (B, C, H, W) -> (query, key) float32, normalised with MEAN/STD.
 
     Each sample draws its own parameters from ``generator``. Per branch, in order:
-    one geometric warp (random resized crop for the local view, horizontal and vertical
-    flips, rotation ~ U(0, cfg.rotation) degrees; bilinear, corners filled by reflecting the
-    image), then ColorJitter with probability ``p_jitter`` (brightness, contrast,
-    saturation, hue -- in this fixed order, where torchvision shuffles it), grayscale with
-    ``p_gray`` and a Gaussian blur with ``p_blur``. Each op on its own, clamped to [0, 1],
-    matches torchvision's functional op (tests/data/test_batch_views.py); unlike
-    torchvision, brightness, contrast and saturation are chained before one clamp, so a
-    bright background is not flattened to white by the first op. The output size is the
-    input size.
+    one geometric warp (random resized crop for the local view, redrawn while the box does
+    not fit the image, as torchvision does; horizontal and vertical flips; rotation
+    ~ U(0, cfg.rotation) degrees counter-clockwise, as torchvision's; bilinear, corners
+    filled by reflecting the image), then ColorJitter with probability ``p_jitter``
+    (brightness, contrast, saturation, hue -- in this fixed order, where torchvision
+    shuffles it), grayscale with ``p_gray`` and a Gaussian blur with ``p_blur``. Each op on
+    its own, clamped to [0, 1], matches torchvision's functional op
+    (tests/data/test_batch_views.py), and each random parameter has the PIL back-end's
+    distribution (tests/data/test_view_distributions.py; crop boxes are continuous, as
+    torchvision's whole-pixel boxes become on a fine source). Unlike torchvision,
+    brightness, contrast and saturation are chained before one clamp, so a bright
+    background is not flattened to white by the first op. The output size is the input size.
     """
 
     def __init__(self, cfg: ViewsConfig, *, channels: int) -> None:
@@ -272,11 +275,17 @@ class BatchViews:
         """(n, 2, 3) affine maps from output to input coordinates (``F.affine_grid`` convention)."""
         cfg, g = self.cfg, generator
         ones = torch.ones(n, device=like.device)
-        if local:  # RandomResizedCrop: area fraction ~ U(scale), log aspect ~ U(log 3/4, log 4/3)
-            area = self._uniform(n, *cfg.crop_scale, like, g)
-            aspect = torch.exp(self._uniform(n, math.log(3 / 4), math.log(4 / 3), like, g))
-            half_w = torch.sqrt(area * aspect).clamp(max=1.0)  # half-extent in [-1, 1] units = width fraction
-            half_h = torch.sqrt(area / aspect).clamp(max=1.0)
+        if local:  # RandomResizedCrop: area fraction ~ U(scale), log aspect ~ U(log 3/4, log 4/3),
+            # redrawn up to 10 times while the box is wider or taller than the image, then the whole image
+            # (as torchvision; clamping the box instead shifts area and aspect for ~16 % of the crops)
+            tries = 10
+            area = self._uniform(n * tries, *cfg.crop_scale, like, g).view(n, tries)
+            aspect = torch.exp(self._uniform(n * tries, math.log(3 / 4), math.log(4 / 3), like, g)).view(n, tries)
+            w, h = torch.sqrt(area * aspect), torch.sqrt(area / aspect)  # half-extent in [-1, 1] units = fraction
+            fits = (w <= 1) & (h <= 1)
+            first = fits.to(torch.uint8).argmax(1, keepdim=True)  # the first try that fits
+            half_w = torch.where(fits.any(1), w.gather(1, first).squeeze(1), ones)
+            half_h = torch.where(fits.any(1), h.gather(1, first).squeeze(1), ones)
             cx = (1 - half_w) * self._uniform(n, -1.0, 1.0, like, g)
             cy = (1 - half_h) * self._uniform(n, -1.0, 1.0, like, g)
         else:
@@ -285,8 +294,9 @@ class BatchViews:
         flip_y = torch.where(self._coin(n, 0.5, like, g), -ones, ones) if cfg.flips and cfg.vflip else ones
         angle = self._uniform(n, 0.0, math.radians(cfg.rotation), like, g)
         cos, sin = torch.cos(angle), torch.sin(angle)
-        # input = centre + S @ Flip @ R(-angle) @ output: crop, then flip, then rotate the view
-        a = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)  # R(-angle), (n, 2, 2)
+        # input = centre + S @ Flip @ R @ output: crop, then flip, then rotate the view; with y pointing down,
+        # R = [[cos, -sin], [sin, cos]] turns the view counter-clockwise, as torchvision's rotate does
+        a = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)  # (n, 2, 2)
         a = a * torch.stack([half_w * flip_x, half_h * flip_y], 1).unsqueeze(2)
         return torch.cat([a, torch.stack([cx, cy], 1).unsqueeze(2)], 2)
 
