@@ -30,34 +30,41 @@ Corrupt data is never fatal: an undecodable image or label skips the sample, an
 unreadable shard or truncated member the rest of that shard; each is counted in
 ``batch["corrupt"]`` and logged once per worker with its shard and key. Only 1,000
 failures in a row without one good sample stop reading, with an error.
+
+Remote shards (http(s) URLs, ``pipe:CMD``) are opened by ``sslkit.data.remote``: a dropped
+connection or failed command resumes at the byte where it stopped, so nothing is skipped;
+a remote shard that stays unreadable after the retries, or that the server refuses (4xx),
+stops reading with ``RemoteError`` naming the URL instead of counting as corrupt.
 """
 
 from __future__ import annotations
 
 import glob
 import io
-import json
 import logging
 import os
 import random
 import tarfile
 from dataclasses import dataclass
 from itertools import accumulate, islice
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
+from urllib.parse import urljoin
 
 import braceexpand
+import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
-from webdataset.tariterators import base_plus_ext
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 from webdataset.utils import make_seed
 
 from sslkit.config import DataConfig, check_balanced
 from sslkit.data.augment import build_decode_transform, build_eval_transform
 from sslkit.data.balanced import BalancedBatches
+from sslkit.data.remote import RETRIES, RemoteError, open_shard, read_json
 from sslkit.sharding.manifest import FORMAT as MANIFEST_FORMAT
-from sslkit.sharding.manifest import class_names, parse_manifest
+from sslkit.sharding.manifest import MANIFEST_NAME, class_names, parse_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -84,14 +91,18 @@ def _is_remote(spec: str) -> bool:
     return ("://" in spec and not spec.startswith("file://")) or spec.startswith("pipe:")
 
 
-def _read_manifest(path: Optional[str]) -> Optional[dict]:
-    """The manifest at a local path or URL, checked and in the current layout (``parse_manifest``)."""
+def _read_manifest(path: Optional[str], *, missing_ok: bool = False) -> Optional[dict]:
+    """The manifest at a local path or URL, checked and in the current layout (``parse_manifest``).
+
+    ``missing_ok``: None when the server refuses the URL (4xx; S3 answers 403 for a missing key)."""
     if path is None:
         return None
     try:
-        with wds.gopen(path) as stream:
-            manifest = json.load(stream)
+        manifest = read_json(path)
     except (OSError, ValueError) as err:
+        if missing_ok and getattr(err, "status", None):
+            logger.info("No manifest at %s (%s); sample counts stay unknown.", path, err)
+            return None
         raise ValueError(f"Manifest '{path}' cannot be read ({err}); rewrite it with `sslkit shard` "
                          "or set data.manifest to a valid one.") from None
     return parse_manifest(manifest, f"'{path}'")
@@ -134,9 +145,10 @@ def resolve_shards(spec: str, *, manifest: Optional[str] = None) -> ShardSet:
     """Shard URLs from a folder holding manifest.json (or *.tar), a brace pattern, or a URL/pipe.
 
     ``manifest`` overrides where the manifest is read (a path or URL); by default it is
-    ``manifest.json`` in the folder or beside the first local shard. Sample counts come from
-    the manifest; without one, local shards are counted from their tar headers and remote
-    ones stay unknown (``num_samples=None``: size training by steps, eval reads to the end).
+    ``manifest.json`` in the folder or beside the first shard (local or http(s); ``pipe:``
+    shards need ``manifest``). Sample counts come from the manifest; without one, local
+    shards are counted from their tar headers and remote ones stay unknown
+    (``num_samples=None``: training cannot be sized, eval reads to the end).
     Raises FileNotFoundError naming the path when the folder or a local shard is missing.
     """
     spec = str(spec)
@@ -151,7 +163,12 @@ def resolve_shards(spec: str, *, manifest: Optional[str] = None) -> ShardSet:
             )
     else:
         urls = list(braceexpand.braceexpand(spec))
-        data = _read_manifest(manifest or (None if _is_remote(spec) else _beside(os.path.dirname(urls[0]))))
+        if manifest or not _is_remote(spec):
+            data = _read_manifest(manifest or _beside(os.path.dirname(urls[0])))
+        elif spec.startswith(("http://", "https://")):  # manifest.json in the shards' folder, if the server has one
+            data = _read_manifest(urljoin(urls[0], MANIFEST_NAME), missing_ok=True)
+        else:
+            data = None  # pipe: commands say nothing about a manifest
     if not _is_remote(spec):
         _check_local(spec, urls)
     per_shard = _samples_per_shard(urls, data)
@@ -186,6 +203,8 @@ class _Skips:
         self.pending, self.in_a_row, self.logged = 0, 0, set()
 
     def __call__(self, exn: Exception) -> bool:  # wds handler for unreadable shards and tar members
+        if isinstance(exn, RemoteError):  # retries spent or refused: not corrupt data, and never silent
+            raise type(exn)(exn.message, exn.status) from None  # fresh: webdataset appended to exn.args
         args = getattr(exn, "args", ())
         url = args[-1] if len(args) > 1 and isinstance(args[-1], str) else "a shard"
         self.skip(url, None, args[0] if args else exn)
@@ -210,18 +229,35 @@ class _Skips:
         return n
 
 
-class _Decode:
-    """Stage: raw samples -> {"image": PIL, "label": int, "key": str}; corrupt ones skipped and counted."""
+def _pil_uint8(image: Image.Image, *, size: int, channels: int) -> Optional[torch.Tensor]:
+    """(C, size, size) uint8 of a decoded image already ``size`` x ``size`` in mode RGB (3 channels) or
+    L (1), else None: the pixels ``build_decode_transform`` gives (its mode conversion and resize would
+    not change them) without its per-sample transform dispatch, which cost a worker about 17 % of its
+    CPU on 32x32 PNG crops. Decoding stays with PIL, which raises on corrupt data (libpng through
+    ``torchvision.io.decode_png`` crashed the process on a PNG with damaged pixel data)."""
+    if image.size != (size, size) or image.mode != ("RGB" if channels == 3 else "L"):
+        return None
+    pixels = torch.from_numpy(np.array(image))  # (H, W, C) or (H, W); np.array copies, so it is writable
+    return pixels.permute(2, 0, 1) if pixels.ndim == 3 else pixels.unsqueeze(0)
 
-    def __init__(self, *, label_key: str, skips: _Skips) -> None:
-        self.label_key, self.skips = label_key, skips
+
+class _Decode:
+    """Stage: raw samples -> {"image": PIL, "label": int, "key": str}; corrupt ones skipped and counted.
+
+    With ``uint8=(size, channels)`` (the tensor back-end) "image" is the (C, size, size) uint8 tensor
+    that ``BatchViews`` takes: crops already of that size and mode straight from PIL's pixels
+    (``_pil_uint8``), others through ``build_decode_transform`` -- the same pixels either way; an
+    image that fails either path counts as corrupt."""
+
+    def __init__(self, *, label_key: str, skips: _Skips, uint8: Optional[tuple[int, int]] = None) -> None:
+        self.label_key, self.skips, self.uint8 = label_key, skips, uint8
+        self.to_uint8 = build_decode_transform(size=uint8[0], channels=uint8[1]) if uint8 is not None else None
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         for sample in src:
             try:
                 data = next(sample[f] for f in IMAGE_FIELDS if f in sample)
-                image = Image.open(io.BytesIO(data))
-                image.load()
+                image = self._image(data)
                 label = int(sample[self.label_key]) if self.label_key in sample else -1
             except Exception as err:  # noqa: BLE001 -- whatever breaks decoding these bytes marks the sample corrupt
                 why = "no image field" if isinstance(err, StopIteration) else err
@@ -230,6 +266,46 @@ class _Decode:
             self.skips.ok()
             yield {"image": image, "label": label, "key": sample["__key__"]}
 
+    def _image(self, data: bytes) -> Any:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        if self.uint8 is None:
+            return image
+        pixels = _pil_uint8(image, size=self.uint8[0], channels=self.uint8[1])
+        return pixels if pixels is not None else self.to_uint8(image)
+
+
+def _open(src: Iterable[dict], *, handler: _Skips, retries: int) -> Iterator[dict]:
+    """Stage: {"url"} -> {"url", "stream"}; remote streams resume after a dropped connection.
+
+    webdataset's ``url_opener`` with ``open_shard`` in place of ``gopen``; each stream is closed
+    once the next stage has read it (or stopped)."""
+    for sample in src:
+        try:
+            stream = open_shard(sample["url"], retries=retries)
+        except Exception as exn:  # noqa: BLE001 -- the handler decides, as in url_opener
+            exn.args = exn.args + (sample["url"],)
+            if handler(exn):
+                continue
+            break
+        try:
+            yield {**sample, "stream": stream}
+        finally:
+            try:
+                stream.close()
+            except Exception:  # noqa: BLE001 -- a wds Pipe (gs:, sftp:) re-raises a failure reading already reported
+                pass
+
+
+def _samples(src: Iterable[dict], *, skips: _Skips, retries: int = RETRIES) -> Iterator[dict]:
+    """Stage: {"url"} -> raw samples, as ``wds.tarfile_to_samples`` but opened through ``_open``."""
+    streams = _open(src, handler=skips, retries=retries)  # {"url", "stream"}: one open shard at a time
+    files = tar_file_expander(streams, handler=skips)  # {"fname", "data", "__url__"}: tar members, in order
+    return group_by_keys(files, handler=skips)  # {"__key__", "__url__", "png", "cls", "json"}: raw bytes
+
+
+_tarfile_to_samples = wds.pipelinefilter(_samples)
+
 
 def _views(src: Iterator[dict], views: Callable) -> Iterator[dict]:
     for sample in src:
@@ -237,9 +313,9 @@ def _views(src: Iterator[dict], views: Callable) -> Iterator[dict]:
         yield {"query": query, "key": key, "label": sample["label"]}
 
 
-def _images(src: Iterator[dict], transform: Callable) -> Iterator[dict]:
+def _images(src: Iterator[dict]) -> Iterator[dict]:
     for sample in src:
-        yield {"image": transform(sample["image"]), "label": sample["label"]}
+        yield {"image": sample["image"], "label": sample["label"]}
 
 
 def _transform(src: Iterator[dict], transform: Callable) -> Iterator[dict]:
@@ -339,11 +415,12 @@ def train_loader(
     stream = _ResampledStream(shards.urls, seed=seed, epoch=epoch, rank=rank, workers=cfg.workers)
     pipeline = _Pipeline(
         stream,  # {"url"}: this global worker's seeded draws of shards, forever
-        wds.tarfile_to_samples(handler=skips),  # {"__key__", "__url__", "png", "cls", "json"}: raw bytes
+        _tarfile_to_samples(skips=skips, retries=cfg.retries),  # {"__key__", "__url__", "png", "cls", "json"}: raw bytes
         wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=stream.rng),  # same, mixed across shards
-        _Decode(label_key=cfg.labels, skips=skips),  # {"image": PIL, "label": int, "key": str}; corrupt skipped
+        _Decode(label_key=cfg.labels, skips=skips,  # {"image": PIL, "label": int, "key": str}; corrupt skipped
+                uint8=None if views is not None else (cfg.size, cfg.channels)),  # or "image": (C,size,size) uint8
         wds.pipelinefilter(_views)(views) if views is not None  # {"query": (C,H,W), "key": (C,H,W), "label": int}
-        else wds.pipelinefilter(_images)(build_decode_transform(size=cfg.size, channels=cfg.channels)),  # or {"image"}
+        else _images,  # or {"image": (C,size,size) uint8, "label": int}
         _batches(cfg, skips, stream.rng, shards),  # (B,C,H,W), (B,), "corrupt": (); P x K classes when balanced
         _WorkerShare(steps_per_epoch),  # this worker's share of the pass's batches
         length=steps_per_epoch,
@@ -398,7 +475,7 @@ def eval_loader(
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(urls),  # {"url"}: this rank's shards, in order
         wds.split_by_worker,  # this worker's shards
-        wds.tarfile_to_samples(handler=skips),  # {"__key__", "__url__", "png", "cls", "json"}: raw bytes
+        _tarfile_to_samples(skips=skips),  # {"__key__", "__url__", "png", "cls", "json"}: raw bytes
         *limit,  # same, only the first max_samples
         _Decode(label_key=label_key, skips=skips),  # {"image": PIL, "label": int, "key": str}
         wds.pipelinefilter(_transform)(build_eval_transform(size=size, channels=channels)),  # "image": (C,H,W)
