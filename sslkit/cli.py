@@ -28,6 +28,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from sslkit.config import ConfigError  # noqa: E402
+from sslkit.data.remote import RemoteError  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent / "configs"
 
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         args.fn(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, RemoteError) as err:
         if args.debug:
             raise
         print(f"sslkit: error: {err}", file=sys.stderr)

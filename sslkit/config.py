@@ -67,6 +67,7 @@ class DataConfig:
     batch_size: int = 256  # per process
     workers: int = 2
     shuffle_buffer: int = 2000
+    retries: int = 3  # remote shards (http(s), pipe:): reopenings in a row without a new byte before reading stops
     labels: str = "cls"  # sample field holding the integer class (used by evaluation only in CCRL)
     views: ViewsConfig = field(default_factory=ViewsConfig)
     balanced: BalancedConfig = field(default_factory=BalancedConfig)  # class-balanced batches (SCL)
@@ -82,6 +83,7 @@ class ModelConfig:
     predictor: list[int] = field(default_factory=lambda: [32, 64])  # hidden, out (out = projector out)
     head_norm: bool = True  # BatchNorm in the hidden layer of the heads
     channels_last: bool = False  # see README: channels_last + CPU + checkpointing corrupted memory in torch 2.14
+    sync_bn: bool = False  # SyncBatchNorm across ranks (GPUs only; on CPU use method.shuffle_bn)
 
 
 @dataclass
@@ -93,6 +95,7 @@ class MethodConfig:
     queue_size: int = 65536  # ccrl, supcam (1,024)
     momentum: float = 0.999  # ccrl, supcam
     in_batch_negatives: bool = True  # ccrl: True; MoCo v2: False
+    shuffle_bn: bool = False  # ccrl, supcam: key encoder sees a batch shuffled across ranks (MoCo's shuffle-BN)
     use_predictor: bool = True  # ccrl
     # supcam
     margin: float = 0.2  # additive angular margin of the self-margin loss (radians)
@@ -138,8 +141,9 @@ class OptimConfig:
 class TrainConfig:
     max_steps: int = 1000
     epochs: int = 0  # when > 0, max_steps = epochs x batches per epoch (and step milestones are epochs)
-    precision: str = "no"  # no | bf16 | fp16
-    grad_accum: int = 1
+    precision: str = "auto"  # auto (the launcher's --mixed_precision, else no) | no | bf16 | fp16 (GPU only)
+    grad_accum: int = 1  # micro-batches per optimizer step; keys enter the queue once per step (README)
+    compile: bool = False  # torch.compile the model in place (slow to start: about a minute on CPU)
     log_every: int = 10
     ckpt_every: int = 500
     keep_ckpts: int = 2
@@ -209,7 +213,7 @@ CHOICES = {
     "method.arch": ("fc", "conv", "conv_pool", "resnet"),
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.schedule": ("cosine", "constant", "step"),
-    "train.precision": ("no", "bf16", "fp16"),
+    "train.precision": ("auto", "no", "bf16", "fp16"),
     "finetune.views": ("rotate", "views", "none"),
     "eval.encoder": ("momentum", "query"),
     "eval.features": ("backbone", "projector"),
@@ -293,6 +297,8 @@ def validate(cfg: Config) -> None:
         )
     if not 0.0 <= cfg.method.momentum <= 1.0:
         raise ConfigError(f"Config key 'method.momentum' must be in [0, 1], got {cfg.method.momentum}.")
+    if cfg.data.retries < 0:
+        raise ConfigError(f"Config key 'data.retries' must be 0 or more, got {cfg.data.retries}.")
     if cfg.data.workers < 0:
         raise ConfigError(f"Config key 'data.workers' must be 0 or more, got {cfg.data.workers}.")
     check_balanced(cfg.data)

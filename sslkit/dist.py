@@ -5,6 +5,9 @@ Accelerate (or torchrun) initialises the process group; these helpers only use i
 
 from __future__ import annotations
 
+import hashlib
+from itertools import chain
+
 import torch
 import torch.distributed as torch_dist
 from torch import Tensor
@@ -63,3 +66,45 @@ def gather_objects(obj: object) -> list[object]:
     out: list[object] = [None] * world_size()
     torch_dist.all_gather_object(out, obj)
     return out
+
+
+@torch.no_grad()
+def shuffle_across_ranks(x: Tensor) -> tuple[Tensor, Tensor]:
+    """MoCo's shuffle-BN, first half: (B, ...) per rank -> this rank's (B, ...) share of the
+    whole batch in a random order, and the (world * B,) permutation (rank 0's draw, shared).
+
+    A key encoder that sees the shuffled share computes its BatchNorm statistics over samples
+    from other ranks, so a query and its key never share batch statistics. With one process
+    the permutation stays within the batch (BatchNorm statistics do not change)."""
+    full = gather_no_grad(x)  # (world * B, ...), rank order
+    order = torch.randperm(full.shape[0], device=x.device)
+    if is_distributed():
+        torch_dist.broadcast(order, src=0)
+    return full[order[local_slice(x.shape[0])]], order
+
+
+@torch.no_grad()
+def unshuffle_gathered(y: Tensor, order: Tensor) -> Tensor:
+    """Second half: each rank's (B, ...) outputs for its shuffled share -> all ranks' outputs
+    (world * B, ...) in the original rank order, identical on every rank (what ``gather_no_grad``
+    of unshuffled outputs would give)."""
+    full = gather_no_grad(y)  # row j holds the output for sample order[j]
+    out = torch.empty_like(full)
+    out[order] = full
+    return out
+
+
+_PER_RANK_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm statistics
+
+
+@torch.no_grad()
+def replica_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of ``module``'s parameters and of the buffers data parallelism keeps identical (the
+    queue, say; not BatchNorm statistics, which each rank accumulates over its own batches)."""
+    digest = hashlib.sha256()
+    for name, tensor in chain(module.named_parameters(), module.named_buffers()):
+        if name.rsplit(".", 1)[-1] in _PER_RANK_BUFFERS:
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

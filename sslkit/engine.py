@@ -3,11 +3,24 @@
 Runs unchanged as one CPU process, under ``accelerate launch`` on N GPUs, or across
 nodes. Each rank builds its own shard stream (split by node and worker, equal batch
 counts); Accelerate wraps the model in DDP and handles precision and checkpoints.
+
+Precision: ``train.precision`` bf16/fp16 runs the forward passes under autocast; the
+methods compute logits, losses and queued keys in float32. Gradient accumulation
+(``train.grad_accum`` micro-batches per optimizer step): the gradients of all micro-batches
+are summed (each loss divided by the count) and synchronised once; the keys of every
+micro-batch enter the queue together after the optimizer step, so no micro-batch sees
+keys of its own step as queued negatives, and in-batch negatives are the micro-batch's own.
+Logged every ``train.log_every`` steps besides the method's scalars: ``pairs_per_s``
+(training time only), ``data_wait_share`` (the share of wall time spent waiting for the
+loader: near 0 when the data path keeps up) and ``mem_peak_gb`` (GPU: peak allocated;
+CPU: the process's peak resident memory).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import resource
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -15,6 +28,7 @@ from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -30,10 +44,26 @@ from sslkit.tracking import RunLogger, tracker_backend
 log = logging.getLogger(__name__)
 
 
+def resolve_precision(cfg: Config) -> str:
+    """``train.precision``, with ``auto`` taken from the launcher (``accelerate launch --mixed_precision``,
+    or its config file), else ``no``. Written back into ``cfg`` so the run's config.yaml records it."""
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision is fp16, which needs a GPU (Accelerate ignores it on the CPU); use "
+                          "train.precision=bf16 or no here, or launch with --mixed_precision no.")
+    cfg.train.precision = precision
+    return precision
+
+
 def build_accelerator(cfg: Config, *, out_dir: Path) -> Accelerator:
+    # A second train() in one process (a notebook, the tests) may ask for another precision: Accelerate
+    # keeps the first one's settings unless reset. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         cpu=not torch.cuda.is_available(),  # without this, CPU ranks under a launcher run alone
-        mixed_precision=cfg.train.precision,
+        mixed_precision=resolve_precision(cfg),
         log_with=tracker_backend(cfg.tracker),
         project_dir=str(out_dir),
         # Each rank streams its own shards: never let Accelerate dispatch or split our batches.
@@ -46,18 +76,18 @@ def build_accelerator(cfg: Config, *, out_dir: Path) -> Accelerator:
 def batch_stream(shards: ShardSet, cfg: Config, *, batches_per_epoch: int, start: int) -> Iterator[dict[str, Any]]:
     """Batches from micro-batch index ``start`` on; epoch e is seeded by (seed, e), so a resumed
     run sees the batches a straight run would (the skipped part of the epoch is decoded and dropped).
-    With the tensor back-end the batches hold uint8 ``image``s; the method's ``prepare`` turns them into its inputs."""
+    With the tensor back-end the batches hold uint8 ``image``s; the method's ``prepare`` turns them into its inputs.
+    One loader for the whole run: its workers persist, and each pass over it is the next epoch."""
     views = build_views(cfg.data.views, size=cfg.data.size, channels=cfg.data.channels) \
         if cfg.data.views.backend == "pil" else None
-    index = start
+    epoch, skip = divmod(start, batches_per_epoch)
+    loader = train_loader(shards, cfg.data, views=views, seed=cfg.run.seed,
+                          steps_per_epoch=batches_per_epoch, epoch=epoch)
     while True:
-        epoch, skip = divmod(index, batches_per_epoch)
-        loader = train_loader(shards, cfg.data, views=views, seed=cfg.run.seed,
-                              steps_per_epoch=batches_per_epoch, epoch=epoch)
         for i, batch in enumerate(loader):
             if i >= skip:
                 yield batch
-        index = (epoch + 1) * batches_per_epoch
+        skip = 0
 
 
 class _Inputs:
@@ -100,6 +130,52 @@ def resolve_from_data(cfg: Config, shards: ShardSet, *, batches_per_epoch: int) 
     return steps_per_epoch
 
 
+def _build_model(cfg: Config, accelerator: Accelerator) -> torch.nn.Module:
+    """The method, laid out and (optionally) synchronised across ranks and compiled, before DDP wraps it."""
+    model = build_method(cfg)
+    if cfg.model.sync_bn:
+        if accelerator.device.type != "cuda":
+            raise ConfigError("model.sync_bn needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel); on CPU set "
+                              "model.sync_bn=false and, for ccrl or supcam, method.shuffle_bn=true.")
+        if accelerator.num_processes > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        model.compile()  # in place: state_dict keys, checkpoints and export stay as they are
+    return model
+
+
+class _Meter:
+    """Throughput, the share of wall time spent waiting for data, and peak memory between two logs."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.steps, self.wait = time.perf_counter(), 0, 0.0
+
+    def pause(self, seconds: float) -> None:
+        """Leave out time that is neither training nor loading (online evaluation)."""
+        self.start += seconds
+
+    def next_batch(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        t = time.perf_counter()
+        batch = next(batches)
+        self.wait += time.perf_counter() - t
+        return batch
+
+    def read(self, *, pairs_per_step: int) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:  # ru_maxrss is in KiB on Linux
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return {"pairs_per_s": self.steps * pairs_per_step / elapsed, "data_wait_share": self.wait / elapsed,
+                "mem_peak_gb": peak}
+
+
 def train(cfg: Config) -> Path:
     """Pretrain ``cfg.method.name`` for ``cfg.train.max_steps`` optimizer steps; returns the run directory."""
     out_dir = run_dir(cfg)
@@ -118,9 +194,7 @@ def train(cfg: Config) -> Path:
     requested_steps = cfg.train.max_steps
     steps_per_epoch = resolve_from_data(cfg, shards, batches_per_epoch=batches_per_epoch)
 
-    model = build_method(cfg)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = _build_model(cfg, accelerator)
     optimizer = build_optimizer(cfg.optim, model=model)
     lrs = build_lr_schedule(cfg.optim, total_steps=cfg.train.max_steps,
                             steps_per_epoch=steps_per_epoch if cfg.train.epochs else None)
@@ -154,11 +228,11 @@ def train(cfg: Config) -> Path:
     progress = tqdm(total=cfg.train.max_steps, initial=step, desc=cfg.method.name, unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     model.train()
-    corrupt, t0, done_since_log = 0, time.perf_counter(), 0
+    corrupt, meter = 0, _Meter(accelerator.device)
     while step < cfg.train.max_steps:
         set_lr(optimizer, float(lrs[step]))
         for micro in range(accum):
-            batch = next(batches)
+            batch = meter.next_batch(batches)
             corrupt += int(batch.pop("corrupt", 0))
             batch = make_inputs(_to_device(batch, accelerator.device), step * accum + micro)
             if cfg.model.channels_last:
@@ -173,27 +247,38 @@ def train(cfg: Config) -> Path:
         optimizer.zero_grad(set_to_none=True)
         method.after_optimizer_step(step)
         step += 1
-        done_since_log += 1
+        meter.steps += 1
         progress.update(1)
 
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            elapsed = time.perf_counter() - t0
             loss = accelerator.reduce(out.loss.detach(), reduction="mean").item()
-            pairs = done_since_log * accum * cfg.data.batch_size * world / max(elapsed, 1e-9)
-            logs = {**{k: float(v) for k, v in out.logs.items()}, "loss": loss,
-                    "lr": float(lrs[step - 1]), "pairs_per_s": pairs, "corrupt_samples": corrupt}
+            logs = {**{k: float(v) for k, v in out.logs.items()}, "loss": loss, "lr": float(lrs[step - 1]),
+                    **meter.read(pairs_per_step=accum * cfg.data.batch_size * world), "corrupt_samples": corrupt}
             tracker.log(logs, step=step)
-            progress.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{pairs:.0f}")
-            t0, done_since_log = time.perf_counter(), 0
+            progress.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{logs['pairs_per_s']:.0f}")
+            meter.reset()
         if online is not None and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
             scores = online(method)
             tracker.log(scores, step=step)
-            t0 += scores.get("online/seconds", 0.0)  # throughput counts training time only
+            meter.pause(scores.get("online/seconds", 0.0))  # throughput counts training time only
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
             state = {"step": step, "run_id": tracker.run_id, "world_size": world, "config": to_dict(cfg),
                      "git": git_sha()}
             save_checkpoint(accelerator, root=ckpt_root, state=state, keep=cfg.train.keep_ckpts)
     progress.close()
+    _check_replicas(method, tracker, step=step)
     tracker.finish()
     accelerator.wait_for_everyone()
     return out_dir
+
+
+def _check_replicas(method: torch.nn.Module, tracker: RunLogger, *, step: int) -> None:
+    """Every rank must end with the same weights and queue (DDP keeps them in step); say so, or shout."""
+    if dist.world_size() == 1:
+        return
+    digests = dist.gather_objects(dist.replica_digest(method))
+    agree = len(set(digests)) == 1
+    tracker.log({"replicas_identical": float(agree), "replicas": float(len(digests))}, step=step)
+    if not agree:
+        log.error("The %d ranks ended with different weights (digests %s): the run is not a valid data-parallel "
+                  "run; check that every rank ran the same sslkit version and config.", len(digests), digests)

@@ -27,10 +27,10 @@ class CCRL(MomentumContrast):
     def __init__(
         self, *, backbone: nn.Module, projector: nn.Module, predictor: nn.Module | None,
         queue_size: int, key_dim: int, tau: float, momentum: float, in_batch_negatives: bool,
-        inputs: TwoViewInputs | None = None,
+        inputs: TwoViewInputs | None = None, shuffle_bn: bool = False,
     ) -> None:
         super().__init__(nn.Sequential(OrderedDict(backbone=backbone, projector=projector)),
-                         queue_size=queue_size, key_dim=key_dim, momentum=momentum)
+                         queue_size=queue_size, key_dim=key_dim, momentum=momentum, shuffle_bn=shuffle_bn)
         self.inputs = inputs
         self.predictor = predictor
         self.tau, self.in_batch_negatives = tau, in_batch_negatives
@@ -43,15 +43,15 @@ class CCRL(MomentumContrast):
         q = self.encoder(batch["query"])  # (B, P)
         if self.predictor is not None:
             q = self.predictor(q)  # (B, P)
-        with torch.no_grad():
-            k = F.normalize(self.key_encoder(batch["key"]).float(), dim=1)  # (B, P)
-        keys = dist.gather_no_grad(k)  # (world * B, P), rank order
+        q = q.float()
+        k, keys = self.encode_keys(batch["key"])  # (B, P) this rank's; (world * B, P) all ranks', rank order
         labels = batch.get("label")
         labels = torch.full((k.shape[0],), -1, dtype=torch.long, device=k.device) if labels is None else labels
         positive = torch.arange(k.shape[0], device=k.device) + dist.rank() * k.shape[0]  # (B,)
         queued, _ = self.queue.current()  # (F, P), F <= Q
-        loss = info_nce(q.float(), keys, positive=positive, queue=queued, tau=self.tau,
-                        in_batch=self.in_batch_negatives)
+        with torch.autocast(device_type=q.device.type, enabled=False):  # float32 logits under bf16/fp16
+            loss = info_nce(q, keys, positive=positive, queue=queued, tau=self.tau,
+                            in_batch=self.in_batch_negatives)
         self.stage(keys, dist.gather_no_grad(labels))
         with torch.no_grad():
             pos_sim = (F.normalize(q.float(), dim=1) * k).sum(dim=1).mean()
@@ -68,5 +68,5 @@ def build_ccrl(cfg: Config) -> CCRL:
     return CCRL(
         backbone=backbone, projector=projector, predictor=predictor, queue_size=cfg.method.queue_size,
         key_dim=out, tau=cfg.method.tau, momentum=cfg.method.momentum,
-        in_batch_negatives=cfg.method.in_batch_negatives, inputs=TwoViewInputs(cfg),
+        in_batch_negatives=cfg.method.in_batch_negatives, inputs=TwoViewInputs(cfg), shuffle_bn=cfg.method.shuffle_bn,
     )

@@ -2,28 +2,44 @@
 
 ``MomentumContrast`` holds ``encoder`` (a Sequential whose first part is ``backbone``),
 ``key_encoder`` (its EMA copy) and ``queue`` (keys with labels). A method's ``forward``
-computes keys with ``key_encoder``, gathers them from every rank and hands them to
+computes keys with ``encode_keys`` (gathered from every rank; with ``shuffle_bn`` the key
+encoder sees a share of the batch shuffled across ranks, as in MoCo) and hands them to
 ``stage``; ``after_optimizer_step`` then updates the copy and enqueues what was staged,
-so the queue only ever holds keys of finished steps. ``embed`` reads either encoder.
+so the queue only ever holds keys of finished steps (with gradient accumulation: every
+micro-batch's keys, once per optimizer step). ``embed`` reads either encoder.
 One level of sharing, not a hierarchy: the methods keep their own losses and inputs.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sslkit import dist
 from sslkit.models import KeyQueue, MomentumEncoder
 
 
 class MomentumContrast(nn.Module):
-    def __init__(self, encoder: nn.Module, *, queue_size: int, key_dim: int, momentum: float) -> None:
+    def __init__(self, encoder: nn.Module, *, queue_size: int, key_dim: int, momentum: float,
+                 shuffle_bn: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
         self.key_encoder = MomentumEncoder(encoder)
         self.queue = KeyQueue(queue_size, key_dim)
-        self.momentum = momentum
+        self.momentum, self.shuffle_bn = momentum, shuffle_bn
         self._pending: list[tuple[Tensor, Tensor]] = []  # gathered keys + labels waiting for the optimizer step
+
+    @torch.no_grad()
+    def encode_keys(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, C, H, W) -> this rank's keys (B, P) and all ranks' keys (world * B, P) in rank order,
+        L2-normalised float32 (also under autocast: they are logits' operands and queue entries)."""
+        if self.shuffle_bn:
+            share, order = dist.shuffle_across_ranks(images)
+            keys = dist.unshuffle_gathered(F.normalize(self.key_encoder(share).float(), dim=1), order)
+            return keys[dist.local_slice(images.shape[0])], keys
+        local = F.normalize(self.key_encoder(images).float(), dim=1)
+        return local, dist.gather_no_grad(local)
 
     def stage(self, keys: Tensor, labels: Tensor) -> None:
         """Keys (N, D) of all ranks and their (N,) labels, enqueued after the optimizer step."""

@@ -101,8 +101,10 @@ class CompositeInputs:
 
 class SupCAM(MomentumContrast):
     def __init__(self, *, encoder: nn.Module, queue_size: int, key_dim: int, tau: float, momentum: float,
-                 margin: float, use_self_margin: bool, inputs: CompositeInputs | None = None) -> None:
-        super().__init__(encoder, queue_size=queue_size, key_dim=key_dim, momentum=momentum)  # encoder: backbone, fc
+                 margin: float, use_self_margin: bool, inputs: CompositeInputs | None = None,
+                 shuffle_bn: bool = False) -> None:
+        super().__init__(encoder, queue_size=queue_size, key_dim=key_dim, momentum=momentum,  # encoder: backbone, fc
+                         shuffle_bn=shuffle_bn)
         self.inputs = inputs
         self.tau, self.margin, self.use_self_margin = tau, margin, use_self_margin
 
@@ -113,19 +115,20 @@ class SupCAM(MomentumContrast):
     def forward(self, batch: dict[str, Tensor]) -> StepOutput:
         labels, composite_labels = batch["label"], batch["composite_label"]  # (B,), (B,)
         q = F.normalize(self.encoder(batch["query"]).float(), dim=1)  # (B, D)
-        with torch.no_grad():
-            k_pos = F.normalize(self.key_encoder(batch["key"]).float(), dim=1)  # (B, D)
-            k_g = F.normalize(self.key_encoder(batch["composite"]).float(), dim=1)  # (B, D)
-        fresh = torch.cat([dist.gather_no_grad(k_pos), dist.gather_no_grad(k_g)])  # (2 * world * B, D)
+        k_pos, all_pos = self.encode_keys(batch["key"])  # (B, D), (world * B, D)
+        _, all_g = self.encode_keys(batch["composite"])  # (world * B, D)
+        fresh = torch.cat([all_pos, all_g])  # (2 * world * B, D)
         fresh_labels = torch.cat([dist.gather_no_grad(labels), dist.gather_no_grad(composite_labels)])
         queued, queued_labels = self.queue.current()  # (F, D), (F,)
         keys = torch.cat([fresh, queued])  # (K, D), K = 2 * world * B + F
         key_labels = torch.cat([fresh_labels, queued_labels])  # (K,)
-        l_sc = supcon(q, keys, anchor_labels=labels, key_labels=key_labels, tau=self.tau, denominator="negatives")
-        l_sm = torch.zeros((), device=q.device)
-        if self.use_self_margin:
-            negatives = key_labels[None, :] != labels[:, None]  # (B, K)
-            l_sm = self_margin(q, k_pos, keys, negatives=negatives, margin=self.margin, tau=self.tau)
+        with torch.autocast(device_type=q.device.type, enabled=False):  # float32 logits under bf16/fp16
+            l_sc = supcon(q, keys, anchor_labels=labels, key_labels=key_labels, tau=self.tau,
+                          denominator="negatives")
+            l_sm = torch.zeros((), device=q.device)
+            if self.use_self_margin:
+                negatives = key_labels[None, :] != labels[:, None]  # (B, K)
+                l_sm = self_margin(q, k_pos, keys, negatives=negatives, margin=self.margin, tau=self.tau)
         loss = l_sc + l_sm
         self.stage(fresh, fresh_labels)
         logs = {"loss": loss.detach(), "l_sc": l_sc.detach(), "l_sm": l_sm.detach(),
@@ -142,4 +145,5 @@ def build_supcam(cfg: Config) -> SupCAM:
     encoder = nn.Sequential(OrderedDict(backbone=backbone, fc=nn.Linear(backbone.num_features, m.embed_dim)))
     return SupCAM(encoder=encoder, queue_size=cfg.method.queue_size, key_dim=m.embed_dim, tau=cfg.method.tau,
                   momentum=cfg.method.momentum, margin=cfg.method.margin,
-                  use_self_margin=cfg.method.use_self_margin, inputs=CompositeInputs(cfg))
+                  use_self_margin=cfg.method.use_self_margin, inputs=CompositeInputs(cfg),
+                  shuffle_bn=cfg.method.shuffle_bn)

@@ -1,6 +1,5 @@
 """Train k steps, save, resume, train k more == 2k steps straight."""
 
-import json
 import shutil
 
 import pytest
