@@ -29,6 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from sslkit.config import ConfigError  # noqa: E402
 from sslkit.data.remote import RemoteError  # noqa: E402
+from sslkit.sharding.manifest import ManifestError  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent / "configs"
 
@@ -65,9 +66,10 @@ def _cmd_shard_verify(args: argparse.Namespace) -> None:
 
 def _cmd_pretrain(args: argparse.Namespace) -> None:
     from sslkit.config import load_config
+
+    cfg = load_config(recipe_path(args.config), args.overrides)  # a bad config fails before torch is even imported
     from sslkit.engine import train
 
-    cfg = load_config(recipe_path(args.config), args.overrides)
     out = train(cfg)
     from sslkit import dist
 
@@ -76,13 +78,15 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
-    from sslkit import dist
     from sslkit.config import load_config
+
+    cfg = load_config(recipe_path(args.config), args.overrides)  # a bad config fails before torch is even imported
+    from sslkit import dist
     from sslkit.engine import train
     from sslkit.evaluate.probe import evaluate_classifier, format_report
     from sslkit.methods.finetune import finetune_config
 
-    cfg, notes = finetune_config(load_config(recipe_path(args.config), args.overrides))
+    cfg, notes = finetune_config(cfg)
     main_process = os.environ.get("RANK", "0") == "0"  # no process group yet
     if main_process:
         for note in notes:
@@ -233,6 +237,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _user_error(err: BaseException) -> bool:
+    """Whether ``err`` is a mistake or a fault of the user's inputs, which the CLI prints as one line. The
+    training errors are looked up only where their module is loaded (it is, when one was raised): the CLI
+    itself must not import torch and the engine before it has checked the config."""
+    kinds = [ConfigError, FileNotFoundError, ManifestError, RemoteError]
+    engine, checkpoint = sys.modules.get("sslkit.engine"), sys.modules.get("sslkit.checkpoint")
+    kinds += [engine.RunStopped] if hasattr(engine, "RunStopped") else []  # too much bad data, non-finite steps
+    kinds += [checkpoint.CheckpointWriteError] if hasattr(checkpoint, "CheckpointWriteError") else []  # disk full
+    return isinstance(err, tuple(kinds))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
@@ -240,10 +255,11 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         args.fn(args)
-    except (ConfigError, FileNotFoundError, RemoteError) as err:
-        if args.debug:
+    except Exception as err:  # noqa: BLE001 -- user errors: one line, no traceback; anything else is a bug
+        if args.debug or not _user_error(err):
             raise
-        print(f"sslkit: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).splitlines())
+        print(f"sslkit: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         if args.debug:

@@ -3,7 +3,8 @@
 A recipe is a YAML file under ``configs/``; the command line layers dotted
 ``key=value`` overrides on top. Everything is validated against the dataclasses
 below before any heavy work starts, and unknown keys are refused with a message
-that names the key (and the closest known one).
+that names the key (and the closest known one). Every user error is a ConfigError of one sentence
+naming the key or file, what it accepts, and where the bad value was set (file or override).
 
     cfg = load_config("configs/demo.yaml", ["optim.lr=3e-4", "train.max_steps=50"])
     cfg.optim.lr  # 0.0003
@@ -12,14 +13,21 @@ that names the key (and the closest known one).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
+import math
+import os
+import re
 import subprocess
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf._utils import get_yaml_loader  # OmegaConf.load's loader: 1e-3 is a float, no timestamps, no tags
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -67,6 +75,7 @@ class DataConfig:
     batch_size: int = 256  # per process
     workers: int = 2
     shuffle_buffer: int = 2000
+    max_bad_fraction: float = 0.05  # stop when more than this share of what was read is corrupt or missing
     retries: int = 3  # remote shards (http(s), pipe:): reopenings in a row without a new byte before reading stops
     labels: str = "cls"  # sample field holding the integer class (used by evaluation only in CCRL)
     views: ViewsConfig = field(default_factory=ViewsConfig)
@@ -143,6 +152,7 @@ class TrainConfig:
     epochs: int = 0  # when > 0, max_steps = epochs x batches per epoch (and step milestones are epochs)
     precision: str = "auto"  # auto (the launcher's --mixed_precision, else no) | no | bf16 | fp16 (GPU only)
     grad_accum: int = 1  # micro-batches per optimizer step; keys enter the queue once per step (README)
+    max_bad_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient (each is skipped)
     compile: bool = False  # torch.compile the model in place (slow to start: about a minute on CPU)
     log_every: int = 10
     ckpt_every: int = 500
@@ -223,6 +233,31 @@ CHOICES = {
 }
 
 
+# Inclusive "[" / exclusive "(" bounds of numeric keys that the types alone do not limit; a list is
+# checked element by element, and null (off) always passes. Every float must also be finite.
+RANGES = {
+    "data.channels": "[1, inf)", "data.shuffle_buffer": "[0, inf)", "data.views.p_jitter": "[0, 1]",
+    "data.views.p_gray": "[0, 1]", "data.views.p_blur": "[0, 1]", "data.views.rotation": "[0, 360]",
+    "data.views.crop_scale": "(0, 1]", "data.views.jitter": "[0, inf)", "data.views.blur_sigma": "(0, inf)",
+    "model.in_chans": "[1, inf)", "model.embed_dim": "[1, inf)", "model.projector": "[1, inf)",
+    "model.predictor": "[1, inf)", "method.margin": "[0, inf)", "method.p_cap": "[0, inf)", "method.tries": "[1, inf)",
+    "method.background": "[0, 255]", "method.threshold": "[0, 255]", "method.gamma": "[0, inf)",
+    "method.scale_init": "(0, inf)", "method.con_weight": "[0, inf)", "method.cls_weight": "[0, inf)",
+    "method.num_classes": "[0, inf)", "method.latent": "[1, inf)", "optim.weight_decay": "[0, inf)",
+    "optim.momentum": "[0, 1]", "optim.betas": "[0, 1)", "optim.warmup_steps": "[0, inf)",
+    "optim.milestones": "[0, inf)", "optim.gamma": "(0, inf)", "optim.min_lr": "[0, inf)",
+    "optim.grad_clip": "(0, inf)",
+    "train.epochs": "[0, inf)", "train.log_every": "[1, inf)", "train.ckpt_every": "[1, inf)",
+    "train.keep_ckpts": "[1, inf)", "train.threads": "[0, inf)", "eval.k": "[1, inf)", "eval.restarts": "[1, inf)",
+    "eval.niter": "[1, inf)", "eval.kmeans_max_train": "[1, inf)", "eval.knn_tau": "(0, inf)",
+    "eval.batch_size": "[1, inf)", "eval.max_samples": "[1, inf)", "eval.gallery": "[0, inf)",
+    "finetune.label_smoothing": "[0, 1)",
+}
+MAX_VALUES = 100_000  # values a config may hold with YAML aliases expanded ("billion laughs" would hang the merge)
+_DOTTED_KEY = re.compile(r"[A-Za-z_]\w*(\.\w+)*")
+_QUOTED_KEY = re.compile(r"'([a-z_]+(?:\.[a-z_0-9]+)+)'")  # how messages name keys: 'optim.lr'
+
+
 def _known_keys(node: Any, prefix: str = "") -> list[str]:
     keys = []
     for name, value in node.items():
@@ -233,32 +268,245 @@ def _known_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+def _unknown_key(key: str, section: type, prefix: str, source: str) -> ConfigError:
+    names = ", ".join(typing.get_type_hints(section))
+    hint = difflib.get_close_matches(key[len(prefix):], list(typing.get_type_hints(section)), n=1)  # in its section
+    fix = (f"did you mean '{prefix}{hint[0]}'?" if hint else
+           f"the keys of '{prefix[:-1]}' are {names}." if prefix else f"the sections are {names}.")
+    return ConfigError(f"Unknown config key '{_clean(key)}' in {source}; {fix}")
+
+
 def _unknown_key_error(err: ConfigKeyError, schema: DictConfig, source: str) -> ConfigError:
     full_key = getattr(err, "full_key", None) or str(err).split("'")[1]
-    hint = difflib.get_close_matches(full_key, _known_keys(schema), n=1)
-    fix = f" Did you mean '{hint[0]}'?" if hint else " See the sections in configs/ccrl.yaml."
-    return ConfigError(f"Unknown config key '{full_key}' in {source}.{fix}")
+    section, _, _ = full_key.rpartition(".")
+    kind = _field_type(section) if section else Config
+    return _unknown_key(full_key, kind if dataclasses.is_dataclass(kind) else Config, section and section + ".", source)
 
 
-def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
+def _field_type(key: str) -> Any:
+    """The declared type of a dotted key ('optim.lr' -> float, 'model.projector[0]' -> int), or None."""
+    kind: Any = Config
+    for part in re.split(r"\.|(?=\[)", key):
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+        if part.startswith("[") and origin is list:
+            kind = args[0]
+        elif origin is dict:
+            kind = args[1]
+        elif dataclasses.is_dataclass(kind) and part in typing.get_type_hints(kind):
+            kind = typing.get_type_hints(kind)[part]
+        else:
+            return None
+    return kind
+
+
+_TYPE_NAMES = {int: "a whole number", float: "a number", str: "a string", bool: "true or false", Any: "a value"}
+_PLURALS = {int: "whole numbers", float: "numbers", str: "strings", bool: "booleans", Any: "values"}
+
+
+def _describe(kind: Any) -> str:
+    """'a whole number', 'a number or null', 'a list of numbers', ... for a declared type."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is typing.Union:
+        return f"{_describe(next(a for a in args if a is not type(None)))} or null"
+    if origin is list:
+        return f"a list of {_PLURALS.get(args[0], 'values')}"
+    if origin is dict:
+        return "a mapping" if args[1] is Any else f"a mapping of names to {_PLURALS.get(args[1], 'values')}"
+    if dataclasses.is_dataclass(kind):
+        return f"a section (a mapping of {', '.join(typing.get_type_hints(kind))})"
+    return _TYPE_NAMES.get(kind, str(kind))
+
+
+def _show(value: Any) -> str:
+    text = {True: "true", False: "false", None: "null"}.get(value, None) if isinstance(value, (bool, type(None))) \
+        else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _clean(text: Any) -> str:
+    """User text (a key, an override, a path) as it may appear in a one-line message: control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def _count_values(value: Any, limit: int = MAX_VALUES) -> int:
+    """Values in ``value``, an aliased (shared) part counted each time it occurs; stops past ``limit``."""
+    stack, count = [value], 0
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
+
+
+def _yaml(text: str, source: str) -> Any:
+    """Plain Python values from YAML text, read as OmegaConf reads it; ConfigError naming ``source`` otherwise."""
+    try:
+        value = yaml.load(text, Loader=get_yaml_loader())  # a SafeLoader: tags such as !!python/... are refused
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{source} is not valid YAML{where} ({problem}); fix the syntax "
+                          "(indent with spaces; tags such as !!python/... are not allowed).") from None
+    except RecursionError:
+        raise ConfigError(f"{source} nests lists or mappings too deeply to read; flatten it.") from None
+    if _count_values(value) > MAX_VALUES:
+        raise ConfigError(f"{source} holds more than {MAX_VALUES:,} values once its YAML aliases are expanded; "
+                          "write the values out.")
+    return value
+
+
+def _read_file(path: Path) -> dict:
+    """The sections of a YAML config file, checked to be YAML holding a mapping."""
+    if not path.is_file():
+        what = "is a folder, not a YAML file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"Config file '{_clean(path)}' {what}; pick one of the recipes in configs/.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"Config file '{_clean(path)}' is not UTF-8 text; save it as UTF-8 YAML.") from None
+    except OSError as err:
+        raise ConfigError(f"Config file '{_clean(path)}' cannot be read ({err.strerror}); "
+                          "check its permissions.") from None
+    data = _yaml(text, f"Config file '{_clean(path)}'")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file '{_clean(path)}' holds {_show(data)} at its top level instead of sections; "
+                          "write sections such as 'optim: {lr: 0.001}' (see configs/ccrl.yaml).")
+    return data
+
+
+def _check_tree(data: dict, section: type, prefix: str, source: str) -> None:
+    """Refuse unknown keys, and a section, list or mapping given as something else, naming the key
+    (OmegaConf's own errors for these name no key, or the wrong one)."""
+    hints = typing.get_type_hints(section)
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if not isinstance(key, str) or key not in hints:
+            raise _unknown_key(dotted, section, prefix, source)
+        kind = hints[key]
+        if isinstance(value, str) and "${" in value:  # an interpolation: resolved, and checked, later
+            continue
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                raise ConfigError(f"Config key '{dotted}' in {source} is {_describe(kind)}, got {_show(value)}; "
+                                  f"set its keys as {dotted}.KEY=VALUE or in a mapping.")
+            _check_tree(value, kind, dotted + ".", source)
+        elif typing.get_origin(kind) in (list, dict) and not isinstance(value, typing.get_origin(kind)):
+            raise ConfigError(f"Config key '{dotted}' in {source} must be {_describe(kind)}, got {_show(value)}.")
+
+
+def _lookup(data: Any, key: str) -> Any:
+    """The value at a dotted key ('model.projector[0]') in plain data, or KeyError."""
+    for part in re.split(r"\.|(?=\[)", key):
+        data = data[int(part[1:-1])] if part.startswith("[") else data[part]
+    return data
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
     except ConfigKeyError as err:
         raise _unknown_key_error(err, base, source) from None
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", "?")
-        reason = str(err.msg).splitlines()[0]
+        key = getattr(err, "full_key", "") or "?"
+        try:
+            value, kind = _lookup(other, key), _field_type(key)
+        except (KeyError, IndexError, TypeError, ValueError):
+            value, kind = None, None
+        if kind is not None:
+            raise ConfigError(f"Config key '{key}' in {source} must be {_describe(kind)}, "
+                              f"got {_show(value)}.") from None
+        reason = str(err.msg).splitlines()[0].rstrip(".")
         raise ConfigError(f"Bad value for config key '{key}' in {source}: {reason}.") from None
 
 
-def _parse_override(item: str) -> DictConfig:
-    if "=" not in item:
-        raise ConfigError(f"Override '{item}' is not of the form key=value (for example optim.lr=3e-4).")
+def _parse_override(item: str) -> dict:
+    """``key=value`` as nested plain data, the value read as YAML (as OmegaConf's dotlist reads it)."""
+    key, eq, text = item.partition("=")
+    if not eq or not _DOTTED_KEY.fullmatch(key.strip()):
+        raise ConfigError(f"Override '{_clean(item)}' is not of the form key=value with a dotted key "
+                          "(for example optim.lr=3e-4, or model.projector=[256,128] for a whole list).")
+    value = _yaml(text, f"The value of override '{_clean(item)}'")
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def _to_object(merged: DictConfig, where: Any) -> Config:
+    """The typed config, interpolations resolved; ``where(key)`` names the source of a key that fails."""
     try:
-        return OmegaConf.from_dotlist([item])
+        return OmegaConf.to_object(merged)
+    except MissingMandatoryValue as err:
+        key = err.full_key
+        raise ConfigError(f"Config key '{key}' in {where(key)} is ??? (missing); give it a value.") from None
     except OmegaConfBaseException as err:
-        reason = str(err.msg).splitlines()[0]
-        raise ConfigError(f"Cannot parse override '{item}': {reason}.") from None
+        key, reason = getattr(err, "full_key", "") or "?", str(err.msg).splitlines()[0].rstrip(".")
+        raise ConfigError(f"Config key '{key}' in {where(key)} cannot be resolved ({reason}); an interpolation "
+                          "such as ${data.size} must name a key of the right type, and ${oc.env:NAME} a set "
+                          "environment variable.") from None
+
+
+def _origin(key: str, overrides: list[str] | tuple[str, ...], file: Optional[tuple[Path, dict]]) -> str:
+    """Where the value of ``key`` was set: the last override naming it (or its section), the file, or nowhere."""
+    for item in reversed(overrides):
+        name = item.partition("=")[0].strip()
+        if key == name or key.startswith(name + ".") or name.startswith(key + "."):
+            return f"set by override '{_clean(item)}'"
+    if file is not None:
+        data: Any = file[1]
+        for part in key.split("."):
+            data = data.get(part, _origin) if isinstance(data, dict) else _origin
+        if data is not _origin:
+            return f"set in config file '{_clean(file[0])}'"
+    return "left at its default"
+
+
+def _attributed(message: str, overrides: list[str] | tuple[str, ...], file: Optional[tuple[Path, dict]]) -> str:
+    """A ``validate`` message with where each config key it names was set, still one sentence."""
+    keys = [key for key in dict.fromkeys(_QUOTED_KEY.findall(message)) if _field_type(key) is not None]
+    if not keys:
+        return message
+    notes = [_origin(key, overrides, file) for key in keys]
+    note = notes[0] if len(keys) == 1 else ", ".join(f"{key} {n}" for key, n in zip(keys, notes))
+    end = message[-1] if message[-1] in ".?" else "."
+    return f"{message.rstrip('.?')} ({note}){end}"
+
+
+def _in_range(value: Any, bounds: str) -> bool:
+    low, high = (float(b) for b in bounds[1:-1].split(","))
+    above = low <= value if bounds[0] == "[" else low < value
+    return above and (value <= high if bounds[-1] == "]" else value < high)
+
+
+def _leaves(node: Any, prefix: str = "") -> Any:
+    """(dotted key, value) of every scalar and list in plain config data."""
+    for name, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value
+
+
+def _check_ranges(plain: dict) -> None:
+    """Raise ConfigError naming the first key whose number is out of ``RANGES`` or not finite."""
+    for key, value in _leaves(plain):
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(item, float) and not math.isfinite(item) for item in items):
+            raise ConfigError(f"Config key '{key}' is {_show(value)}; give a finite number.")
+        bounds = RANGES.get(key)
+        if bounds and any(item is not None and not _in_range(item, bounds) for item in items):
+            raise ConfigError(f"Config key '{key}' must be in {bounds}, got {_show(value)}.")
+    scale, betas = plain["data"]["views"]["crop_scale"], plain["optim"]["betas"]
+    if len(scale) != 2 or scale[0] > scale[1]:
+        raise ConfigError(f"Config key 'data.views.crop_scale' is the [smallest, largest] share of the area, "
+                          f"got {scale}.")
+    if len(betas) != 2:
+        raise ConfigError(f"Config key 'optim.betas' is Adam's [beta1, beta2], got {betas}.")
 
 
 def check_balanced(data: DataConfig) -> None:
@@ -270,13 +518,33 @@ def check_balanced(data: DataConfig) -> None:
                           f"{balanced.per_class} and {balanced.buffer}.")
     if balanced.classes and data.batch_size != balanced.classes * balanced.per_class:
         raise ConfigError(f"Config key 'data.batch_size' is {data.batch_size} but balanced batches hold "
-                          f"data.balanced.classes x per_class = {balanced.classes * balanced.per_class}; make them agree.")
+                          f"'data.balanced.classes' x 'data.balanced.per_class' = "
+                          f"{balanced.classes * balanced.per_class}; make them agree.")
+
+
+def _check_no_api_key(tree: dict[str, Any], prefix: str = "") -> None:
+    """The config is written to config.yaml, every checkpoint and the tracker: it must not hold the W&B
+    API key (an ``${oc.env:WANDB_API_KEY}`` interpolation, or the key pasted into an override)."""
+    key = os.environ.get("WANDB_API_KEY", "")
+    if len(key) < 8:  # unset, or too short to tell from an ordinary value
+        return
+    for name, value in tree.items():
+        dotted = f"{prefix}.{name}" if prefix else str(name)
+        if isinstance(value, dict):
+            _check_no_api_key(value, dotted)
+        elif key in str(value):
+            raise ConfigError(f"Config key '{dotted}' holds the value of WANDB_API_KEY, which would be written to "
+                              "config.yaml, checkpoints and the tracker; remove it (W&B reads the key from the "
+                              "environment).")
 
 
 def validate(cfg: Config) -> None:
     """Check the values that the types alone cannot; raise ConfigError naming the key."""
+    plain = to_dict(cfg)
+    _check_ranges(plain)
+    _check_no_api_key(plain)
     for dotted, allowed in CHOICES.items():
-        value = OmegaConf.select(OmegaConf.structured(cfg), dotted)
+        value = _lookup(plain, dotted)
         if value not in allowed:
             raise ConfigError(f"Config key '{dotted}' is '{value}'; choose one of {', '.join(allowed)}.")
     positive = {
@@ -297,6 +565,9 @@ def validate(cfg: Config) -> None:
         )
     if not 0.0 <= cfg.method.momentum <= 1.0:
         raise ConfigError(f"Config key 'method.momentum' must be in [0, 1], got {cfg.method.momentum}.")
+    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0 or cfg.train.max_bad_steps < 1:
+        raise ConfigError(f"Config keys 'data.max_bad_fraction' (0 to 1) and 'train.max_bad_steps' (>= 1) got "
+                          f"{cfg.data.max_bad_fraction} and {cfg.train.max_bad_steps}.")
     if cfg.data.retries < 0:
         raise ConfigError(f"Config key 'data.retries' must be 0 or more, got {cfg.data.retries}.")
     if cfg.data.workers < 0:
@@ -329,27 +600,38 @@ def validate(cfg: Config) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- ``key=value`` overrides, validated; returns a typed ``Config``."""
-    merged = OmegaConf.structured(Config)
+    """Defaults <- YAML file <- ``key=value`` overrides, validated; returns a typed ``Config``.
+
+    Raises ConfigError, one sentence naming the key (or the file), what it accepts and where the bad
+    value was set, for a missing or unreadable file, YAML that does not parse, an unknown key, a value
+    of the wrong type or out of range, or an override that is not ``key=value``."""
+    merged, file = OmegaConf.structured(Config), None
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file '{path}' does not exist; pick one of the recipes in configs/.")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as err:  # yaml errors come in many types
-            raise ConfigError(f"Config file '{path}' is not valid YAML: {err}") from None
-        merged = _merge(merged, loaded, str(path))
-    return apply_overrides(OmegaConf.to_object(merged), overrides)
+        file = (path, _read_file(path))
+        source = f"config file '{_clean(path)}'"
+        _check_tree(file[1], Config, "", source)
+        merged = _merge(merged, file[1], source)
+    cfg = _to_object(merged, lambda key: f"config file '{_clean(path)}'")
+    return _apply(cfg, overrides, file)
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
     """``cfg`` with dotted ``key=value`` overrides applied, validated."""
+    return _apply(cfg, overrides, None)
+
+
+def _apply(cfg: Config, overrides: list[str] | tuple[str, ...], file: Optional[tuple[Path, dict]]) -> Config:
     merged = OmegaConf.structured(cfg)
     for item in overrides:
-        merged = _merge(merged, _parse_override(item), f"override '{item}'")
-    out: Config = OmegaConf.to_object(merged)
-    validate(out)
+        data, source = _parse_override(item), f"override '{_clean(item)}'"
+        _check_tree(data, Config, "", source)
+        merged = _merge(merged, data, source)
+    out = _to_object(merged, lambda key: _origin(key, overrides, file).split(" ", 2)[-1])
+    try:
+        validate(out)
+    except ConfigError as err:
+        raise ConfigError(_attributed(str(err), overrides, file)) from None
     return out
 
 
@@ -372,7 +654,7 @@ def from_dict(data: dict[str, Any]) -> Config:
     for dotted in RETIRED:
         section, _, key = dotted.rpartition(".")
         data.get(section, {}).pop(key, None)
-    return OmegaConf.to_object(_merge(OmegaConf.structured(Config), OmegaConf.create(data), "stored config"))
+    return OmegaConf.to_object(_merge(OmegaConf.structured(Config), data, "stored config"))
 
 
 def run_dir(cfg: Config) -> Path:

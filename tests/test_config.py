@@ -15,9 +15,9 @@ def test_overrides_are_typed():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("optim.lrr=1", "Unknown config key 'optim.lrr'.*Did you mean 'optim.lr'"),
+        ("optim.lrr=1", "Unknown config key 'optim.lrr'.*did you mean 'optim.lr'"),
         ("data.views.rotatio=90", "Unknown config key 'data.views.rotatio'.*'data.views.rotation'"),
-        ("optim.lr=fast", "Bad value for config key 'optim.lr'"),
+        ("optim.lr=fast", "Config key 'optim.lr' in override 'optim.lr=fast' must be a number, got 'fast'"),
         ("tracker.name=mlflow", "'tracker.name' is 'mlflow'; choose one of"),
         ("train.max_steps=0", "'train.max_steps' must be positive"),
         ("optim.lr", "not of the form key=value"),

@@ -57,5 +57,5 @@ def test_bad_override_is_one_clear_sentence(tmp_path, capsys):
         main(["demo", "--shards", str(tmp_path / "shards"), "optim.lrr=1"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err == "sslkit: error: Unknown config key 'optim.lrr' in override 'optim.lrr=1'. Did you mean 'optim.lr'?"
+    assert err == "sslkit: error: Unknown config key 'optim.lrr' in override 'optim.lrr=1'; did you mean 'optim.lr'?"
     assert not (tmp_path / "shards").exists()  # refused before any work

@@ -27,6 +27,8 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
+import reprlib
 import tarfile
 from pathlib import Path
 from typing import Any, Optional
@@ -35,6 +37,35 @@ FORMAT = "sslkit-shards/2"
 FORMATS = ("sslkit-shards/1", FORMAT)
 MANIFEST_NAME = "manifest.json"
 _REQUIRED = ("format", "shards", "num_samples")
+
+
+class ManifestError(ValueError):
+    """A shard manifest cannot be used; the message names it and the fix."""
+
+
+class StrictTarInfo(tarfile.TarInfo):
+    """``tarfile.open(..., tarinfo=StrictTarInfo)``: a damaged header or a file cut short raises ReadError.
+
+    After the first member, tarfile reads a header that fails its checksum, a header cut short, a file
+    that ends without the end-of-archive blocks and a zero block with more data after it all as the end
+    of the archive, so the members after the damage would vanish without an error.
+    ``SubsequentHeaderError`` is the one header error that ``TarFile.next`` raises (as ReadError) at
+    any offset."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:  # a zero block: the end of the archive, if nothing but zeros follows
+            while block := tar.fileobj.read(tarfile.RECORDSIZE):
+                if block.strip(b"\0"):
+                    raise tarfile.SubsequentHeaderError(f"a zero block with more data after it at byte "
+                                                        f"{tar.offset}") from None
+            raise
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as err:
+            what = "the file ends without the end-of-archive blocks (cut short)" \
+                if isinstance(err, tarfile.EmptyHeaderError) else f"damaged tar header ({err})"
+            raise tarfile.SubsequentHeaderError(f"{what} at byte {tar.offset}") from None
 
 
 def sha256_file(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:
@@ -103,20 +134,59 @@ def class_names(manifest: dict) -> Optional[list[str]]:
     return list(classes) if classes else None
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _outside(name: str) -> bool:
+    """Whether a shard name leaves the manifest's folder: absolute, or through a '..' part (URLs never do)."""
+    return "://" not in name and (name.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", name))
+
+
+def _check_fields(manifest: dict[str, Any], bad: Any) -> None:
+    """Raise ``bad(what)`` unless every field a reader uses has its type (``build_manifest``'s layout)."""
+    shards = manifest["shards"]
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and "name" in s and "samples" in s
+                                               for s in shards):
+        raise bad("has a shard entry without 'name' or 'samples'")
+    for entry in shards:
+        name, samples = entry["name"], entry["samples"]
+        if not isinstance(name, str) or not name.strip() or "\0" in name or _outside(name):
+            raise bad(f"names shard {reprlib.repr(name)}, which is not a file name inside its folder "
+                      "(shard names are relative to the manifest's folder, without '..', or URLs)")
+        if not _is_count(samples) or not _is_count(entry.get("bytes", 0)):
+            raise bad(f"gives shard {reprlib.repr(name)} samples={reprlib.repr(samples)} and "
+                      f"bytes={reprlib.repr(entry.get('bytes'))}, which must be whole numbers of 0 or more")
+    if not _is_count(manifest["num_samples"]):
+        raise bad(f"has num_samples={reprlib.repr(manifest['num_samples'])}, which must be a whole number of 0 or more")
+    classes, counts = manifest.get("classes"), manifest.get("class_counts")
+    if not (classes is None or isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+            or isinstance(classes, dict) and all(map(_is_count, classes.values()))) \
+            or not (counts is None or isinstance(counts, dict) and all(map(_is_count, counts.values()))):
+        raise bad("has 'classes' that is neither null nor a mapping of class names to sample counts")
+    for key, kind in (("image", (dict, type(None))), ("sources", list), ("failed", list), ("failures", list)):
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise bad(f"has {key!r} of type {type(manifest[key]).__name__}")
+
+
 def parse_manifest(manifest: Any, where: str) -> dict[str, Any]:
-    """Check a loaded manifest and bring format 1 to the format-2 layout; ``where`` names it in errors."""
+    """Check a loaded manifest and bring format 1 to the format-2 layout; ``where`` names it in errors.
+
+    Raises ManifestError (a ValueError) naming ``where`` and the fix for anything a reader could not
+    use: a missing field, a field of the wrong type, a negative count, a shard name outside the folder."""
     fix = "regenerate the shard set with `sslkit shard ...` or point to its folder"
+
+    def bad(what: str) -> ManifestError:
+        return ManifestError(f"Shard manifest {where} {what}; {fix}.")
+
     if not isinstance(manifest, dict) or any(k not in manifest for k in _REQUIRED):
-        raise ValueError(f"Shard manifest {where} lacks one of {list(_REQUIRED)}; {fix}.")
+        raise bad(f"lacks one of {list(_REQUIRED)}")
     if manifest["format"] not in FORMATS:
-        raise ValueError(
-            f"Shard manifest {where} has format {manifest['format']!r}, expected one of {list(FORMATS)}; {fix}."
-        )
-    if not all(isinstance(s, dict) and "name" in s and "samples" in s for s in manifest["shards"]):
-        raise ValueError(f"Shard manifest {where} has a shard entry without 'name' or 'samples'; {fix}.")
-    counted = sum(int(s["samples"]) for s in manifest["shards"])
+        raise bad(f"has format {reprlib.repr(manifest['format'])}, expected one of {list(FORMATS)}")
+    _check_fields(manifest, bad)
+    counted = sum(s["samples"] for s in manifest["shards"])
     if counted != manifest["num_samples"]:
-        raise ValueError(
+        raise ManifestError(
             f"Shard manifest {where} says num_samples={manifest['num_samples']} but its shards "
             f"hold {counted}; run `sslkit shard verify` on its folder and {fix}."
         )
@@ -135,7 +205,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no manifest there.
-        ValueError: the file is not a valid sslkit manifest.
+        ManifestError (a ValueError): the file is not a valid sslkit manifest.
     """
     file = manifest_path(path)
     if not file.is_file():
@@ -145,15 +215,15 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         )
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"Shard manifest {file} is not valid JSON ({err}); regenerate the shard set.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ManifestError(f"Shard manifest {file} is not valid JSON ({err}); regenerate the shard set.") from None
     return parse_manifest(manifest, str(file))
 
 
 def count_tar_samples(path: str | Path) -> int:
     """Number of distinct WebDataset keys (``<key>.<ext>`` members) in a tar."""
     keys = set()
-    with tarfile.open(path, mode="r|*") as tar:
+    with tarfile.open(path, mode="r|*", tarinfo=StrictTarInfo) as tar:
         for member in tar:
             if not member.isfile():
                 continue
