@@ -54,6 +54,14 @@ def local_slice(batch_size: int) -> slice:
     return slice(start, start + batch_size)
 
 
+def all_true(flag: Tensor) -> bool:
+    """True when ``flag`` (a () bool tensor on this rank's device) is true on every rank."""
+    flag = flag.detach().to(torch.int32)
+    if is_distributed():
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def barrier() -> None:
     if is_distributed():
         torch_dist.barrier()

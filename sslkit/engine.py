@@ -24,7 +24,7 @@ import resource
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
@@ -32,7 +32,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from sslkit.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from sslkit.checkpoint import check_writable, load_checkpoint, resolve_resume, save_checkpoint
 from sslkit.config import Config, ConfigError, git_sha, run_dir, to_dict, to_yaml
 from sslkit import dist
 from sslkit.data.augment import build_views
@@ -179,17 +179,18 @@ class _Meter:
 def train(cfg: Config) -> Path:
     """Pretrain ``cfg.method.name`` for ``cfg.train.max_steps`` optimizer steps; returns the run directory."""
     out_dir = run_dir(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = resolve_shards(cfg.data.shards, manifest=cfg.data.manifest,  # a missing or bad shard set: before any file
+                            skip_missing=True)  # a few missing shards count as bad data (data.max_bad_fraction)
+    if shards.num_samples is None:
+        raise ConfigError(f"Shards at '{cfg.data.shards}' have no manifest.json with num_samples; "
+                          "write one with `sslkit shard ...` or point data.manifest at it.")
+    check_writable(out_dir)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     accelerator = build_accelerator(cfg, out_dir=out_dir)
     set_seed(cfg.run.seed)  # identical initial weights on every rank
 
-    shards = resolve_shards(cfg.data.shards, manifest=cfg.data.manifest)
     world = accelerator.num_processes
-    if shards.num_samples is None:
-        raise ValueError(f"Shards at '{cfg.data.shards}' have no manifest.json with num_samples; "
-                         "write one with `sslkit shard ...` or point data.manifest at it.")
     batches_per_epoch = max(1, shards.num_samples // (cfg.data.batch_size * world))
     requested_steps = cfg.train.max_steps
     steps_per_epoch = resolve_from_data(cfg, shards, batches_per_epoch=batches_per_epoch)
@@ -228,12 +229,14 @@ def train(cfg: Config) -> Path:
     progress = tqdm(total=cfg.train.max_steps, initial=step, desc=cfg.method.name, unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     model.train()
-    corrupt, meter = 0, _Meter(accelerator.device)
+    meter, guard = _Meter(accelerator.device), _Guard(cfg, accelerator)
+    guard.restore(state.get("data_faults", {}))
+    guard.missing(shards)
     while step < cfg.train.max_steps:
         set_lr(optimizer, float(lrs[step]))
+        finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
         for micro in range(accum):
-            batch = meter.next_batch(batches)
-            corrupt += int(batch.pop("corrupt", 0))
+            batch = guard.count(meter.next_batch(batches))
             batch = make_inputs(_to_device(batch, accelerator.device), step * accum + micro)
             if cfg.model.channels_last:
                 batch = _channels_last(batch)
@@ -241,11 +244,15 @@ def train(cfg: Config) -> Path:
             with sync:
                 out = model(batch)
                 accelerator.backward(out.loss / accum)
-        if cfg.optim.grad_clip:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
+            finite &= torch.isfinite(out.loss.detach())
+        grad_norm = _grad_norm(accelerator, model, clip=cfg.optim.grad_clip)
+        if guard.step_ok(finite & torch.isfinite(grad_norm), step=step + 1, loss=out.loss, grad_norm=grad_norm):
+            optimizer.step()
+            method.after_optimizer_step(step)
+        else:  # no update, no momentum step, no keys queued; the schedule and the data move on
+            tracker.log({"skipped_steps": guard.skipped}, step=step + 1)
+            getattr(method, "skip_step", lambda: None)()
         optimizer.zero_grad(set_to_none=True)
-        method.after_optimizer_step(step)
         step += 1
         meter.steps += 1
         progress.update(1)
@@ -253,7 +260,8 @@ def train(cfg: Config) -> Path:
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             loss = accelerator.reduce(out.loss.detach(), reduction="mean").item()
             logs = {**{k: float(v) for k, v in out.logs.items()}, "loss": loss, "lr": float(lrs[step - 1]),
-                    **meter.read(pairs_per_step=accum * cfg.data.batch_size * world), "corrupt_samples": corrupt}
+                    "grad_norm": float(grad_norm), **meter.read(pairs_per_step=accum * cfg.data.batch_size * world),
+                    **guard.data_logs()}
             tracker.log(logs, step=step)
             progress.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{logs['pairs_per_s']:.0f}")
             meter.reset()
@@ -263,13 +271,104 @@ def train(cfg: Config) -> Path:
             meter.pause(scores.get("online/seconds", 0.0))  # throughput counts training time only
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
             state = {"step": step, "run_id": tracker.run_id, "world_size": world, "config": to_dict(cfg),
-                     "git": git_sha()}
+                     "git": git_sha(), "data_faults": guard.state()}
             save_checkpoint(accelerator, root=ckpt_root, state=state, keep=cfg.train.keep_ckpts)
     progress.close()
     _check_replicas(method, tracker, step=step)
     tracker.finish()
     accelerator.wait_for_everyone()
     return out_dir
+
+
+class RunStopped(RuntimeError):
+    """Training stopped on purpose (too much bad data, too many non-finite steps); the last checkpoint is intact."""
+
+
+def _grad_norm(accelerator: Accelerator, model: torch.nn.Module, *, clip: Optional[float]) -> torch.Tensor:
+    """The total gradient norm (clipped to ``clip`` when set); 0 under fp16, whose scaler skips inf steps itself."""
+    if clip:
+        return torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), clip))
+    if accelerator.scaler is not None:
+        return torch.zeros((), device=accelerator.device)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=accelerator.device)
+
+
+class _Guard:
+    """What training skipped and when to give up: corrupt samples and shards (all ranks together, against
+    ``data.max_bad_fraction`` of what was read, once at least ten global batches were read) and steps with
+    a non-finite loss or gradient (``train.max_bad_steps`` in a row)."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator) -> None:
+        self.cfg, self.accelerator = cfg, accelerator
+        self.corrupt, self.read = 0, 0  # this rank's
+        self.skipped, self.in_a_row = 0, 0  # steps, the same on every rank
+        self.resumed = False
+        self.judge_after = 10 * cfg.data.batch_size * accelerator.num_processes
+
+    def count(self, batch: dict[str, Any]) -> dict[str, Any]:
+        self.corrupt += int(batch.pop("corrupt", 0))
+        self.read += len(batch["label"]) if "label" in batch else self.cfg.data.batch_size
+        return batch
+
+    def totals(self) -> tuple[float, float]:
+        """(corrupt, read) summed over ranks; every rank must call this."""
+        counts = torch.tensor([self.corrupt, self.read], dtype=torch.float64, device=self.accelerator.device)
+        return tuple(self.accelerator.reduce(counts, reduction="sum").tolist())
+
+    def state(self) -> dict[str, float]:
+        """What a checkpoint keeps, so the counts of a resumed run continue; every rank must call this."""
+        corrupt, read = self.totals()
+        return {"corrupt_samples": corrupt, "samples_read": read, "skipped_steps": self.skipped}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue the counts of the checkpoint's run (held by rank 0, so the sums over ranks stay right)."""
+        self.skipped, self.resumed = int(state.get("skipped_steps", 0)), bool(state)
+        if self.accelerator.is_main_process:
+            self.corrupt, self.read = int(state.get("corrupt_samples", 0)), int(state.get("samples_read", 0))
+
+    def missing(self, shards: ShardSet) -> None:
+        """Shards the manifest lists but that are gone count as bad data; too many stop the run now."""
+        if not shards.missing:
+            return
+        share = shards.missing_samples / max(shards.missing_samples + (shards.num_samples or 0), 1)
+        if share > self.cfg.data.max_bad_fraction:
+            raise RunStopped(
+                f"{len(shards.missing)} shards of '{self.cfg.data.shards}' are missing ({shards.missing[0]} first), "
+                f"{shards.missing_samples} samples or {share:.1%} of the set, above data.max_bad_fraction="
+                f"{self.cfg.data.max_bad_fraction}; restore them, or raise data.max_bad_fraction to train on the rest.")
+        if self.accelerator.is_main_process and not self.resumed:  # a resumed run's count holds them already
+            self.corrupt += shards.missing_samples
+
+    def data_logs(self) -> dict[str, float]:
+        """All ranks' ``corrupt_samples`` and their share of what was read; raises RunStopped past the limit."""
+        corrupt, read = self.totals()
+        share = corrupt / max(corrupt + read, 1.0)
+        if corrupt + read >= self.judge_after and share > self.cfg.data.max_bad_fraction:
+            raise RunStopped(
+                f"{int(corrupt)} corrupt or unreadable samples and shards against {int(read)} good samples "
+                f"({share:.1%}, above data.max_bad_fraction={self.cfg.data.max_bad_fraction}) in "
+                f"'{self.cfg.data.shards}'; the warnings above name them: check the shards with `sslkit shard "
+                "verify`, or raise data.max_bad_fraction to train on the rest. The last checkpoint is intact.")
+        return {"corrupt_samples": corrupt, "bad_fraction": share}
+
+    def step_ok(self, ok: torch.Tensor, *, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Whether every rank's loss and the gradients were finite; counts and stops on repeated failures."""
+        if dist.all_true(ok):
+            self.in_a_row = 0
+            return True
+        self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
+        loss, grad_norm = float(loss.detach()), float(grad_norm)
+        log.warning("Step %d skipped: loss %s, gradient norm %s (non-finite on some rank).", step, loss, grad_norm)
+        if self.in_a_row >= self.cfg.train.max_bad_steps:
+            cause = ("bf16/fp16 overflow is likely: try train.precision=no, " if self.cfg.train.precision != "no"
+                     else "")
+            raise RunStopped(
+                f"Steps {step - self.in_a_row + 1} to {step} all gave a non-finite loss or gradient "
+                f"(train.max_bad_steps={self.cfg.train.max_bad_steps} in a row; last loss {loss}, gradient "
+                f"norm {grad_norm}); {cause}lower optim.lr (now {self.cfg.optim.lr}) or set optim.grad_clip, "
+                "and resume: the last checkpoint is intact.")
+        return False
 
 
 def _check_replicas(method: torch.nn.Module, tracker: RunLogger, *, step: int) -> None:

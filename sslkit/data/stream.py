@@ -44,8 +44,9 @@ import io
 import logging
 import os
 import random
+import re
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate, islice
 from typing import Any, Callable, Iterable, Iterator, Optional
 from urllib.parse import urljoin
@@ -56,7 +57,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext
 from webdataset.utils import make_seed
 
 from sslkit.config import DataConfig, check_balanced
@@ -64,12 +65,13 @@ from sslkit.data.augment import build_decode_transform, build_eval_transform
 from sslkit.data.balanced import BalancedBatches
 from sslkit.data.remote import RETRIES, RemoteError, open_shard, read_json
 from sslkit.sharding.manifest import FORMAT as MANIFEST_FORMAT
-from sslkit.sharding.manifest import MANIFEST_NAME, class_names, parse_manifest
+from sslkit.sharding.manifest import MANIFEST_NAME, ManifestError, StrictTarInfo, class_names, parse_manifest
 
 logger = logging.getLogger(__name__)
 
 IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp", "tif", "tiff")
 MAX_FAILURES_IN_A_ROW = 1000
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: tar members such as __index__ belong to no sample
 _MAKE_IT = "create it with `sslkit shard synthetic --out {}` or point data.shards at existing shards"
 
 
@@ -82,6 +84,8 @@ class ShardSet:
     num_samples: Optional[int]  # manifest's num_samples; else counted from local tar headers; else None (remote)
     classes: Optional[list[str]]
     samples_per_shard: Optional[list[int]] = None  # aligned with urls, when known
+    missing: list[str] = field(default_factory=list)  # shards the manifest lists that are not there (skip_missing)
+    missing_samples: int = 0  # how many samples the manifest says they held
 
 
 # ---------------------------------------------------------------- finding shards
@@ -99,12 +103,12 @@ def _read_manifest(path: Optional[str], *, missing_ok: bool = False) -> Optional
         return None
     try:
         manifest = read_json(path)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: JSON nested thousands deep
         if missing_ok and getattr(err, "status", None):
             logger.info("No manifest at %s (%s); sample counts stay unknown.", path, err)
             return None
-        raise ValueError(f"Manifest '{path}' cannot be read ({err}); rewrite it with `sslkit shard` "
-                         "or set data.manifest to a valid one.") from None
+        raise ManifestError(f"Manifest '{path}' cannot be read ({err}); rewrite it with `sslkit shard` "
+                            "or set data.manifest to a valid one.") from None
     return parse_manifest(manifest, f"'{path}'")
 
 
@@ -114,23 +118,29 @@ def _beside(folder: str) -> Optional[str]:
 
 
 def _count_local(urls: list[str]) -> list[int]:
-    """Samples per local shard from the tar headers alone (no member data is read)."""
+    """Samples per local shard from the tar headers alone (no member data is read).
+
+    A damaged shard is counted up to the damage, with a warning (reading skips the rest of it too);
+    ``StrictTarInfo`` makes a damaged header or a cut-short file count as damage, not as its end."""
     counts = []
     for url in urls:
         keys: set = set()
         try:
-            with tarfile.open(url.removeprefix("file://"), mode="r:") as tar:
-                keys.update(base_plus_ext(member.name)[0] for member in tar)
-        except (OSError, tarfile.TarError) as err:  # counted up to the damage; reading skips it too
-            logger.warning("Shard %s is damaged (%s); counting the %d samples before it.", url, err, len(keys))
+            with tarfile.open(url.removeprefix("file://"), mode="r:", tarinfo=StrictTarInfo) as tar:
+                for member in tar:  # one at a time: the keys before the damage stay counted
+                    keys.add(base_plus_ext(member.name)[0])
+        except (OSError, EOFError, ValueError, tarfile.TarError) as err:  # ValueError: a malformed pax header
+            logger.warning("Shard %s is damaged (%s); counting the %d samples before it.", url, err,
+                           len(keys - {None}))
         counts.append(len(keys - {None}))
     return counts
 
 
-def _check_local(spec: str, urls: list[str]) -> None:
+def _check_local(spec: str, urls: list[str], *, skip_missing: bool = False) -> list[str]:
+    """The missing local shards: [] when all exist; with ``skip_missing``, some (not all) may be missing."""
     missing = [u for u in urls if not os.path.isfile(u.removeprefix("file://"))]
-    if not missing:
-        return
+    if not missing or skip_missing and len(missing) < len(urls) and os.path.isdir(os.path.dirname(missing[0]) or "."):
+        return missing
     folder = os.path.dirname(missing[0]) or "."
     if not spec.endswith(".tar") and "{" not in spec:  # a folder name, not a shard pattern
         folder, what = spec, f"Shard folder '{spec}' does not exist"
@@ -141,7 +151,7 @@ def _check_local(spec: str, urls: list[str]) -> None:
     raise FileNotFoundError(f"{what}; {_MAKE_IT.format(folder)}.")
 
 
-def resolve_shards(spec: str, *, manifest: Optional[str] = None) -> ShardSet:
+def resolve_shards(spec: str, *, manifest: Optional[str] = None, skip_missing: bool = False) -> ShardSet:
     """Shard URLs from a folder holding manifest.json (or *.tar), a brace pattern, or a URL/pipe.
 
     ``manifest`` overrides where the manifest is read (a path or URL); by default it is
@@ -149,7 +159,9 @@ def resolve_shards(spec: str, *, manifest: Optional[str] = None) -> ShardSet:
     shards need ``manifest``). Sample counts come from the manifest; without one, local
     shards are counted from their tar headers and remote ones stay unknown
     (``num_samples=None``: training cannot be sized, eval reads to the end).
-    Raises FileNotFoundError naming the path when the folder or a local shard is missing.
+    Raises FileNotFoundError naming the path when the folder or a local shard is missing; with
+    ``skip_missing`` (training) missing shards are left out with a warning and reported in
+    ``missing`` and ``missing_samples``, unless all are missing.
     """
     spec = str(spec)
     if os.path.isdir(spec):  # shard names in the manifest are relative to this folder
@@ -169,15 +181,20 @@ def resolve_shards(spec: str, *, manifest: Optional[str] = None) -> ShardSet:
             data = _read_manifest(urljoin(urls[0], MANIFEST_NAME), missing_ok=True)
         else:
             data = None  # pipe: commands say nothing about a manifest
-    if not _is_remote(spec):
-        _check_local(spec, urls)
+    missing = [] if _is_remote(spec) else _check_local(spec, urls, skip_missing=skip_missing)
+    if missing:
+        lost = _samples_per_shard(missing, data)
+        logger.warning("%d of %d shards of %s are missing and left out (%s%s).", len(missing), len(urls), spec,
+                       ", ".join(os.path.basename(u) for u in missing[:5]), ", ..." if len(missing) > 5 else "")
+        urls = [u for u in urls if u not in missing]
     per_shard = _samples_per_shard(urls, data)
     if per_shard is None and not _is_remote(spec):
         per_shard = _count_local(urls)
         logger.info("No per-shard counts in a manifest for %s; counted %d samples from tar headers.", spec,
                     sum(per_shard))
     num_samples = sum(per_shard) if per_shard is not None else (data or {}).get("num_samples")
-    return ShardSet(urls, data, num_samples, class_names(data or {}), per_shard)
+    return ShardSet(urls, data, num_samples, class_names(data or {}), per_shard, missing,
+                    sum(lost or []) if missing else 0)
 
 
 def _samples_per_shard(urls: list[str], manifest: Optional[dict]) -> Optional[list[int]]:
@@ -241,17 +258,43 @@ def _pil_uint8(image: Image.Image, *, size: int, channels: int) -> Optional[torc
     return pixels.permute(2, 0, 1) if pixels.ndim == 3 else pixels.unsqueeze(0)
 
 
+_GRAY_MODES = ("1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def stored_shape(manifest: Optional[dict]) -> Optional[tuple[int, int]]:
+    """(height, width) every crop of the shard set has, from its manifest; None where crops differ or it is unknown."""
+    image = (manifest or {}).get("image") or {}
+    h, w = image.get("height"), image.get("width")
+    return (int(h), int(w)) if isinstance(h, int) and isinstance(w, int) else None
+
+
 class _Decode:
     """Stage: raw samples -> {"image": PIL, "label": int, "key": str}; corrupt ones skipped and counted.
 
-    With ``uint8=(size, channels)`` (the tensor back-end) "image" is the (C, size, size) uint8 tensor
-    that ``BatchViews`` takes: crops already of that size and mode straight from PIL's pixels
-    (``_pil_uint8``), others through ``build_decode_transform`` -- the same pixels either way; an
-    image that fails either path counts as corrupt."""
+    Besides bytes that do not decode, a crop whose kind contradicts the set counts as corrupt: a
+    grayscale crop where ``channels`` is 3 (or a colour one where it is 1), or a crop whose size
+    differs from ``stored`` (the manifest's, when all crops of the set share one). Other colour
+    modes (RGBA, palette, CMYK) are converted. With ``uint8=(size, channels)`` (the tensor back-end)
+    "image" is the (C, size, size) uint8 tensor that ``BatchViews`` takes: crops already of that
+    size and mode straight from PIL's pixels (``_pil_uint8``), others through
+    ``build_decode_transform`` -- the same pixels either way; an image that fails either path
+    counts as corrupt."""
 
-    def __init__(self, *, label_key: str, skips: _Skips, uint8: Optional[tuple[int, int]] = None) -> None:
+    def __init__(self, *, label_key: str, skips: _Skips, uint8: Optional[tuple[int, int]] = None,
+                 channels: Optional[int] = None, stored: Optional[tuple[int, int]] = None) -> None:
         self.label_key, self.skips, self.uint8 = label_key, skips, uint8
+        self.channels, self.stored = channels, stored
         self.to_uint8 = build_decode_transform(size=uint8[0], channels=uint8[1]) if uint8 is not None else None
+
+    def _check(self, image: Image.Image) -> None:
+        gray = image.mode in _GRAY_MODES
+        if self.channels == 3 and gray or self.channels == 1 and not gray and image.mode != "P":
+            kind = "grayscale" if gray else "colour"
+            raise ValueError(f"a {kind} crop (mode {image.mode}) in a set of {self.channels}-channel crops "
+                             "(data.channels)")
+        if self.stored is not None and (image.height, image.width) != self.stored:
+            raise ValueError(f"a {image.height}x{image.width} crop in a set of {self.stored[0]}x{self.stored[1]} "
+                             "crops (its manifest)")
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         for sample in src:
@@ -269,6 +312,7 @@ class _Decode:
     def _image(self, data: bytes) -> Any:
         image = Image.open(io.BytesIO(data))
         image.load()
+        self._check(image)
         if self.uint8 is None:
             return image
         pixels = _pil_uint8(image, size=self.uint8[0], channels=self.uint8[1])
@@ -297,11 +341,52 @@ def _open(src: Iterable[dict], *, handler: _Skips, retries: int) -> Iterator[dic
                 pass
 
 
+def _tar_samples(stream: Any, url: str, skips: _Skips) -> Iterator[dict]:
+    """The samples of one tar stream: consecutive members ``<key>.<ext>`` grouped by key, as webdataset
+    does. A sample is yielded only once the next key (or the end of the archive) shows it is whole; one
+    with two members of the same extension counts as corrupt."""
+    current: Optional[dict] = None
+    with tarfile.open(fileobj=stream, mode="r|*", tarinfo=StrictTarInfo) as tar:
+        for member in tar:
+            key, ext = base_plus_ext(member.name)
+            if not member.isreg() or key is None or _META.match(member.name):
+                continue
+            data = tar.extractfile(member).read()
+            tar.members = []  # stream mode keeps every header otherwise
+            if current is None or key != current["__key__"]:
+                if current is not None and not current.pop("__bad__", False):
+                    yield current
+                current = {"__key__": key, "__url__": url}
+            if ext.lower() in current:
+                skips.skip(url, key, f"two members named {member.name}")
+                current["__bad__"] = True
+            current[ext.lower()] = data
+    if current is not None and not current.pop("__bad__", False):
+        yield current
+
+
 def _samples(src: Iterable[dict], *, skips: _Skips, retries: int = RETRIES) -> Iterator[dict]:
-    """Stage: {"url"} -> raw samples, as ``wds.tarfile_to_samples`` but opened through ``_open``."""
-    streams = _open(src, handler=skips, retries=retries)  # {"url", "stream"}: one open shard at a time
-    files = tar_file_expander(streams, handler=skips)  # {"fname", "data", "__url__"}: tar members, in order
-    return group_by_keys(files, handler=skips)  # {"__key__", "__url__", "png", "cls", "json"}: raw bytes
+    """Stage: {"url"} -> raw samples {"__key__", "__url__", "png", "cls", "json"}, one shard at a time.
+
+    As ``wds.tarfile_to_samples`` (opened through ``_open``), but where webdataset would lose data
+    without a count: a damaged header or a file cut short raises (``StrictTarInfo``) instead of
+    ending the shard; a shard that fails part-way drops the sample it was assembling (its other
+    members are missing) rather than yielding it unlabelled or carrying it into the next shard; and
+    a shard without one sample counts as a skip, so a resampled stream over empty shards stops with
+    the error instead of spinning forever."""
+    for source in _open(src, handler=skips, retries=retries):  # {"url", "stream"}: one open shard at a time
+        url, read = source["url"], 0
+        try:
+            for sample in _tar_samples(source["stream"], url, skips):
+                read += 1
+                yield sample
+        except RemoteError:  # retries spent or refused: not corrupt data, and never silent
+            raise
+        except Exception as err:  # noqa: BLE001 -- whatever breaks reading the tar skips the rest of the shard
+            skips.skip(url, None, err)
+            continue
+        if not read:
+            skips.skip(url, None, "no samples in the shard")
 
 
 _tarfile_to_samples = wds.pipelinefilter(_samples)
@@ -417,7 +502,8 @@ def train_loader(
         stream,  # {"url"}: this global worker's seeded draws of shards, forever
         _tarfile_to_samples(skips=skips, retries=cfg.retries),  # {"__key__", "__url__", "png", "cls", "json"}: raw bytes
         wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=stream.rng),  # same, mixed across shards
-        _Decode(label_key=cfg.labels, skips=skips,  # {"image": PIL, "label": int, "key": str}; corrupt skipped
+        _Decode(label_key=cfg.labels, skips=skips, channels=cfg.channels, stored=stored_shape(shards.manifest),
+                # {"image": PIL, "label": int, "key": str}; corrupt or out-of-place crops skipped
                 uint8=None if views is not None else (cfg.size, cfg.channels)),  # or "image": (C,size,size) uint8
         wds.pipelinefilter(_views)(views) if views is not None  # {"query": (C,H,W), "key": (C,H,W), "label": int}
         else _images,  # or {"image": (C,size,size) uint8, "label": int}
@@ -477,7 +563,8 @@ def eval_loader(
         wds.split_by_worker,  # this worker's shards
         _tarfile_to_samples(skips=skips),  # {"__key__", "__url__", "png", "cls", "json"}: raw bytes
         *limit,  # same, only the first max_samples
-        _Decode(label_key=label_key, skips=skips),  # {"image": PIL, "label": int, "key": str}
+        _Decode(label_key=label_key, skips=skips, channels=channels, stored=stored_shape(shards.manifest)),
+        # {"image": PIL, "label": int, "key": str}
         wds.pipelinefilter(_transform)(build_eval_transform(size=size, channels=channels)),  # "image": (C,H,W)
         wds.batched(batch_size, collation_fn=_Collate(skips), partial=True),  # (B,C,H,W), (B,), list[str], ()
     )

@@ -12,6 +12,8 @@ It provides:
 - ``forward(batch) -> StepOutput(loss, logs)``: one training step's loss. The engine
   calls the (possibly DDP-wrapped) module, so gradient synchronisation works.
 - ``after_optimizer_step(step)``: momentum update and queue push, after ``optimizer.step()``.
+- ``skip_step()`` (optional): forget what ``forward`` staged for ``after_optimizer_step``;
+  called instead of it when the engine skips a step with a non-finite loss or gradient.
 - ``embed(images, encoder=..., features=...) -> (N, D)``: features for evaluation, from
   normalised images as ``eval_loader`` yields them. ``encoder`` is "momentum" or "query"
   (methods without a momentum encoder have only one); ``features`` "backbone" or

@@ -45,6 +45,10 @@ class MomentumContrast(nn.Module):
         """Keys (N, D) of all ranks and their (N,) labels, enqueued after the optimizer step."""
         self._pending.append((keys, labels))
 
+    def skip_step(self) -> None:
+        """The engine skipped this step's update (a non-finite loss or gradient): its keys never enter the queue."""
+        self._pending.clear()
+
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
         """theta_k <- m theta_k + (1 - m) theta_q, then enqueue the staged keys (all ranks')."""
