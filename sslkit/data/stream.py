@@ -261,6 +261,12 @@ def _pil_uint8(image: Image.Image, *, size: int, channels: int) -> Optional[torc
 _GRAY_MODES = ("1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L", "I;16N")
 
 
+def stored_channels(manifest: Optional[dict], channels: int) -> int:
+    """Channels of the shard set's crops: the manifest's when it gives one for all, else ``channels`` (data.channels)."""
+    stored = ((manifest or {}).get("image") or {}).get("channels")
+    return stored if stored in (1, 3) else channels
+
+
 def stored_shape(manifest: Optional[dict]) -> Optional[tuple[int, int]]:
     """(height, width) every crop of the shard set has, from its manifest; None where crops differ or it is unknown."""
     image = (manifest or {}).get("image") or {}
@@ -272,9 +278,10 @@ class _Decode:
     """Stage: raw samples -> {"image": PIL, "label": int, "key": str}; corrupt ones skipped and counted.
 
     Besides bytes that do not decode, a crop whose kind contradicts the set counts as corrupt: a
-    grayscale crop where ``channels`` is 3 (or a colour one where it is 1), or a crop whose size
-    differs from ``stored`` (the manifest's, when all crops of the set share one). Other colour
-    modes (RGBA, palette, CMYK) are converted. With ``uint8=(size, channels)`` (the tensor back-end)
+    grayscale crop in a set of ``channels``=3 (or a colour one where it is 1; ``channels`` is the
+    set's, from its manifest, else data.channels), or a crop whose size differs from ``stored``
+    (the manifest's, when all crops of the set share one). Other colour modes (RGBA, palette,
+    CMYK) are converted, and so is a whole set into the model's data.channels. With ``uint8=(size, channels)`` (the tensor back-end)
     "image" is the (C, size, size) uint8 tensor that ``BatchViews`` takes: crops already of that
     size and mode straight from PIL's pixels (``_pil_uint8``), others through
     ``build_decode_transform`` -- the same pixels either way; an image that fails either path
@@ -290,8 +297,7 @@ class _Decode:
         gray = image.mode in _GRAY_MODES
         if self.channels == 3 and gray or self.channels == 1 and not gray and image.mode != "P":
             kind = "grayscale" if gray else "colour"
-            raise ValueError(f"a {kind} crop (mode {image.mode}) in a set of {self.channels}-channel crops "
-                             "(data.channels)")
+            raise ValueError(f"a {kind} crop (mode {image.mode}) in a set of {self.channels}-channel crops")
         if self.stored is not None and (image.height, image.width) != self.stored:
             raise ValueError(f"a {image.height}x{image.width} crop in a set of {self.stored[0]}x{self.stored[1]} "
                              "crops (its manifest)")
@@ -502,7 +508,8 @@ def train_loader(
         stream,  # {"url"}: this global worker's seeded draws of shards, forever
         _tarfile_to_samples(skips=skips, retries=cfg.retries),  # {"__key__", "__url__", "png", "cls", "json"}: raw bytes
         wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=stream.rng),  # same, mixed across shards
-        _Decode(label_key=cfg.labels, skips=skips, channels=cfg.channels, stored=stored_shape(shards.manifest),
+        _Decode(label_key=cfg.labels, skips=skips, channels=stored_channels(shards.manifest, cfg.channels),
+                stored=stored_shape(shards.manifest),
                 # {"image": PIL, "label": int, "key": str}; corrupt or out-of-place crops skipped
                 uint8=None if views is not None else (cfg.size, cfg.channels)),  # or "image": (C,size,size) uint8
         wds.pipelinefilter(_views)(views) if views is not None  # {"query": (C,H,W), "key": (C,H,W), "label": int}
@@ -563,7 +570,8 @@ def eval_loader(
         wds.split_by_worker,  # this worker's shards
         _tarfile_to_samples(skips=skips),  # {"__key__", "__url__", "png", "cls", "json"}: raw bytes
         *limit,  # same, only the first max_samples
-        _Decode(label_key=label_key, skips=skips, channels=channels, stored=stored_shape(shards.manifest)),
+        _Decode(label_key=label_key, skips=skips, channels=stored_channels(shards.manifest, channels),
+                stored=stored_shape(shards.manifest)),
         # {"image": PIL, "label": int, "key": str}
         wds.pipelinefilter(_transform)(build_eval_transform(size=size, channels=channels)),  # "image": (C,H,W)
         wds.batched(batch_size, collation_fn=_Collate(skips), partial=True),  # (B,C,H,W), (B,), list[str], ()
