@@ -246,12 +246,12 @@ def train(cfg: Config) -> Path:
                 accelerator.backward(out.loss / accum)
             finite &= torch.isfinite(out.loss.detach())
         grad_norm = _grad_norm(accelerator, model, clip=cfg.optim.grad_clip)
-        if guard.step_ok(finite & torch.isfinite(grad_norm), step=step + 1, loss=out.loss, grad_norm=grad_norm):
-            optimizer.step()
-            method.after_optimizer_step(step)
-        else:  # no update, no momentum step, no keys queued; the schedule and the data move on
+        if accelerator.scaler is None:  # fp16: inf gradients are its loss scaler's to skip, only the loss is ours
+            finite &= torch.isfinite(grad_norm)
+        ok = guard.step_ok(finite, step=step + 1, loss=out.loss, grad_norm=grad_norm)
+        if not ok:  # the schedule and the data move on
             tracker.log({"skipped_steps": guard.skipped}, step=step + 1)
-            getattr(method, "skip_step", lambda: None)()
+        apply_step(optimizer, method, step=step, ok=ok, scaler=accelerator.scaler)
         optimizer.zero_grad(set_to_none=True)
         step += 1
         meter.steps += 1
@@ -284,8 +284,28 @@ class RunStopped(RuntimeError):
     """Training stopped on purpose (too much bad data, too many non-finite steps); the last checkpoint is intact."""
 
 
+def apply_step(optimizer: torch.optim.Optimizer, method: torch.nn.Module, *, step: int, ok: bool,
+               scaler: Optional[torch.amp.GradScaler] = None) -> bool:
+    """Update the weights, then the method's momentum encoder and queue, when ``ok``; True when that happened.
+
+    Otherwise, and when fp16's loss ``scaler`` itself skips the update for inf gradients, neither
+    happens and the method drops the keys it staged. A step the engine skips under fp16 backs the
+    loss scale off and clears what the scaler recorded (gradient clipping unscales), as the scaler's
+    own skip would: without that the next step's unscale fails."""
+    if ok:
+        optimizer.step()
+        if not getattr(optimizer, "step_was_skipped", False):  # accelerate's flag for the scaler's skip
+            method.after_optimizer_step(step)
+            return True
+    elif scaler is not None:
+        scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())
+    getattr(method, "skip_step", lambda: None)()
+    return False
+
+
 def _grad_norm(accelerator: Accelerator, model: torch.nn.Module, *, clip: Optional[float]) -> torch.Tensor:
-    """The total gradient norm (clipped to ``clip`` when set); 0 under fp16, whose scaler skips inf steps itself."""
+    """The total gradient norm (clipped to ``clip`` when set); 0 under fp16 without clipping (its loss scaler
+    checks the gradients itself)."""
     if clip:
         return torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), clip))
     if accelerator.scaler is not None:

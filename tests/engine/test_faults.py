@@ -148,3 +148,73 @@ def test_missing_shards_count_as_bad_data(tiny_shards, tmp_path):
     run = train(_cfg(shards, tmp_path / "run", "train.max_steps=2", "data.max_bad_fraction=0.2"))
     last = [r for r in _rows(run) if "corrupt_samples" in r][-1]
     assert last["corrupt_samples"] == 16  # the missing shard's samples, from its manifest entry
+
+
+class _Recorder:
+    """The method's side of a step: what the engine asked of it."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.calls.append("after_optimizer_step")
+
+    def skip_step(self) -> None:
+        self.calls.append("skip_step")
+
+
+def _fp16_step(model, optimizer, scaler, *, loss_factor: float) -> None:
+    """Scaled backward and gradient clipping (which unscales), as the engine's fp16 step does before judging it."""
+    loss = model(torch.ones(4, 3)).sum() * loss_factor
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer.optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+
+@pytest.fixture
+def fp16_optimizer():
+    """A linear model's SGD in accelerate's own optimizer wrapper with a real loss scaler (on CPU here)."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    Accelerator(cpu=True)  # the optimizer wrapper reads accelerate's state
+    model = torch.nn.Linear(3, 1)
+    yield model, AcceleratedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), device_placement=False,
+                                      scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
+    AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def test_skipped_fp16_steps_leave_the_loss_scaler_ready_for_the_next_step(fp16_optimizer):
+    """fp16 (GPU) through accelerate's own optimizer wrapper with a real loss scaler (on CPU here): a step the
+    engine skips changes no weight, backs the scale off, and the next step still works; a step the scaler skips
+    for inf gradients makes the method drop its keys instead of a momentum step."""
+    from sslkit.engine import apply_step
+
+    model, optimizer = fp16_optimizer
+    scaler, method, before = optimizer.scaler, _Recorder(), model.weight.detach().clone()
+
+    _fp16_step(model, optimizer, scaler, loss_factor=float("nan"))  # the engine sees a NaN loss: skipped
+    assert not apply_step(optimizer, method, step=0, ok=False, scaler=scaler)
+    optimizer.zero_grad()
+    assert torch.equal(model.weight, before) and scaler.get_scale() == 512.0 and method.calls == ["skip_step"]
+
+    _fp16_step(model, optimizer, scaler, loss_factor=1.0)  # unscale_ again: it would raise had update() not run
+    assert apply_step(optimizer, method, step=1, ok=True, scaler=scaler)
+    optimizer.zero_grad()
+    assert not torch.equal(model.weight, before) and method.calls[-1] == "after_optimizer_step"
+
+    updated = model.weight.detach().clone()
+    scaler.scale(model(torch.ones(4, 3)).sum() * 1e38).backward()  # finite loss, gradients overflow once scaled
+    assert not apply_step(optimizer, method, step=2, ok=True, scaler=scaler)  # the scaler skipped it
+    assert torch.equal(model.weight, updated) and method.calls[-1] == "skip_step" and scaler.get_scale() == 256.0
+
+
+def test_a_skipped_fp16_step_without_the_back_off_breaks_the_next_step(fp16_optimizer):
+    """The negative control of the test above: skipping the update alone leaves the scaler mid-step."""
+    model, optimizer = fp16_optimizer
+    _fp16_step(model, optimizer, optimizer.scaler, loss_factor=float("nan"))
+    optimizer.zero_grad()
+    with pytest.raises(RuntimeError, match="unscale_"):
+        _fp16_step(model, optimizer, optimizer.scaler, loss_factor=1.0)
