@@ -183,13 +183,15 @@ def test_finetune_command_end_to_end(pretrained, tmp_path, capsys):
     root, run = pretrained
     out, init = tmp_path / "ft", tmp_path / "pretrained"
     shutil.copytree(run, init)
-    # lr 0.1: the 32-d features of a width-4 network learn slowly at the paper's 0.01 in 8 epochs.
+    # lr 0.05 for 16 epochs: the 32-d features of a width-4 network learn slowly at the paper's 0.01.
+    # 8 epochs at lr 0.1 were too few: over run.seed 0-3 the accuracy ranged 0.31-0.56, and which seed
+    # failed moved with the CPU's kernels. These settings gave 0.58-0.84 over run.seed 0-7.
     main(["finetune", "supcam-finetune", *_overrides(root, f"finetune.init={init}", f"run.dir={out}",
-                                                    "train.epochs=8", "optim.lr=0.1", "optim.milestones=[6]")])
+                                                    "train.epochs=16", "optim.lr=0.05", "optim.milestones=[12]")])
     printed = capsys.readouterr().out
     assert "confusion matrix" in printed and "inflammatory" in printed
     results = json.loads((out / "eval" / "classification.json").read_text())
-    assert results["num_samples"] == 96 and results["step"] == 8 * (160 // 16)
+    assert results["num_samples"] == 96 and results["step"] == 16 * (160 // 16)
     # Chance is 0.25 on the four balanced classes: guessing reaches 0.4 (38 of 96) with
     # probability below 0.1 % (binomial, mean 24, sd 4.2).
     assert results["probe"]["accuracy"] > 0.4
