@@ -171,7 +171,7 @@ def test_manifest_that_is_not_json(shard_set, text):
     _check(manifest, text, shard_set)
 
 
-@pytest.mark.parametrize("name, refused", [("../m-000000.tar", True), ("/tmp/m-000000.tar", True),
+@pytest.mark.parametrize("name, refused", [("../m-000000.tar", True), ("/srv/m-000000.tar", True),
                                            ("sub/../../m-000000.tar", True), ("sub/m-000000.tar", False),
                                            ("https://example.org/shards/m-000000.tar", False)])
 def test_shard_names_stay_inside_the_folder(shard_set, tmp_path, name, refused):
