@@ -251,7 +251,7 @@ def train(cfg: Config) -> Path:
         ok = guard.step_ok(finite, step=step + 1, loss=out.loss, grad_norm=grad_norm)
         if not ok:  # the schedule and the data move on
             tracker.log({"skipped_steps": guard.skipped}, step=step + 1)
-        apply_step(optimizer, method, step=step, ok=ok, scaler=accelerator.scaler)
+        apply_step(optimizer, method, step=step, ok=ok)
         optimizer.zero_grad(set_to_none=True)
         step += 1
         meter.steps += 1
@@ -284,14 +284,14 @@ class RunStopped(RuntimeError):
     """Training stopped on purpose (too much bad data, too many non-finite steps); the last checkpoint is intact."""
 
 
-def apply_step(optimizer: torch.optim.Optimizer, method: torch.nn.Module, *, step: int, ok: bool,
-               scaler: Optional[torch.amp.GradScaler] = None) -> bool:
+def apply_step(optimizer: torch.optim.Optimizer, method: torch.nn.Module, *, step: int, ok: bool) -> bool:
     """Update the weights, then the method's momentum encoder and queue, when ``ok``; True when that happened.
 
-    Otherwise, and when fp16's loss ``scaler`` itself skips the update for inf gradients, neither
-    happens and the method drops the keys it staged. A step the engine skips under fp16 backs the
-    loss scale off and clears what the scaler recorded (gradient clipping unscales), as the scaler's
-    own skip would: without that the next step's unscale fails."""
+    Otherwise, and when fp16's loss scaler (``optimizer.scaler``, accelerate's wrapper) itself skips the
+    update for inf gradients, neither happens and the method drops the keys it staged. A step the engine
+    skips under fp16 backs the loss scale off and clears what the scaler recorded (gradient clipping
+    unscales), as the scaler's own skip would: without that the next step's unscale fails."""
+    scaler = getattr(optimizer, "scaler", None)
     if ok:
         optimizer.step()
         if not getattr(optimizer, "step_was_skipped", False):  # accelerate's flag for the scaler's skip

@@ -196,18 +196,18 @@ def test_skipped_fp16_steps_leave_the_loss_scaler_ready_for_the_next_step(fp16_o
     scaler, method, before = optimizer.scaler, _Recorder(), model.weight.detach().clone()
 
     _fp16_step(model, optimizer, scaler, loss_factor=float("nan"))  # the engine sees a NaN loss: skipped
-    assert not apply_step(optimizer, method, step=0, ok=False, scaler=scaler)
+    assert not apply_step(optimizer, method, step=0, ok=False)
     optimizer.zero_grad()
     assert torch.equal(model.weight, before) and scaler.get_scale() == 512.0 and method.calls == ["skip_step"]
 
     _fp16_step(model, optimizer, scaler, loss_factor=1.0)  # unscale_ again: it would raise had update() not run
-    assert apply_step(optimizer, method, step=1, ok=True, scaler=scaler)
+    assert apply_step(optimizer, method, step=1, ok=True)
     optimizer.zero_grad()
     assert not torch.equal(model.weight, before) and method.calls[-1] == "after_optimizer_step"
 
     updated = model.weight.detach().clone()
     scaler.scale(model(torch.ones(4, 3)).sum() * 1e38).backward()  # finite loss, gradients overflow once scaled
-    assert not apply_step(optimizer, method, step=2, ok=True, scaler=scaler)  # the scaler skipped it
+    assert not apply_step(optimizer, method, step=2, ok=True)  # the scaler skipped it
     assert torch.equal(model.weight, updated) and method.calls[-1] == "skip_step" and scaler.get_scale() == 256.0
 
 
