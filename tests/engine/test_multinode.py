@@ -72,3 +72,31 @@ def test_slurm_script_runs_two_nodes_of_two_processes(tiny_shards, tmp_path):
     assert [(r["replicas"], r["replicas_identical"]) for r in rows if "replicas" in r] == [(4.0, 1.0)]
     # launch/multinode.yaml asks for bf16; train.precision=auto took it from the launcher.
     assert "precision: bf16" in (run / "config.yaml").read_text()
+
+
+# A host list far longer than a pipe buffer (64 KiB), written a line at a time.
+LONG_SCONTROL = """#!/bin/bash
+for ((i = 1; i <= 100000; i++)); do printf 'node-%06d\\n' "$i"; done
+"""
+RECORD_SRUN = """#!/bin/bash
+printf '%s\\n' "$@" > "$SRUN_RECORD"
+"""
+
+
+def test_slurm_script_takes_the_first_host_of_a_list_longer_than_a_pipe(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _tool(bin_dir, "srun", RECORD_SRUN)
+    _tool(bin_dir, "scontrol", LONG_SCONTROL)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NNODES": "100000",
+           "SLURM_JOB_NODELIST": "node-[000001-100000]", "SRUN_RECORD": str(tmp_path / "srun.txt")}
+    # The control: the same list read through `| head -n 1` under pipefail kills the shell with SIGPIPE (141).
+    piped = subprocess.run(["bash", "-c", 'set -euo pipefail; x=$(scontrol show hostnames "$SLURM_JOB_NODELIST" '
+                            '| head -n 1); echo "$x"'], env=env, capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 141
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch"), "demo", "train.max_steps=1"], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    command = (tmp_path / "srun.txt").read_text()
+    assert "--main_process_ip node-000001 " in command and "--num_processes 800000" in command
+    assert command.rstrip().endswith("-m sslkit pretrain demo train.max_steps=1")
