@@ -462,6 +462,8 @@ def source_from_args(args: argparse.Namespace) -> CellSource:
 
 
 def _cmd_cells(args: argparse.Namespace) -> None:
-    from sslkit.sharding.runner import run_source, runner_kwargs
+    from sslkit.sharding.runner import exit_on_failures, run_source, runner_kwargs
 
-    run_source(source_from_args(args), args.out, **runner_kwargs(args), command=shlex.join(["sslkit", *sys.argv[1:]]))
+    summary = run_source(source_from_args(args), args.out, **runner_kwargs(args),
+                         command=shlex.join(["sslkit", *sys.argv[1:]]))
+    exit_on_failures([summary], args)

@@ -139,7 +139,7 @@ def _list_arg(text: Optional[str]) -> Optional[list[str]]:
 
 
 def _cmd_folder(args: argparse.Namespace) -> None:
-    from sslkit.sharding.runner import runner_kwargs
+    from sslkit.sharding.runner import exit_on_failures, runner_kwargs
 
     try:
         split = None if args.split is None else [float(f) for f in _list_arg(args.split)]
@@ -156,12 +156,14 @@ def _cmd_folder(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"Classes file {args.classes_file} does not exist; give one name per line.")
         lines = Path(args.classes_file).read_text(encoding="utf-8-sig").splitlines()
         classes = [c.strip() for c in lines if c.strip() and not c.lstrip().startswith("#")]
-    shard_folder(args.root, args.out, size=args.size, channels=args.channels, pad_value=pad, csv_path=args.csv,
-                 label_regex=args.label_regex, group_regex=args.group_regex, classes=classes,
-                 min_class_count=args.min_class_count, unlabeled=args.unlabeled,
-                 extensions=_list_arg(args.extensions) or IMAGE_EXTENSIONS, split=split,
-                 split_names=_list_arg(args.split_names), seed=args.seed, unit_files=args.unit_files,
-                 **runner_kwargs(args), command=shlex.join(sys.argv))
+    summaries = shard_folder(
+        args.root, args.out, size=args.size, channels=args.channels, pad_value=pad, csv_path=args.csv,
+        label_regex=args.label_regex, group_regex=args.group_regex, classes=classes,
+        min_class_count=args.min_class_count, unlabeled=args.unlabeled,
+        extensions=_list_arg(args.extensions) or IMAGE_EXTENSIONS, split=split,
+        split_names=_list_arg(args.split_names), seed=args.seed, unit_files=args.unit_files,
+        **runner_kwargs(args), command=shlex.join(sys.argv))
+    exit_on_failures(list(summaries.values()), args)
 
 
 _EPILOG = """examples:

@@ -6,6 +6,8 @@ and draws the progress bars from the messages. A worker that dies without saying
 (a decoder's segfault, the OOM killer) is noticed: the unit it was on is journaled as
 failed, the units whose samples sat in its unfinished shard are queued again (from their
 journaled sample count), its partial shard is removed and a new worker takes the slot.
+The other way round, a worker ends as soon as the job's process does, whatever killed it, and
+with the workers gone the fork server and the resource tracker end too (``_die_with_job``).
 With ``workers=0`` the units run in the calling process, without any of this.
 """
 
@@ -16,6 +18,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import threading
 import time
 from collections import deque
 from itertools import islice
@@ -79,20 +82,29 @@ def run_unit(source: Source, unit: Unit, skip: int, writer: SlotWriter, send: Ca
     send("end", unit.id, status, reason)
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this worker when its parent dies, so a killed job leaves no writer behind.
+def _die_with_job(job_alive: Any) -> None:
+    """End this worker as soon as the job's process ends, whatever ended it (SIGKILL included).
 
-    The parent is the job's process (spawn) or the fork server, which exits with the job's
-    process; either way the worker follows. A parent already gone before the request took
-    effect shows as a changed parent id.
+    ``job_alive`` is the reading end of a pipe whose only writing end the job's process holds: the
+    kernel closes it when that process dies, and a watcher thread that reads EOF exits the worker.
+    The parent's death alone would not do: a worker's parent is the fork server, which lives as long
+    as any worker holds its keep-alive pipe, so the fork server, the workers and the resource tracker
+    would wait on each other forever. PR_SET_PDEATHSIG is asked for as well (``spawn`` workers are
+    children of the job's process, and a signal is quicker than a thread).
     """
-    parent = os.getppid()
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    if os.getppid() != parent:
-        os._exit(1)
+
+    def watch() -> None:
+        try:
+            while True:
+                job_alive.recv_bytes()
+        except (EOFError, OSError):
+            os._exit(1)  # the job is gone: what this worker was writing is unfinished, as after a kill
+
+    threading.Thread(target=watch, name="sslkit-job-watch", daemon=True).start()
 
 
 def _slot_writer(source: Source, out_dir: Path, rank: int, slot: int, start_index: int, shard_size: int,
@@ -103,8 +115,8 @@ def _slot_writer(source: Source, out_dir: Path, rank: int, slot: int, start_inde
 
 
 def _worker(source: Source, out_dir: str, rank: int, slot: int, start_index: int, shard_size: int,
-            tasks: Any, messages: Any) -> None:
-    _die_with_parent()
+            tasks: Any, messages: Any, job_alive: Any) -> None:
+    _die_with_job(job_alive)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     send = _Sender(messages.put, slot)
     writer = _slot_writer(source, Path(out_dir), rank, slot, start_index, shard_size,
@@ -199,6 +211,8 @@ class Pool:
         if self.workers == 0:
             return self._run_inline()
         self.messages = self.ctx.Queue()
+        # Only this process holds the writing end: workers see EOF on the reading end when it dies.
+        self.job_alive, job_alive_w = self.ctx.Pipe(duplex=False)
         try:
             for slot in range(self.workers):
                 self._start(slot)
@@ -212,6 +226,8 @@ class Pool:
                 if proc.is_alive():
                     proc.terminate()
                 proc.join()
+            job_alive_w.close()
+            self.job_alive.close()
 
     def _run_inline(self) -> None:
         self.current[0], self.open_units[0] = None, []
@@ -234,7 +250,7 @@ class Pool:
         self.procs[slot] = self.ctx.Process(
             target=_worker, name=f"sslkit-shard-w{slot}", daemon=True,
             args=(self.source, str(self.out_dir), self.rank, slot, start, self.shard_size,
-                  self.tasks[slot], self.messages))
+                  self.tasks[slot], self.messages, self.job_alive))
         self.procs[slot].start()
 
     def _handle(self, message: tuple) -> None:

@@ -9,10 +9,13 @@
    ``SLURM_NTASKS``, or Open MPI's variables.
 2. Units already recorded as done in the journal (``sslkit.sharding.journal``) are skipped;
    a unit cut short is restarted where its final samples end; failed units are retried.
-3. Worker processes (``spawn``, one per slot) pull units one at a time and write their own
-   shards; a worker that dies (a crashing decoder, the OOM killer) fails the unit it was on,
-   and the units whose shard it had not finished are handed out again.
-4. The rank that finds every unit of the job done or failed writes ``manifest.json``.
+3. Worker processes (one per slot, from a fork server) pull units one at a time and write
+   their own shards; a worker that dies (a crashing decoder, the OOM killer) fails the unit it
+   was on, and the units whose shard it had not finished are handed out again. Workers end
+   with the job's process, however it ends.
+4. The rank that finds every unit of the job done or failed writes ``manifest.json``. The
+   command exits with ``FAILED_INPUTS_EXIT`` (3) when any input of its share failed, unless
+   ``--allow-failures`` (``exit_on_failures``).
 """
 
 from __future__ import annotations
@@ -137,9 +140,10 @@ def run_source(source: Source, out_dir: str | Path, *, workers: Optional[int] = 
 
     ``workers``: processes (default: the CPUs this process may use, at most one per unit;
     0 runs in this process). Returns ``{"rank", "world_size", "units", "units_before",
-    "units_done", "units_failed", "samples", "seconds", "samples_per_s", "failed",
+    "units_done", "units_failed", "samples", "seconds", "samples_per_s", "failed", "inputs_failed",
     "manifest"}``: counts are this rank's (``units_before``: already done by an earlier
-    run); ``manifest`` is None while other ranks still have units to finish.
+    run); ``inputs_failed`` counts this rank's failed units and items, earlier runs' included, and
+    inputs that could not be listed; ``manifest`` is None while other ranks still have units to finish.
     """
     start = time.monotonic()
     if shard_size < 1:
@@ -177,6 +181,7 @@ def run_source(source: Source, out_dir: str | Path, *, workers: Optional[int] = 
         manifest = _maybe_manifest(source, out, units, state, command=command, shard_size=shard_size)
     seconds = time.monotonic() - start
     records = [state.units[u.id] for u, _ in todo if u.id in state.units]
+    share = [state.units[u.id] for u in mine if u.id in state.units]  # this run's and earlier runs'
     samples = sum(state.final.get(u.id, 0) - before[u.id] for u in mine)
     summary = {
         "rank": rank, "world_size": world_size, "units": len(mine), "units_before": len(mine) - len(todo),
@@ -184,6 +189,8 @@ def run_source(source: Source, out_dir: str | Path, *, workers: Optional[int] = 
         "units_failed": sum(r["status"] == "failed" for r in records),
         "samples": samples, "seconds": round(seconds, 3), "samples_per_s": round(samples / max(seconds, 1e-9), 2),
         "failed": [{"source": r["path"], "reason": r.get("reason", "")} for r in records if r["status"] == "failed"],
+        "inputs_failed": (sum(r["status"] == "failed" for r in share) + sum(len(r.get("failed", [])) for r in share)
+                          + len(getattr(source, "failed", None) or [])),
         "manifest": manifest,
     }
     _print_summary(source, out, summary, state, units)
@@ -268,6 +275,24 @@ def add_runner_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--world-size", type=int, default=None,
                        help="number of ranks (default: WORLD_SIZE, SLURM_NTASKS or OMPI_COMM_WORLD_SIZE, else 1)")
     group.add_argument("--no-progress", action="store_true", help="no progress bars (the summary is printed)")
+    group.add_argument("--allow-failures", action="store_true",
+                       help=f"exit 0 even when inputs failed (default: exit {FAILED_INPUTS_EXIT} after writing "
+                            "everything else and the manifest)")
+
+
+FAILED_INPUTS_EXIT = 3  # `sslkit shard` wrote everything it could, but some inputs failed
+
+
+def exit_on_failures(summaries: list[dict], args: argparse.Namespace) -> None:
+    """Exit with ``FAILED_INPUTS_EXIT`` when any input failed, unless ``--allow-failures`` was given, so that
+    a pipeline (SLURM, make, CI) sees it. Called after the shards and the manifest are written."""
+    failed = sum(summary["inputs_failed"] for summary in summaries)
+    if failed and not args.allow_failures:
+        print(f"sslkit shard: {_count(failed, 'input')} failed (listed above and in the manifest's 'failed'); "
+              f"everything else is written. Exit status {FAILED_INPUTS_EXIT}: fix or remove those inputs and run "
+              "the same command again (finished work is kept), or pass --allow-failures to exit 0.",
+              file=sys.stderr)
+        raise SystemExit(FAILED_INPUTS_EXIT)
 
 
 def runner_kwargs(args: argparse.Namespace) -> dict[str, Any]:

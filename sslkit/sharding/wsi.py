@@ -277,13 +277,13 @@ OUT/masks/<slide>.png is each slide's tissue mask, OUT/masks/<slide>-tiles.jpg i
 
 
 def _cmd_wsi(args: argparse.Namespace) -> None:
-    from sslkit.sharding.runner import run_source, runner_kwargs
+    from sslkit.sharding.runner import exit_on_failures, run_source, runner_kwargs
 
     source = WsiSource(args.slides, mpp=args.mpp, tile=args.tile, overlap=args.overlap,
                        min_tissue=args.min_tissue, encode=args.encode, quality=args.quality,
                        mpp_override=args.mpp_override, mpp_tolerance=args.mpp_tolerance, reader=args.reader,
                        mask_dir=str(Path(args.out) / "masks"), recursive=args.recursive)
-    run_source(source, args.out, **runner_kwargs(args), command=shlex.join(sys.argv))
+    exit_on_failures([run_source(source, args.out, **runner_kwargs(args), command=shlex.join(sys.argv))], args)
 
 
 def add_parser(shard_sub: Any) -> argparse.ArgumentParser:

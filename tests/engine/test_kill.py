@@ -193,3 +193,28 @@ def test_sigkill_anywhere_then_resume_equals_straight_run(tiny_shards, tmp_path)
     series, repeated = read_metrics(killed_run / "metrics.jsonl")
     assert repeated == sum(len(v) > 1 for v in rows.values()) >= 1  # at least the mid-save kill redid a step
     assert series["loss"] == pytest.approx(straight["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_killed_training_command_leaves_no_process(tiny_shards, tmp_path):
+    """Only the main process is killed, as a scheduler's SIGKILL of the job's process would: its loader
+    workers and the W&B service notice and end on their own, within seconds."""
+    from processes import describe, kill_all, marked, marked_env, new_mark, wait_until_gone
+
+    mark, run = new_mark(), tmp_path / "run"
+    cmd = [*_command(tiny_shards, run), "data.workers=2", "train.max_steps=500", "train.ckpt_every=500"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=marked_env(mark, _env()), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert _run_until(proc, lambda: len(_logged_steps(run)) >= 2), proc.communicate()
+        started = [p for p in marked(mark) if p.pid != proc.pid]
+        assert len(started) >= 3, describe(started)  # 2 loader workers and the W&B service at least
+        proc.kill()
+        proc.wait(timeout=60)
+        left = wait_until_gone(lambda: marked(mark), timeout=15)
+        assert not left, f"still running 15 s after the training process was killed:\n{describe(left)}"
+        proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+        kill_all(marked(mark))
+        proc.communicate()

@@ -458,7 +458,9 @@ def test_run_source_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     add_parser(parser.add_subparsers(dest="source"))
     args = parser.parse_args(["cells", "--format", "consep", "--input", str(data), "--out", str(tmp_path / "cli"),
                               "--window", "20", "--size", "8", "--no-progress", "--workers", "1"])
-    args.fn(args)
+    with pytest.raises(SystemExit) as stop:  # t2 failed: exit status 3, after the shards and the manifest
+        args.fn(args)
+    assert stop.value.code == 3
     cli_manifest = json.loads((tmp_path / "cli" / "manifest.json").read_text())
     assert cli_manifest["num_samples"] == 2 and cli_manifest["params"]["window"] == 20
     assert cli_manifest["image"]["height"] == 8
@@ -466,7 +468,7 @@ def test_run_source_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     from sslkit.cli import main
 
     main(["shard", "cells", "--format", "consep", "--input", str(data), "--out", str(tmp_path / "main"),
-          "--size", "8", "--no-progress", "--workers", "0"])
+          "--size", "8", "--no-progress", "--workers", "0", "--allow-failures"])
     assert json.loads((tmp_path / "main" / "manifest.json").read_text())["num_samples"] == 2
     with pytest.raises(SystemExit) as stop:
         main(["shard", "cells", "--format", "consep", "--input", str(data), "--out", str(tmp_path / "x"),

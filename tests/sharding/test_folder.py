@@ -350,7 +350,9 @@ def test_cli_writes_shards_and_reports_unexpected(tmp_path: Path, capsys: pytest
     add_parser(parser.add_subparsers(dest="source"))
     args = parser.parse_args(["folder", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--size", "6",
                               "--classes", "a,b", "--workers", "0", "--no-progress", "--pad-value", "0"])
-    args.fn(args)
+    with pytest.raises(SystemExit) as exit_info:  # an input was not written: exit status 3, after the manifest
+        args.fn(args)
+    assert exit_info.value.code == 3
     printed = capsys.readouterr().out
     assert "NOT WRITTEN: 1 file(s): label 'zzz' is not in --classes" in printed
     samples = _read_set(tmp_path / "out")

@@ -90,7 +90,7 @@ def test_killed_run_resumes_to_the_same_samples(tmp_path: Path) -> None:
         time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    time.sleep(1.0)  # its workers die with it (PR_SET_PDEATHSIG): nothing may change after this
+    time.sleep(1.0)  # its workers end with it (they watch the job's process): nothing may change after this
     snapshot = {p.name: p.stat().st_size for p in (tmp_path / "killed").iterdir()}
     time.sleep(1.0)
     assert {p.name: p.stat().st_size for p in (tmp_path / "killed").iterdir()} == snapshot
