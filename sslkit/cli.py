@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import os
@@ -234,6 +235,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     demo.add_argument("--num-eval", type=int, default=4000, help="held-out crops to generate (default 4000)")
     demo.add_argument("overrides", nargs="*", help="dotted key=value overrides of configs/demo.yaml")
     demo.set_defaults(fn=_cmd_demo)
+    for command in [*shard_sub.choices.values(), *sub.choices.values()]:  # --debug after the command works too
+        if command is not shard:
+            command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -248,9 +252,41 @@ def _user_error(err: BaseException) -> bool:
     return isinstance(err, tuple(kinds))
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line, with ``key=value`` overrides taken wherever they stand among the options.
+
+    argparse binds a trailing ``nargs="*"`` positional only to the words right after the other
+    positionals, so ``sslkit evaluate RUN --shards S eval.k=4`` would leave ``eval.k=4`` over. Words
+    left over that hold ``=`` join the overrides, in the order they were typed (later ones win);
+    anything else left over is still an error.
+    """
+    parser = build_parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    if not extra:
+        return args
+    takes_overrides = isinstance(getattr(args, "overrides", None), list)
+    stray = [word for word in extra if not (takes_overrides and "=" in word and not word.startswith("-"))]
+    if stray:
+        hint = " (overrides are dotted key=value words, such as optim.lr=3e-4)" if takes_overrides else ""
+        parser.error(f"unrecognized arguments: {' '.join(stray)}{hint}")
+    args.overrides = _in_typed_order(argv, args.overrides + extra)
+    return args
+
+
+def _in_typed_order(argv: list[str], words: list[str]) -> list[str]:
+    """``words`` (a sub-multiset of ``argv``) in the order they stand in ``argv``."""
+    wanted = collections.Counter(words)
+    ordered = []
+    for word in argv:
+        if wanted[word] > 0:
+            wanted[word] -= 1
+            ordered.append(word)
+    return ordered
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv).parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -83,6 +83,21 @@ def test_report_of_an_evaluated_run_renders(evaluated):
                      screenshot=ROOT / "test-artifacts" / "report-tiny-run.png")
 
 
+@pytest.mark.slow
+def test_cli_takes_overrides_after_the_options(evaluated, tmp_path, capsys):
+    import shutil
+
+    root, run, _ = evaluated
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "eval")
+    main(["evaluate", str(copy), "--shards", str(root / "eval"), "eval.plots=false", "eval.knn_k=3",
+          "eval.restarts=1", "eval.probe=false"])
+    assert "Written to" in capsys.readouterr().out
+    saved = json.loads((copy / "eval" / "metrics.json").read_text())
+    assert saved["knn"]["k"] == 3 and saved["figures"] == [] and not list((copy / "eval").glob("*.png"))
+
+
 def test_split_resolution(tmp_path):
     cfg = load_config(recipe_path("demo"), [f"eval.shards={tmp_path / 'set' / 'test'}"])
     for split in ("train", "val", "test"):
