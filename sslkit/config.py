@@ -140,7 +140,8 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
     schedule: str = "cosine"  # cosine | constant | step
-    milestones: list[float] = field(default_factory=list)  # step: epochs (train.epochs) or steps at which lr *= gamma
+    milestones: list[float] = field(default_factory=list)  # step schedule: where lr *= gamma, in milestone_unit
+    milestone_unit: str = "auto"  # auto (epochs when train.epochs > 0, else steps) | epochs | steps
     gamma: float = 0.1  # step schedule factor
     min_lr: float = 0.0
     grad_clip: Optional[float] = None
@@ -149,7 +150,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
-    epochs: int = 0  # when > 0, max_steps = epochs x batches per epoch (and step milestones are epochs)
+    epochs: int = 0  # when > 0, max_steps = epochs x batches per epoch; an override of max_steps sets it to 0
     precision: str = "auto"  # auto (the launcher's --mixed_precision, else no) | no | bf16 | fp16 (GPU only)
     grad_accum: int = 1  # micro-batches per optimizer step; keys enter the queue once per step (README)
     max_bad_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient (each is skipped)
@@ -223,6 +224,7 @@ CHOICES = {
     "method.arch": ("fc", "conv", "conv_pool", "resnet"),
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.schedule": ("cosine", "constant", "step"),
+    "optim.milestone_unit": ("auto", "epochs", "steps"),
     "train.precision": ("auto", "no", "bf16", "fp16"),
     "finetune.views": ("rotate", "views", "none"),
     "eval.encoder": ("momentum", "query"),
@@ -622,17 +624,35 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
 
 
 def _apply(cfg: Config, overrides: list[str] | tuple[str, ...], file: Optional[tuple[Path, dict]]) -> Config:
-    merged = OmegaConf.structured(cfg)
+    merged, lengths = OmegaConf.structured(cfg), set()
     for item in overrides:
         data, source = _parse_override(item), f"override '{_clean(item)}'"
         _check_tree(data, Config, "", source)
         merged = _merge(merged, data, source)
+        train = data.get("train")
+        lengths |= {key for key in ("max_steps", "epochs") if isinstance(train, dict) and key in train}
     out = _to_object(merged, lambda key: _origin(key, overrides, file).split(" ", 2)[-1])
+    _overridden_length(out, lengths)
     try:
         validate(out)
     except ConfigError as err:
         raise ConfigError(_attributed(str(err), overrides, file)) from None
     return out
+
+
+def _overridden_length(cfg: Config, named: set[str]) -> None:
+    """An override of the run's length beats the other length set in the file, in place: a command-line
+    ``train.max_steps`` turns off the recipe's ``train.epochs`` (whose step milestones stay in epochs);
+    a ``train.epochs`` replaces ``train.max_steps`` anyway. Both among the overrides is an error."""
+    if "max_steps" not in named or cfg.train.epochs == 0:
+        return
+    if "epochs" in named:
+        raise ConfigError(f"Overrides set both 'train.max_steps' ({cfg.train.max_steps}) and 'train.epochs' "
+                          f"({cfg.train.epochs}), two lengths for one run; give one of them (train.epochs=0 "
+                          "turns epochs off).")
+    if cfg.optim.milestones and cfg.optim.milestone_unit == "auto":
+        cfg.optim.milestone_unit = "epochs"
+    cfg.train.epochs = 0
 
 
 def to_yaml(cfg: Config) -> str:

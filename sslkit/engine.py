@@ -130,6 +130,11 @@ def resolve_from_data(cfg: Config, shards: ShardSet, *, batches_per_epoch: int) 
     return steps_per_epoch
 
 
+def milestones_in_epochs(cfg: Config) -> bool:
+    unit = cfg.optim.milestone_unit
+    return unit == "epochs" or (unit == "auto" and cfg.train.epochs > 0)
+
+
 def _build_model(cfg: Config, accelerator: Accelerator) -> torch.nn.Module:
     """The method, laid out and (optionally) synchronised across ranks and compiled, before DDP wraps it."""
     model = build_method(cfg)
@@ -198,7 +203,7 @@ def train(cfg: Config) -> Path:
     model = _build_model(cfg, accelerator)
     optimizer = build_optimizer(cfg.optim, model=model)
     lrs = build_lr_schedule(cfg.optim, total_steps=cfg.train.max_steps,
-                            steps_per_epoch=steps_per_epoch if cfg.train.epochs else None)
+                            steps_per_epoch=steps_per_epoch if milestones_in_epochs(cfg) else None)
     model, optimizer = accelerator.prepare(model, optimizer)
     method = accelerator.unwrap_model(model)
 

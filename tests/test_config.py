@@ -93,3 +93,33 @@ def test_stored_configs_with_retired_keys_still_load():
     cfg = from_dict(stored)
     assert cfg.eval.kmeans_max_train == load_config(recipe_path("demo")).eval.kmeans_max_train
     assert "max_points_per_centroid" in stored["eval"]  # the caller's dict is not modified
+
+
+def test_a_command_line_max_steps_beats_the_recipes_epochs(tmp_path):
+    assert load_config(recipe_path("sscl-cpu")).train.epochs == 60  # the recipe trains by epochs
+    cfg = load_config(recipe_path("sscl-cpu"), ["train.max_steps=3"])
+    assert (cfg.train.max_steps, cfg.train.epochs) == (3, 0)
+    assert load_config(recipe_path("sscl-cpu"), ["train.epochs=0", "train.max_steps=3"]).train.max_steps == 3
+    # An epochs override still replaces the file's max_steps; the file's own epochs beat its own max_steps.
+    path = tmp_path / "steps.yaml"
+    path.write_text("train:\n  max_steps: 50\n")
+    assert load_config(path, ["train.epochs=2"]).train.epochs == 2
+    path.write_text("train:\n  max_steps: 50\n  epochs: 4\n")
+    assert load_config(path).train.epochs == 4
+    # The same rule for a stored config (sslkit evaluate, the demo).
+    assert apply_overrides(load_config(recipe_path("sscl-cpu")), ["train.max_steps=5"]).train.epochs == 0
+
+
+@pytest.mark.parametrize("overrides", [["train.max_steps=3", "train.epochs=2"], ["train.epochs=2", "train.max_steps=3"],
+                                       ["train={max_steps: 3, epochs: 2}"]])
+def test_both_lengths_on_the_command_line_are_one_sentence(overrides):
+    with pytest.raises(ConfigError, match=r"^Overrides set both 'train.max_steps' \(3\) and 'train.epochs' \(2\), "
+                                          r"two lengths for one run; give one of them"):
+        load_config(recipe_path("demo"), overrides)
+
+
+def test_epoch_milestones_keep_their_unit_when_max_steps_replaces_epochs():
+    cfg = load_config(recipe_path("supcam-finetune"), ["train.max_steps=100"])
+    assert (cfg.train.epochs, cfg.optim.milestones, cfg.optim.milestone_unit) == (0, [8, 12], "epochs")
+    assert load_config(recipe_path("supcam-finetune")).optim.milestone_unit == "auto"
+    assert load_config(recipe_path("demo"), ["train.max_steps=100"]).optim.milestone_unit == "auto"  # no epochs
