@@ -62,6 +62,8 @@ class ViewsConfig:
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
     blur_kernel: int = 0  # odd kernel size; 0: about a tenth of data.size, MoCo v2's rule (3 at 32x32)
     rotation: float = 180.0  # degrees, uniform in [0, rotation]
+    # HED stain jitter (tensor back-end, RGB): per sample and stain, amount x U(1-hed, 1+hed) + U(-hed, hed); 0: off
+    hed: float = 0.0
     flips: bool = True
     vflip: bool = True  # with flips: vertical flips too (SupCAM flips horizontally only)
 
@@ -249,7 +251,7 @@ RANGES = {
     "optim.momentum": "[0, 1]", "optim.betas": "[0, 1)", "optim.warmup_steps": "[0, inf)",
     "optim.milestones": "[0, inf)", "optim.gamma": "(0, inf)", "optim.min_lr": "[0, inf)",
     "optim.grad_clip": "(0, inf)",
-    "train.epochs": "[0, inf)", "train.log_every": "[1, inf)", "train.ckpt_every": "[1, inf)",
+    "data.views.hed": "[0, 1]", "train.epochs": "[0, inf)", "train.log_every": "[1, inf)", "train.ckpt_every": "[1, inf)",
     "train.keep_ckpts": "[1, inf)", "train.threads": "[0, inf)", "eval.k": "[1, inf)", "eval.restarts": "[1, inf)",
     "eval.niter": "[1, inf)", "eval.kmeans_max_train": "[1, inf)", "eval.knn_tau": "(0, inf)",
     "eval.batch_size": "[1, inf)", "eval.max_samples": "[1, inf)", "eval.gallery": "[0, inf)",
@@ -582,6 +584,10 @@ def validate(cfg: Config) -> None:
     if cfg.train.eval_every and not cfg.eval.shards:
         raise ConfigError("Config key 'train.eval_every' turns on online evaluation, which needs labelled held-out "
                           "shards: set eval.shards, or train.eval_every=0.")
+    if cfg.data.views.hed > 0 and (cfg.data.views.backend != "tensor" or cfg.data.channels != 3):
+        raise ConfigError(f"Config key 'data.views.hed' is {cfg.data.views.hed}: HED stain jitter is made by the "
+                          "tensor back-end on RGB crops; set data.views.backend=tensor and data.channels=3, or "
+                          "data.views.hed=0.")
     if cfg.data.views.backend == "pil" and cfg.method.name not in ("ccrl", "simclr"):
         raise ConfigError(f"Config key 'data.views.backend' is 'pil', which makes query/key views in the workers; "
                           f"method '{cfg.method.name}' makes its own inputs: set data.views.backend=tensor.")

@@ -204,6 +204,34 @@ def _per_sample(values: Tensor) -> Tensor:
     return values.view(-1, 1, 1, 1)
 
 
+# Ruifrok & Johnston's stain vectors, rows H, E, DAB: the RGB optical density of one unit of each stain
+# (scikit-image's ``rgb_from_hed``). Optical densities are scaled as scikit-image's ``rgb2hed`` does:
+# OD = log(max(rgb, 1e-6)) / log(1e-6): 0 for white, 1 at the floor 1e-6 (0.4 for an 8-bit value of 1).
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+_OD_FLOOR = 1e-6
+
+
+def rgb_to_hed(x: Tensor) -> Tensor:
+    """(B, 3, H, W) RGB in [0, 1] -> stain amounts (H, E, DAB), as ``skimage.color.rgb2hed`` but not clipped
+    at 0, so that ``hed_to_rgb`` inverts it exactly."""
+    od = torch.log(x.clamp_min(_OD_FLOOR)) / math.log(_OD_FLOOR)
+    return torch.einsum("bchw,cs->bshw", od, HED_FROM_RGB.to(x))
+
+
+def hed_to_rgb(stains: Tensor) -> Tensor:
+    """(B, 3, H, W) stain amounts -> RGB in [0, 1], as ``skimage.color.hed2rgb``."""
+    od = torch.einsum("bshw,sc->bchw", stains, RGB_FROM_HED.to(stains))
+    return torch.exp(od * math.log(_OD_FLOOR)).clamp(0, 1)
+
+
+def jitter_hed(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """Tellez et al. (2018)'s stain augmentation: each stain's amount times ``scale`` plus ``shift``
+    (both (B, 3): per sample and stain), in the optical-density space of ``rgb_to_hed``."""
+    stains = rgb_to_hed(x)
+    return hed_to_rgb(stains * scale[:, :, None, None] + shift[:, :, None, None])
+
+
 class BatchViews:
     """uint8 batch (B, C, H, W) -> (query, key) float32, normalised with MEAN/STD.
 
@@ -211,7 +239,8 @@ class BatchViews:
     one geometric warp (random resized crop for the local view, redrawn while the box does
     not fit the image, as torchvision does; horizontal and vertical flips; rotation
     ~ U(0, cfg.rotation) degrees counter-clockwise, as torchvision's; bilinear, corners
-    filled by reflecting the image), then ColorJitter with probability ``p_jitter``
+    filled by reflecting the image), then, with ``hed`` > 0, a stain jitter in HED optical-density
+    space (``jitter_hed``), then ColorJitter with probability ``p_jitter``
     (brightness, contrast, saturation, hue -- in this fixed order, where torchvision
     shuffles it), grayscale with ``p_gray`` and a Gaussian blur with ``p_blur``. Each op on
     its own, clamped to [0, 1], matches torchvision's functional op
@@ -252,6 +281,10 @@ class BatchViews:
         """(B, C, H, W) float in [0, 1] -> one augmented view, same shape, in [0, 1]."""
         cfg, g, n = self.cfg, generator, x.shape[0]
         x = warp(x, self.geometry(n, local=local, like=x, generator=g))
+        if cfg.hed > 0 and self.channels == 3:
+            scale = self._uniform(n * 3, 1 - cfg.hed, 1 + cfg.hed, x, g).view(n, 3)
+            shift = self._uniform(n * 3, -cfg.hed, cfg.hed, x, g).view(n, 3)
+            x = jitter_hed(x, scale, shift)
         if cfg.p_jitter > 0:
             b, c, s, h = cfg.jitter
             on = self._coin(n, cfg.p_jitter, x, g)
@@ -344,4 +377,5 @@ def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     return y.view(b, c, h, w)
 
 
-__all__ = ["MEAN", "STD", "TwoViews", "BatchViews", "build_views", "build_eval_transform", "build_decode_transform"]
+__all__ = ["MEAN", "STD", "TwoViews", "BatchViews", "build_views", "build_eval_transform", "build_decode_transform",
+           "rgb_to_hed", "hed_to_rgb", "jitter_hed"]

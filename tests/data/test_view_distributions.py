@@ -11,7 +11,9 @@ of a probe image made so that, with every other op off, a view shows that parame
   fill reaches) gives each view's 2x2 map to input coordinates;
 - jitter factors: grey or colour ramps from which a regression gives the factor;
 - grayscale: the fraction of views with R == G == B;
-- blur: a step edge, whose blurred profile gives the kernel's spread and so sigma.
+- blur: a step edge, whose blurred profile gives the kernel's spread and so sigma;
+- HED stain jitter (tensor back-end only): a probe of varied stain amounts, from which a
+  regression per stain gives the scale and shift a view applied.
 
 Each test draws N views per back-end (PIL: one image at a time, torch's global generator
 seeded; tensor: one batch, a seeded ``torch.Generator``), compares the two samples (two-sample
@@ -437,6 +439,34 @@ def test_blur_probability_and_sigma_match():
 
 
 # ------------------------------------------------------------------ negative controls
+
+
+# ------------------------------------------------------------------ HED stain jitter
+
+
+def _hed_sample(strength: float) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and shift of each stain in N tensor-back-end views of a probe whose H, E and DAB amounts
+    vary over the pixels (0.05-0.15, so no view leaves the [0, 1] range): (N * 3,) each, read by a
+    line fitted per view and stain between input and output amounts, in floats."""
+    stains = torch.from_numpy(np.random.default_rng(5).uniform(0.05, 0.15, size=(1, 3, SIZE, SIZE))).float()
+    probe = A.hed_to_rgb(stains)
+    views = A.BatchViews(_cfg(hed=strength), channels=3)
+    out = views.branch(probe.repeat(N, 1, 1, 1), local=False, generator=torch.Generator().manual_seed(TENSOR_SEED))
+    x = A.rgb_to_hed(probe).double().flatten(2)  # (1, 3, P)
+    y = A.rgb_to_hed(out).double().flatten(2)  # (N, 3, P)
+    xc = x - x.mean(2, keepdim=True)
+    scale = ((y - y.mean(2, keepdim=True)) * xc).sum(2) / (xc * xc).sum(2)
+    shift = y.mean(2) - scale * x.mean(2)
+    return scale.flatten().numpy(), shift.flatten().numpy()
+
+
+def test_hed_scale_and_shift_follow_their_laws():
+    scale, shift = _hed_sample(0.05)
+    _check({"scale ~ U(0.95, 1.05)": stats.kstest(scale, _uniform_cdf(0.95, 1.05)).pvalue,
+            "shift ~ U(-0.05, 0.05)": stats.kstest(shift, _uniform_cdf(-0.05, 0.05)).pvalue})
+    _check({"scale vs U(0.96, 1.04)": stats.kstest(scale, _uniform_cdf(0.96, 1.04)).pvalue,
+            "shift vs U(-0.04, 0.04)": stats.kstest(shift, _uniform_cdf(-0.04, 0.04)).pvalue},
+           above=0.0, below=POWER)  # the read-out tells a 20 % narrower law apart
 
 
 def test_the_comparisons_reject_a_changed_parameter():
