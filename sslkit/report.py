@@ -165,6 +165,17 @@ def _curves(run_dir: Path, figures: list[dict[str, str]], cfg: dict[str, Any]) -
     return figures if curves is None else [curves, *figures]
 
 
+def _seen_note(metrics: dict) -> str:
+    """Whether the evaluated crops were seen in training (``sslkit.evaluate.overlap``), said first."""
+    seen = metrics.get("seen_in_training")
+    if not seen:
+        return ""
+    head = {"all": "Seen in training.", "partly": "Partly seen in training.", "no": "Unseen in training.",
+            "unknown": "Seen in training: unknown."}[seen["seen"]]
+    style = "" if seen["seen"] == "no" else " style='color:#a40000'"
+    return f"<p class='note seen'{style}><b>{head}</b> The evaluation crops: {_esc(seen['note'])}.</p>"
+
+
 def write_report(run_dir: str | Path, *, out: Optional[Path] = None) -> Path:
     """Write ``report.html`` for a run evaluated with ``sslkit evaluate``; returns its path."""
     run_dir = Path(run_dir)
@@ -185,7 +196,7 @@ def write_report(run_dir: str | Path, *, out: Optional[Path] = None) -> Path:
         f"<p class='sub'>Step {metrics.get('step')} &middot; git {_esc(git)} &middot; "
         f"{metrics.get('num_samples')} evaluation crops from {_esc(metrics.get('shards', ''))} &middot; "
         f"classes: {_esc(', '.join(metrics.get('classes', [])))}</p>",
-        "<h2>Metrics</h2>", _metrics_table(metrics, cfg),
+        "<h2>Metrics</h2>", _seen_note(metrics), _metrics_table(metrics, cfg),
         f"<p class='note'>k-means with k = {metrics['cluster']['k']} on L2-normalised features (raw pixels as they "
         f"are); kNN: cosine, k = {metrics['knn']['k']}, leave-one-out; linear probe: logistic regression, "
         f"{_esc(probe.get('protocol', 'not run'))}. Paper rows are the published figures on the paper's own data "

@@ -27,6 +27,7 @@ from sslkit.embed import embed_shards
 from sslkit.evaluate.cluster import as_features, kmeans, sample_size
 from sslkit.evaluate.knn import knn_eval
 from sslkit.evaluate.metrics import cluster_metrics
+from sslkit.evaluate.overlap import training_overlap
 from sslkit.evaluate.probe import PROBE_KEYS, cv_probe, linear_probe
 from sslkit.methods import build_method
 from sslkit.sharding.manifest import write_json
@@ -139,6 +140,8 @@ def evaluate_run(run_dir: str | Path, *, shards: Optional[str] = None, split: Op
 
     results: dict[str, Any] = {"method": cfg.method.name.upper(), "encoder": ev.encoder, "features": ev.features,
                                "step": state["step"], "checkpoint": state["checkpoint"], "shards": spec}
+    if dist.is_main_process():
+        results["seen_in_training"] = training_overlap(cfg.data.shards, test, train_manifest=cfg.data.manifest)
     kept: dict[str, Any] = {}
     for name, fn in _embedders(cfg, method, device).items():
         label = {"trained": f"{ev.encoder} encoder", "random_init": "random init", "raw_pixels": "raw pixels"}[name]
@@ -229,6 +232,11 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(label.ljust(width) + cells)
     if probe:
         lines.append(f"linear probe: {results['probe']['protocol']} ({results['probe']['train_samples']} training crops)")
+    seen = results.get("seen_in_training")
+    if seen:
+        verdict = {"all": "SEEN in training", "partly": "PARTLY SEEN in training", "no": "unseen in training",
+                   "unknown": "seen in training: unknown"}[seen["seen"]]
+        lines.append(f"evaluation crops: {verdict} ({seen['note']})")
     if "classifier" in results:
         head_scores = results["classifier"]
         lines.append("classifier head: " + "  ".join(f"{k} {head_scores[k]:.3f}" for k in PROBE_KEYS

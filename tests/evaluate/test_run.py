@@ -79,6 +79,7 @@ def test_report_of_an_evaluated_run_renders(evaluated):
     main(["report", str(run)])
     page = (run / "report.html").read_text()
     assert "Online evaluation at step 4" in page and "linear probe" in page
+    assert "<b>Unseen in training.</b> The evaluation crops: no shard in common with the training set." in page
     render_and_check(run / "report.html", expect_images=len(results["figures"]),
                      screenshot=ROOT / "test-artifacts" / "report-tiny-run.png")
 
@@ -93,9 +94,16 @@ def test_cli_takes_overrides_after_the_options(evaluated, tmp_path, capsys):
     shutil.rmtree(copy / "eval")
     main(["evaluate", str(copy), "--shards", str(root / "eval"), "eval.plots=false", "eval.knn_k=3",
           "eval.restarts=1", "eval.probe=false"])
-    assert "Written to" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Written to" in printed and "evaluation crops: unseen in training (no shard in common" in printed
     saved = json.loads((copy / "eval" / "metrics.json").read_text())
     assert saved["knn"]["k"] == 3 and saved["figures"] == [] and not list((copy / "eval").glob("*.png"))
+    assert saved["seen_in_training"]["seen"] == "no" and saved["seen_in_training"]["eval_shards"] == 2
+    # Scored on the crops it trained on: said in the table and in metrics.json.
+    main(["evaluate", str(copy), "eval.plots=false", "--shards", str(root / "train"), "eval.restarts=1",
+          "eval.probe=false"])
+    assert "evaluation crops: SEEN in training (every evaluated shard is a training shard" in capsys.readouterr().out
+    assert json.loads((copy / "eval" / "metrics.json").read_text())["seen_in_training"]["seen"] == "all"
 
 
 def test_split_resolution(tmp_path):
