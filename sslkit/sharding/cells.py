@@ -41,6 +41,12 @@ to --input), ``instance``, ``bbox`` [x0, y0, x1, y1] (x1, y1 exclusive), ``centr
 for a box its centre less 0.5), ``area``, ``raw_type``, ``class``, ``window`` [left, top,
 side]; PanNuke adds ``image_index``, ``channel`` and ``tissue`` (when types.npy is there).
 Instance ids are map ids, or row/object indices (from 0) for boxes.
+
+Splits (``--split 0.8,0.2``, ``sslkit.sharding.splits``) go by group, never by nucleus or tile:
+``--group-regex`` names the group (source image, patient, slide) of each tile from its path below
+--input, so that train and test never share an image; ``OUT/<split>/`` per split, ``OUT/splits.json``.
+    sslkit shard cells --format consep --input CoNSeP/Train --out shards/consep --split 0.8,0.2 \\
+        --group-regex 'train_(\\d+)_'         # tiles train_<image>_<tile>: split by original image
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ from sslkit.sharding import pairing
 from sslkit.sharding.folder_plan import natural_key
 from sslkit.sharding.imaging import read_image, resize, to_channels
 from sslkit.sharding.source import Progress, Sample, Unit, UnitError, safe_id, unique_ids
+from sslkit.sharding.splits import add_split_args, shard_split, split_from_args
 
 log = logging.getLogger(__name__)
 CLASSMAPS = Path(__file__).resolve().parents[1] / "configs" / "classmaps"
@@ -448,6 +455,9 @@ def add_parser(shard_sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--labels", help="annotation folder (instead of finding it under --input)")
     p.add_argument("--types", help="labelmap: folder of per-image type CSVs (id,type)")
     p.add_argument("--images-per-unit", type=int, default=64, help="pannuke: images per unit of work (default 64)")
+    add_split_args(p, group_help="with --split: the group (source image, patient, slide) of a tile = named group "
+                   "'group' / first group of this regex on its path below --input, e.g. 'train_(\\d+)_'; default: "
+                   "each tile (PanNuke: each run of images) its own group")
     add_runner_args(p)
     p.set_defaults(fn=_cmd_cells)
     return p
@@ -464,6 +474,13 @@ def source_from_args(args: argparse.Namespace) -> CellSource:
 def _cmd_cells(args: argparse.Namespace) -> None:
     from sslkit.sharding.runner import exit_on_failures, run_source, runner_kwargs
 
-    summary = run_source(source_from_args(args), args.out, **runner_kwargs(args),
-                         command=shlex.join(["sslkit", *sys.argv[1:]]))
-    exit_on_failures([summary], args)
+    fractions, names = split_from_args(args)
+    if fractions is None and args.group_regex:
+        raise ConfigError("--group-regex groups tiles for --split; add --split (e.g. 0.8,0.2) or drop it.")
+    source, command = source_from_args(args), shlex.join(["sslkit", *sys.argv[1:]])
+    if fractions is None:
+        summaries = [run_source(source, args.out, **runner_kwargs(args), command=command)]
+    else:
+        summaries = list(shard_split(source, args.out, fractions=fractions, names=names, seed=args.seed,
+                                     group_regex=args.group_regex, **runner_kwargs(args), command=command).values())
+    exit_on_failures(summaries, args)

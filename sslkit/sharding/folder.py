@@ -20,6 +20,7 @@ import numpy as np
 
 from sslkit.config import ConfigError
 from sslkit.sharding.folder_plan import FolderPlan, Item, plan_folder, report_lines, split_plan
+from sslkit.sharding.splits import add_split_args, default_names, list_arg, split_from_args
 from sslkit.sharding.imaging import IMAGE_EXTENSIONS, border_value, pad_to_square, read_image, resize
 from sslkit.sharding.manifest import write_json
 from sslkit.sharding.source import Progress, Sample, Unit
@@ -122,8 +123,7 @@ def shard_folder(root: str | Path, out: str | Path, *, size: int, channels: int 
                        extensions=extensions)
     parts, audit, out = {"": plan}, None, Path(out)
     if split is not None:
-        names = split_names or (["train", "val", "test"] if len(split) == 3 else
-                                ["train", "val"] if len(split) == 2 else [f"split{i}" for i in range(len(split))])
+        names = split_names or default_names(len(split))
         parts, audit = split_plan(plan, fractions=split, names=names, seed=seed)
     print("\n".join(report_lines(plan, audit)))
     summaries = {str(out / name): run_source(FolderSource(part, size=size, channels=channels, pad_value=pad_value,
@@ -134,23 +134,14 @@ def shard_folder(root: str | Path, out: str | Path, *, size: int, channels: int 
     return summaries
 
 
-def _list_arg(text: Optional[str]) -> Optional[list[str]]:
-    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
-
-
 def _cmd_folder(args: argparse.Namespace) -> None:
     from sslkit.sharding.runner import exit_on_failures, runner_kwargs
 
-    try:
-        split = None if args.split is None else [float(f) for f in _list_arg(args.split)]
-    except ValueError:
-        raise ConfigError(f"--split {args.split} must be comma-separated fractions such as 0.8,0.1,0.1.")
+    split, split_names = split_from_args(args)
     pad = int(args.pad_value) if args.pad_value.isdigit() else args.pad_value
-    if args.split_names and not args.split:
-        raise ConfigError("--split-names needs --split (the fractions); add it or drop --split-names.")
     if args.classes and args.classes_file:
         raise ConfigError("Give --classes or --classes-file, not both.")
-    classes = _list_arg(args.classes)
+    classes = list_arg(args.classes)
     if args.classes_file:
         if not os.path.isfile(args.classes_file):
             raise FileNotFoundError(f"Classes file {args.classes_file} does not exist; give one name per line.")
@@ -160,8 +151,8 @@ def _cmd_folder(args: argparse.Namespace) -> None:
         args.root, args.out, size=args.size, channels=args.channels, pad_value=pad, csv_path=args.csv,
         label_regex=args.label_regex, group_regex=args.group_regex, classes=classes,
         min_class_count=args.min_class_count, unlabeled=args.unlabeled,
-        extensions=_list_arg(args.extensions) or IMAGE_EXTENSIONS, split=split,
-        split_names=_list_arg(args.split_names), seed=args.seed, unit_files=args.unit_files,
+        extensions=list_arg(args.extensions) or IMAGE_EXTENSIONS, split=split,
+        split_names=split_names, seed=args.seed, unit_files=args.unit_files,
         **runner_kwargs(args), command=shlex.join(sys.argv))
     exit_on_failures(list(summaries.values()), args)
 
@@ -185,17 +176,13 @@ def add_parser(shard_sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (one sub-folder per split with --split)")
     p.add_argument("--size", type=int, required=True, help="side of the square output images, in pixels")
     p.add_argument("--label-regex", help="label = named group 'label' / first group of this regex on the path")
-    p.add_argument("--group-regex", help="group (patient, case) = named group 'group' / first group on the path")
     p.add_argument("--csv", help="path,label[,group] list; paths relative to ROOT or to the CSV")
     p.add_argument("--unlabeled", action="store_true", help="no labels: every image under ROOT, unlabelled")
     p.add_argument("--classes", help="expected classes in index order, a,b,c; other labels are reported")
     p.add_argument("--classes-file", help="expected classes, one per line")
     p.add_argument("--min-class-count", type=int, default=5,
                    help="without --classes, rarer labels (also < 1/10 of the median class) are strays (default 5)")
-    p.add_argument("--split", help="group-wise split fractions, e.g. 0.8,0.1,0.1")
-    p.add_argument("--split-names", help="folder names of the splits (default train,val,test for three "
-                   "fractions, train,val for two, split0,split1,... otherwise)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the group-wise split (default 0)")
+    add_split_args(p, group_help="group (patient, case) = named group 'group' / first group on the path")
     p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1 = grayscale, 3 = RGB (default)")
     p.add_argument("--pad-value", default="auto", help="square padding: auto (border median) or 0..255")
     p.add_argument("--extensions", help="image suffixes to take, folder walk only (ignored with --csv; "

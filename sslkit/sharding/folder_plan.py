@@ -22,18 +22,14 @@ tiny balanced folder has no strays). Images of unexpected or stray labels,
 paths the regexes do not match and CSV rows naming missing files are not written; they
 are printed and listed under the manifest's ``failed`` (of the first split).
 
-Splits go by group, never by image: groups are ordered by sha256(seed, group) and each
-goes to the split in whose share of the running image count its middle image falls, so
-the assignment depends only on the groups (names and sizes), the fractions and the seed.
-``OUT/<split>/`` is a complete shard set per split; ``OUT/splits.json`` holds fractions,
-counts and the group -> split map.
+Splits go by group, never by image (``sslkit.sharding.splits``): ``OUT/<split>/`` is a
+complete shard set per split; ``OUT/splits.json`` holds fractions, counts and the group ->
+split map.
 """
 
 from __future__ import annotations
 
-import bisect
 import csv
-import hashlib
 import os
 import re
 from collections import Counter
@@ -46,10 +42,10 @@ import numpy as np
 from sslkit.config import ConfigError
 from sslkit.sharding.imaging import IMAGE_EXTENSIONS
 from sslkit.sharding.source import safe_id, unique_ids
+from sslkit.sharding.splits import capture, check_split, compile_regex, split_groups
 
 Item = tuple[str, str, str, str]  # (relative path, sample key, label name or "", group)
 _NATURAL = re.compile(r"(\d+)")
-_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def natural_key(text: str) -> tuple:
@@ -68,21 +64,6 @@ class FolderPlan:
     failed: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)  # how labels/groups/split were made
-
-
-def _compile(pattern: Optional[str], flag: str) -> Optional[re.Pattern]:
-    try:
-        return None if pattern is None else re.compile(pattern)
-    except re.error as exc:
-        raise ConfigError(f"{flag} {pattern!r} is not a valid regular expression ({exc}); fix the pattern.")
-
-
-def _capture(regex: re.Pattern, name: str, text: str) -> Optional[str]:
-    """The group called ``name``, else the first group, else the whole match; None without a match."""
-    match = regex.search(text)
-    if match is None:
-        return None
-    return match.group(name if name in regex.groupindex else 1 if regex.groups else 0) or None
 
 
 def walk_images(root: str, *, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> tuple[list[str], Counter, list]:
@@ -194,12 +175,12 @@ def _label_rows(rows: list[tuple[str, str, Optional[str]]], root: str, *, label_
         if unlabeled:
             label = ""
         elif label_re is not None:
-            label = _capture(label_re, "label", rel)
+            label = capture(label_re, rel, "label")
             problem = None if label else f"path does not match --label-regex {label_re.pattern!r}"
         elif not label:
             problem = "has no label in the CSV" if csv_path else "is not inside a class sub-folder"
         if group_re is not None and problem is None:
-            group = _capture(group_re, "group", rel)
+            group = capture(group_re, rel)
             problem = None if group else f"path does not match --group-regex {group_re.pattern!r}"
         if problem:
             failed.append({"source": os.path.join(root, rel),
@@ -222,7 +203,7 @@ def plan_folder(root: str | Path, *, csv_path: Optional[str] = None, label_regex
         raise ConfigError("--unlabeled cannot be combined with --label-regex or --classes; drop one of them.")
     if classes is not None and len(set(classes)) != len(classes):
         raise ConfigError("--classes names a class twice; list each class once.")
-    label_re, group_re = _compile(label_regex, "--label-regex"), _compile(group_regex, "--group-regex")
+    label_re, group_re = compile_regex(label_regex, "--label-regex"), compile_regex(group_regex, "--group-regex")
     notes: list[str] = []
     if csv_path is not None:
         if not os.path.isfile(csv_path):
@@ -253,27 +234,10 @@ def plan_folder(root: str | Path, *, csv_path: Optional[str] = None, label_regex
     return FolderPlan(root, items, chosen, failed, notes, settings)
 
 
-def split_groups(sizes: dict[str, int], fractions: Sequence[float], *, seed: int) -> dict[str, int]:
-    """Group -> split index. Groups in sha256(seed, group) order fill the splits in turn: a group
-    goes to the split whose cumulative image target its middle image falls under."""
-    order = sorted(sizes, key=lambda g: hashlib.sha256(f"{seed}\0{g}".encode("utf-8", "surrogateescape")).digest())
-    bounds = list(np.cumsum(fractions) / np.sum(fractions) * sum(sizes.values()))
-    out, running = {}, 0
-    for group in order:
-        out[group] = min(bisect.bisect_right(bounds, running + sizes[group] / 2), len(bounds) - 1)
-        running += sizes[group]
-    return out
-
-
 def split_plan(plan: FolderPlan, *, fractions: Sequence[float], names: Sequence[str],
                seed: int = 0) -> tuple[dict[str, FolderPlan], dict[str, Any]]:
     """One sub-plan per split (planning failures go to the first) and the audit record for splits.json."""
-    if len(names) != len(fractions) or len(set(names)) != len(names) or not all(_NAME.match(n) for n in names):
-        raise ConfigError(f"--split-names {','.join(names)} must be {len(fractions)} distinct names of "
-                          "letters, digits, '-' or '_', one per --split fraction.")
-    if any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise ConfigError(f"--split {','.join(map(str, fractions))} must be positive fractions that add up "
-                          "to 1, e.g. 0.8,0.1,0.1.")
+    check_split(fractions, names)
     sizes = Counter(item[3] for item in plan.items)
     where = split_groups(sizes, fractions, seed=seed)
     parts = {name: replace(plan, items=[], failed=[] if i else list(plan.failed), notes=[],
