@@ -179,6 +179,7 @@ class EvalConfig:
     batch_size: int = 512
     max_samples: Optional[int] = None
     baselines: bool = True
+    morphology: bool = False  # also score morphological features of each crop's central object (a third baseline)
     probe: bool = True  # logistic-regression probe on frozen features (trained on data.shards, or cross-validated)
     probe_samples: int = 10_000  # training crops the probe is fitted on (the first ones of data.shards)
     plots: bool = True  # eval/*.png: embedding map, confusion matrices, curves, cluster gallery, Grad-CAM

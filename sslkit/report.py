@@ -86,7 +86,8 @@ def _metrics_table(metrics: dict[str, Any], cfg: dict[str, Any]) -> str:
     heads = {"cluster": "k-means", "knn": "kNN", "probe": "linear probe", "classifier": "classifier head"}
     label = f"{metrics.get('method', 'run')} ({metrics.get('encoder', '')} encoder)"
     rows = [("ours", label, metrics)]
-    for key, name in (("random_init", "random-init backbone"), ("raw_pixels", "raw pixels")):
+    for key, name in (("random_init", "random-init backbone"), ("raw_pixels", "raw pixels"),
+                      ("morphology", "morphology features")):
         if key in metrics.get("baselines", {}):
             rows.append(("baseline", name, metrics["baselines"][key]))
     for name, values in PAPERS.get(_pretraining_method(cfg), []):

@@ -22,11 +22,13 @@ from safetensors.torch import load_file
 from sslkit import dist
 from sslkit.checkpoint import latest_checkpoint, read_state, resolve_resume
 from sslkit.config import Config, ConfigError, EvalConfig, apply_overrides, from_dict
+from sslkit.data.augment import to_pixels
 from sslkit.data.stream import ShardSet, resolve_shards
 from sslkit.embed import embed_shards
 from sslkit.evaluate.cluster import as_features, kmeans, sample_size
 from sslkit.evaluate.knn import knn_eval
 from sslkit.evaluate.metrics import cluster_metrics
+from sslkit.evaluate.morphology import morphology_features, standardize
 from sslkit.evaluate.overlap import training_overlap
 from sslkit.evaluate.probe import PROBE_KEYS, cv_probe, linear_probe
 from sslkit.methods import build_method
@@ -108,6 +110,8 @@ def _embedders(cfg: Config, method: torch.nn.Module, device: str) -> dict[str, E
         fresh = build_method(fresh_cfg).eval().to(device)
         embedders["random_init"] = lambda x: fresh.embed(x, encoder="query", features=ev.features)
         embedders["raw_pixels"] = lambda x: x.flatten(1)
+    if ev.morphology:
+        embedders["morphology"] = lambda x: torch.from_numpy(morphology_features(to_pixels(x).cpu().numpy()))
     return embedders
 
 
@@ -144,7 +148,8 @@ def evaluate_run(run_dir: str | Path, *, shards: Optional[str] = None, split: Op
         results["seen_in_training"] = training_overlap(cfg.data.shards, test, train_manifest=cfg.data.manifest)
     kept: dict[str, Any] = {}
     for name, fn in _embedders(cfg, method, device).items():
-        label = {"trained": f"{ev.encoder} encoder", "random_init": "random init", "raw_pixels": "raw pixels"}[name]
+        label = {"trained": f"{ev.encoder} encoder", "random_init": "random init", "raw_pixels": "raw pixels",
+                 "morphology": "morphology"}[name]
         feats, labels, keys = embed_shards(fn, test, desc=f"embed ({label})", max_samples=ev.max_samples, **common)
         if (labels < 0).all():
             raise ConfigError(f"The evaluation shards at '{spec}' carry no labels ('{cfg.data.labels}' field); "
@@ -158,8 +163,11 @@ def evaluate_run(run_dir: str | Path, *, shards: Optional[str] = None, split: Op
             train = (tx, ty)
         if not dist.is_main_process():  # every rank embeds its share; the main process scores them all
             continue
+        if name == "morphology":  # features of different units: z-scores (with the evaluated set's statistics)
+            feats, *probe_feats = standardize(feats, *([train[0]] if train is not None else []))
+            train = (probe_feats[0], train[1]) if train is not None else None
         block, extra = _score(feats, labels, train, ev, classes=classes, seed=cfg.run.seed,
-                              normalize=ev.normalize and name != "raw_pixels")  # raw pixels: the classic baseline
+                              normalize=ev.normalize and name not in ("raw_pixels", "morphology"))
         if name == "trained":
             results.update(block)
             results.update(num_samples=int(len(labels)), classes=classes)
@@ -214,7 +222,8 @@ def format_table(results: dict[str, Any]) -> str:
     momentum = results.get("method") in ("CCRL", "SUPCAM")  # the methods with a momentum encoder
     name = results.get("method", "trained")
     rows = [(f"{name} ({results['encoder']} encoder)" if momentum else name, results)]
-    for key, label in (("random_init", "random-init backbone"), ("raw_pixels", "raw pixels")):
+    for key, label in (("random_init", "random-init backbone"), ("raw_pixels", "raw pixels"),
+                       ("morphology", "morphology features")):
         if key in results.get("baselines", {}):
             rows.append((label, results["baselines"][key]))
     cols = ("ami", "ari", "nmi", "purity", "acc")

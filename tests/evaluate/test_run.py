@@ -93,12 +93,16 @@ def test_cli_takes_overrides_after_the_options(evaluated, tmp_path, capsys):
     shutil.copytree(run, copy)
     shutil.rmtree(copy / "eval")
     main(["evaluate", str(copy), "--shards", str(root / "eval"), "eval.plots=false", "eval.knn_k=3",
-          "eval.restarts=1", "eval.probe=false"])
+          "eval.restarts=1", "eval.morphology=true"])
     printed = capsys.readouterr().out
     assert "Written to" in printed and "evaluation crops: unseen in training (no shard in common" in printed
+    assert "\nmorphology features " in printed  # the third baseline's row
     saved = json.loads((copy / "eval" / "metrics.json").read_text())
     assert saved["knn"]["k"] == 3 and saved["figures"] == [] and not list((copy / "eval").glob("*.png"))
     assert saved["seen_in_training"]["seen"] == "no" and saved["seen_in_training"]["eval_shards"] == 2
+    morphology = saved["baselines"]["morphology"]
+    assert set(morphology) == {"cluster", "knn", "probe"} and 0.0 <= morphology["cluster"]["ami"] <= 1.0
+    assert morphology["probe"]["protocol"] == saved["probe"]["protocol"]  # fitted on the same training crops
     # Scored on the crops it trained on: said in the table and in metrics.json.
     main(["evaluate", str(copy), "eval.plots=false", "--shards", str(root / "train"), "eval.restarts=1",
           "eval.probe=false"])
