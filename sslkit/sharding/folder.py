@@ -26,7 +26,12 @@ from sslkit.sharding.manifest import write_json
 from sslkit.sharding.source import Progress, Sample, Unit
 
 
-def _check_options(size: int, channels: int, pad_value: int | str, unit_files: int) -> None:
+INVERT = ("no", "yes", "auto")
+
+
+def _check_options(size: int, channels: int, pad_value: int | str, unit_files: int, invert: str = "no") -> None:
+    if invert not in INVERT:
+        raise ConfigError(f"--invert must be one of {', '.join(INVERT)}, got {invert!r}.")
     if size <= 0 or unit_files <= 0:
         raise ConfigError(f"--size ({size}) and --unit-files ({unit_files}) must be positive; fix them.")
     if channels not in (1, 3):
@@ -49,10 +54,11 @@ class FolderSource:
     unit_noun, sample_noun = "chunk", "image"
 
     def __init__(self, plan: FolderPlan, *, size: int, channels: int = 3, pad_value: int | str = "auto",
-                 unit_files: int = 256) -> None:
-        _check_options(size, channels, pad_value, unit_files)
+                 unit_files: int = 256, invert: str = "no") -> None:
+        _check_options(size, channels, pad_value, unit_files, invert)
         self.root, self.classes, self.failed = plan.root, plan.classes, list(plan.failed)
         self.size, self.channels, self.pad_value, self.unit_files = size, channels, pad_value, unit_files
+        self.invert = invert
         self._items: Optional[list[Item]] = plan.items
         digest = hashlib.sha256()
         for item in plan.items:
@@ -60,6 +66,8 @@ class FolderSource:
         self._params = {**plan.settings, "root": plan.root, "classes": plan.classes, "size": size,
                         "channels": channels, "pad_value": pad_value, "unit_files": unit_files,
                         "files": len(plan.items), "files_sha256": digest.hexdigest()}
+        if invert != "no":  # recorded only when used: folders sharded before the option resume as they were
+            self._params["invert"] = invert
         self._index: Optional[dict[str, int]] = (None if plan.classes is None else
                                                   {name: i for i, name in enumerate(plan.classes)})
 
@@ -93,14 +101,25 @@ class FolderSource:
             yield Sample(key, image, index, {"path": rel, "label": label or None, "group": group, **meta})
 
     def load(self, path: str) -> tuple[np.ndarray, dict]:
-        """(image, info) of one file: image (size, size[, 3]) uint8, padded to a square on the background,
-        then resized; info {"height", "width"} of the file as decoded and the "pad" value used."""
+        """(image, info) of one file: image (size, size[, 3]) uint8, inverted where ``invert`` says, padded to a
+        square on the background, then resized; info {"height", "width"} of the file as decoded, whether it
+        was "inverted" (with ``invert`` on) and the "pad" value used."""
         alpha_bg = 255 if self.pad_value == "auto" else self.pad_value
         image = read_image(path, channels=self.channels, background=alpha_bg)
         height, width = image.shape[:2]
+        inverted = self.invert == "yes" or (self.invert == "auto" and bright_on_dark(image))
+        if inverted:
+            image = 255 - image
         value = border_value(image) if self.pad_value == "auto" else self.pad_value
         image = resize(pad_to_square(image, value), (self.size, self.size))
-        return image, {"height": height, "width": width, "pad": value}
+        return image, {"height": height, "width": width, **({"inverted": inverted} if self.invert != "no" else {}),
+                       "pad": value}
+
+
+def bright_on_dark(image: np.ndarray) -> bool:
+    """Whether an image's background (the median of its border, ``border_value``) is dark: below mid-grey,
+    as in fluorescence (Q-banding, DAPI), where the objects are the bright part."""
+    return float(np.mean(border_value(image))) < 127.5
 
 
 def shard_folder(root: str | Path, out: str | Path, *, size: int, channels: int = 3, pad_value: int | str = "auto",
@@ -109,6 +128,7 @@ def shard_folder(root: str | Path, out: str | Path, *, size: int, channels: int 
                  min_class_count: int = 5, unlabeled: bool = False,
                  extensions: Sequence[str] = IMAGE_EXTENSIONS, split: Optional[Sequence[float]] = None,
                  split_names: Optional[Sequence[str]] = None, seed: int = 0, unit_files: int = 256,
+                 invert: str = "no",
                  **run_kwargs: Any) -> dict[str, dict]:
     """Plan, split by group, print the report, shard each split with ``run_source``: {out folder: summary}.
 
@@ -117,7 +137,7 @@ def shard_folder(root: str | Path, out: str | Path, *, size: int, channels: int 
     """
     from sslkit.sharding.runner import run_source
 
-    _check_options(size, channels, pad_value, unit_files)
+    _check_options(size, channels, pad_value, unit_files, invert)
     plan = plan_folder(root, csv_path=csv_path, label_regex=label_regex, group_regex=group_regex,
                        classes=classes, min_class_count=min_class_count, unlabeled=unlabeled,
                        extensions=extensions)
@@ -127,7 +147,8 @@ def shard_folder(root: str | Path, out: str | Path, *, size: int, channels: int 
         parts, audit = split_plan(plan, fractions=split, names=names, seed=seed)
     print("\n".join(report_lines(plan, audit)))
     summaries = {str(out / name): run_source(FolderSource(part, size=size, channels=channels, pad_value=pad_value,
-                                                          unit_files=unit_files), out / name, **run_kwargs)
+                                                          unit_files=unit_files, invert=invert), out / name,
+                                             **run_kwargs)
                  for name, part in parts.items()}
     if audit is not None:
         write_json(out / "splits.json", audit)
@@ -152,7 +173,7 @@ def _cmd_folder(args: argparse.Namespace) -> None:
         label_regex=args.label_regex, group_regex=args.group_regex, classes=classes,
         min_class_count=args.min_class_count, unlabeled=args.unlabeled,
         extensions=list_arg(args.extensions) or IMAGE_EXTENSIONS, split=split,
-        split_names=split_names, seed=args.seed, unit_files=args.unit_files,
+        split_names=split_names, seed=args.seed, unit_files=args.unit_files, invert=args.invert,
         **runner_kwargs(args), command=shlex.join(sys.argv))
     exit_on_failures(list(summaries.values()), args)
 
@@ -185,6 +206,9 @@ def add_parser(shard_sub: Any) -> argparse.ArgumentParser:
     add_split_args(p, group_help="group (patient, case) = named group 'group' / first group on the path")
     p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1 = grayscale, 3 = RGB (default)")
     p.add_argument("--pad-value", default="auto", help="square padding: auto (border median) or 0..255")
+    p.add_argument("--invert", choices=INVERT, default="no",
+                   help="bright objects on a dark background (fluorescence, Q-banding) made dark on light: yes for "
+                        "every image, auto for those whose border is darker than mid-grey (default no)")
     p.add_argument("--extensions", help="image suffixes to take, folder walk only (ignored with --csv; "
                    f"default {','.join(IMAGE_EXTENSIONS)})")
     p.add_argument("--unit-files", type=int, default=256, help="files per unit of work (default 256)")

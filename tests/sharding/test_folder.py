@@ -469,3 +469,37 @@ def test_chromosomes_end_to_end(chromosomes: Path, tmp_path: Path) -> None:
     assert per_class == files and len(per_class) == 24 and stray == 1 and len(split_of) == 612
     failed = summaries[str(tmp_path / "train")]["manifest"]["failed"]
     assert len(failed) == 1 and "clase25" in failed[0]["source"] and "--min-class-count 1" in failed[0]["reason"]
+
+
+def test_invert_bright_on_dark_images(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Q-banded (fluorescent) chromosomes are bright on black: --invert makes them dark on white, as G-band
+    ones are; auto decides per image from its border."""
+    bright = np.zeros((20, 12), np.uint8)
+    bright[4:16, 4:8] = 210  # a bright chromosome on black
+    (tmp_path / "in" / "a").mkdir(parents=True)
+    Image.fromarray(bright).save(tmp_path / "in" / "a" / "fluor.png")
+    Image.fromarray(255 - bright).save(tmp_path / "in" / "a" / "gband.png")  # dark on white already
+    plan = plan_folder(tmp_path / "in")
+    for invert, expected in (("no", {"fluor.png": False, "gband.png": False}),
+                             ("yes", {"fluor.png": True, "gband.png": True}),
+                             ("auto", {"fluor.png": True, "gband.png": False})):
+        source = FolderSource(plan, size=20, channels=1, invert=invert)
+        for rel in ("a/fluor.png", "a/gband.png"):
+            image, meta = source.load(str(tmp_path / "in" / rel))
+            original = bright if rel.endswith("fluor.png") else 255 - bright
+            flipped = expected[rel.split("/")[1]]
+            shown = 255 - original if flipped else original
+            want = resize(pad_to_square(shown, border_value(shown)), (20, 20))
+            np.testing.assert_array_equal(image, want)
+            assert meta.get("inverted", False) is flipped and ("inverted" in meta) == (invert != "no")
+        assert ("invert" in source.params()) == (invert != "no")
+    main(["shard", "folder", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--size", "8", "--channels", "1",
+          "--invert", "auto", "--workers", "0", "--no-progress", "--min-class-count", "1"])
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["params"]["invert"] == "auto"
+    assert {meta["path"]: meta["inverted"] for _, meta in _read_set(tmp_path / "out").values()} == {
+        "a/fluor.png": True, "a/gband.png": False}
+    with pytest.raises(SystemExit):  # a changed setting into the same folder is refused
+        main(["shard", "folder", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--size", "8",
+              "--channels", "1", "--invert", "yes", "--workers", "0", "--no-progress", "--min-class-count", "1"])
+    assert "invert: 'auto' before, 'yes' now" in capsys.readouterr().err
