@@ -170,6 +170,7 @@ class EvalConfig:
     encoder: str = "momentum"  # momentum | query
     features: str = "backbone"  # backbone | projector
     normalize: bool = True
+    whiten: int = 0  # PCA-whiten the features to this many dimensions before k-means (then L2 again); 0: off
     k: Optional[int] = None  # k-means clusters; default: number of classes
     restarts: int = 5
     niter: int = 50
@@ -254,7 +255,7 @@ RANGES = {
     "optim.grad_clip": "(0, inf)",
     "data.views.hed": "[0, 1]", "train.epochs": "[0, inf)", "train.log_every": "[1, inf)", "train.ckpt_every": "[1, inf)",
     "train.keep_ckpts": "[1, inf)", "train.threads": "[0, inf)", "eval.k": "[1, inf)", "eval.restarts": "[1, inf)",
-    "eval.niter": "[1, inf)", "eval.kmeans_max_train": "[1, inf)", "eval.knn_tau": "(0, inf)",
+    "eval.niter": "[1, inf)", "eval.whiten": "[0, inf)", "eval.kmeans_max_train": "[1, inf)", "eval.knn_tau": "(0, inf)",
     "eval.batch_size": "[1, inf)", "eval.max_samples": "[1, inf)", "eval.gallery": "[0, inf)",
     "finetune.label_smoothing": "[0, 1)",
 }

@@ -25,7 +25,7 @@ import numpy as np
 
 from sslkit.evaluate.metrics import cluster_metrics
 
-__all__ = ["faiss_gpu_available", "as_features", "kmeans", "cluster_eval"]
+__all__ = ["faiss_gpu_available", "as_features", "whiten", "kmeans", "cluster_eval"]
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -89,6 +89,17 @@ def as_features(x: Any, *, name: str = "x", normalize: bool = False) -> np.ndarr
         norms = np.sqrt(np.einsum("ij,ij->i", arr, arr))  # (N,)
         arr = arr / np.where(norms > 0, norms, 1.0).astype(np.float32)[:, None]  # zero rows stay zero
     return arr
+
+
+def whiten(x: np.ndarray, dims: int, *, normalize: bool, seed: int = 0) -> np.ndarray:
+    """(N, D) -> (N, min(dims, D, N)) float32: PCA-whitened (unit variance along each principal direction,
+    scikit-learn's ``PCA(whiten=True)``), then L2-normalised again with ``normalize``. A direction that
+    holds most of the variance (image brightness, stain) then weighs no more in k-means than the rest."""
+    from sklearn.decomposition import PCA
+
+    dims = min(dims, x.shape[1], x.shape[0])
+    out = PCA(n_components=dims, whiten=True, random_state=seed).fit_transform(x.astype(np.float64))
+    return as_features(out, normalize=normalize)
 
 
 def resolve_gpu(gpu: bool | None) -> bool:

@@ -25,7 +25,7 @@ from sslkit.config import Config, ConfigError, EvalConfig, apply_overrides, from
 from sslkit.data.augment import to_pixels
 from sslkit.data.stream import ShardSet, resolve_shards
 from sslkit.embed import embed_shards
-from sslkit.evaluate.cluster import as_features, kmeans, sample_size
+from sslkit.evaluate.cluster import as_features, kmeans, sample_size, whiten
 from sslkit.evaluate.knn import knn_eval
 from sslkit.evaluate.metrics import cluster_metrics
 from sslkit.evaluate.morphology import morphology_features, standardize
@@ -83,6 +83,8 @@ def _score(feats: np.ndarray, labels: np.ndarray, train: Optional[tuple[np.ndarr
     """The ``cluster``, ``knn`` and ``probe`` blocks of one embedding set, and what the plots need
     (cluster assignments, the full probe report)."""
     x = as_features(feats, normalize=normalize)
+    if ev.whiten:
+        x = whiten(x, ev.whiten, normalize=normalize, seed=seed)
     k = ev.k or int(np.unique(labels).size)
     assign, _, _ = kmeans(x, k=k, restarts=ev.restarts, niter=ev.niter, seed=seed,
                           max_train_points=sample_size(ev.kmeans_max_train, k))

@@ -185,3 +185,23 @@ def test_normalize_does_not_modify_input_and_evaluate_embeddings_keys() -> None:
     assert out["knn"]["k"] == 5
     assert out["cluster"]["ami"] == pytest.approx(1.0)
     assert out["knn"]["top1"] == pytest.approx(1.0)
+
+
+def test_whitening_gives_unit_covariance_and_finds_clusters_a_loud_direction_hides():
+    from sklearn.metrics import adjusted_mutual_info_score
+
+    from sslkit.evaluate.cluster import whiten
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 4000)
+    x = np.stack([rng.normal(0, 20, 4000),  # a loud nuisance direction (brightness, stain)
+                  np.where(labels == 1, 1.0, -1.0) + rng.normal(0, 0.3, 4000),  # the classes, quiet
+                  rng.normal(0, 0.5, 4000)], 1).astype(np.float32)
+    white = whiten(x, 3, normalize=False)
+    np.testing.assert_allclose(np.cov(white, rowvar=False), np.eye(3), atol=1e-3)
+    assert whiten(x, 2, normalize=True).shape == (4000, 2)
+    np.testing.assert_allclose(np.linalg.norm(whiten(x, 3, normalize=True), axis=1), 1.0, atol=1e-5)
+    plain, _, _ = kmeans(x, k=2, restarts=3, seed=0)
+    whitened, _, _ = kmeans(white, k=2, restarts=3, seed=0)
+    assert adjusted_mutual_info_score(labels, plain) < 0.05  # split along the nuisance
+    assert adjusted_mutual_info_score(labels, whitened) > 0.8

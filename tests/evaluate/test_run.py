@@ -105,7 +105,7 @@ def test_cli_takes_overrides_after_the_options(evaluated, tmp_path, capsys):
     assert morphology["probe"]["protocol"] == saved["probe"]["protocol"]  # fitted on the same training crops
     # Scored on the crops it trained on: said in the table and in metrics.json.
     main(["evaluate", str(copy), "eval.plots=false", "--shards", str(root / "train"), "eval.restarts=1",
-          "eval.probe=false"])
+          "eval.probe=false", "eval.whiten=8"])  # PCA-whitened to 8 dimensions before k-means
     assert "evaluation crops: SEEN in training (every evaluated shard is a training shard" in capsys.readouterr().out
     assert json.loads((copy / "eval" / "metrics.json").read_text())["seen_in_training"]["seen"] == "all"
 
