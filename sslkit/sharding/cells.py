@@ -70,6 +70,7 @@ from sslkit.sharding.folder_plan import natural_key
 from sslkit.sharding.imaging import read_image, resize, to_channels
 from sslkit.sharding.source import Progress, Sample, Unit, UnitError, safe_id, unique_ids
 from sslkit.sharding.splits import add_split_args, shard_split, split_from_args
+from sslkit.sharding.stain import StainNormalizer, add_stain_args, stain_from_args
 
 log = logging.getLogger(__name__)
 CLASSMAPS = Path(__file__).resolve().parents[1] / "configs" / "classmaps"
@@ -247,7 +248,8 @@ class CellSource:
                  window: Optional[int] = None, min_window: int = 16, pad: str = "reflect", pad_value: int = 0,
                  class_map: str = "auto", class_column: Optional[str] = None, unknown: str = "skip",
                  channels: int = 3, min_area: float = 0, images: Optional[str] = None,
-                 labels: Optional[str] = None, types: Optional[str] = None, images_per_unit: int = 64) -> None:
+                 labels: Optional[str] = None, types: Optional[str] = None, images_per_unit: int = 64,
+                 stain: Optional[StainNormalizer] = None) -> None:
         _check_options(fmt, size, window_scale, window, min_window, pad, unknown, channels, min_area,
                        images_per_unit)
         self.root = Path(input).resolve()
@@ -257,6 +259,9 @@ class CellSource:
         self.window_scale = None if window else window_scale or _WINDOW_SCALE[fmt]
         self.pad, self.pad_value, self.unknown, self.channels = pad, pad_value, unknown, channels
         self.class_column, self.min_area, self.images_per_unit = class_column, min_area, images_per_unit
+        if stain is not None and channels != 3:
+            raise ConfigError("--stain-normalize works on RGB images; drop it or use --channels 3.")
+        self.stain = stain  # whole images are normalised before their nuclei are cut
         self.failed: list[dict[str, str]] = []
         if fmt == "pannuke":
             self._plan, self._plan_failed = pairing.find_pannuke(self.root)
@@ -277,7 +282,8 @@ class CellSource:
                 "pad_value": self.pad_value, "channels": self.channels, "min_area": self.min_area,
                 "unknown": self.unknown, "class_column": self.class_column, "class_map": self.class_map.name,
                 "class_map_note": self.class_map.note, "classes": self.classes,
-                "images_per_unit": self.images_per_unit if self.fmt == "pannuke" else None}
+                "images_per_unit": self.images_per_unit if self.fmt == "pannuke" else None,
+                **(self.stain.params if self.stain is not None else {})}
 
     def units(self) -> list[Unit]:
         """One unit per tile (PanNuke: per run of images); ids equal after ``safe_id`` get -2, -3, ..."""
@@ -304,6 +310,9 @@ class CellSource:
             image = read_image(p["image"], channels=self.channels)
         except Exception as err:
             raise UnitError(f"{p['image']} does not decode as an image ({err}); re-export or remove it.") from None
+        if self.stain is not None:
+            image, normalised = self.stain(image)
+            progress.info(stain_kept=int(not normalised))
         try:
             nuclei, counts = ann.load_nuclei(self.fmt, p["annotation"], p["types"], width=image.shape[1],
                                              height=image.shape[0], column=self.class_column)
@@ -394,11 +403,15 @@ def _produce_pannuke(source: CellSource, unit: Unit, progress: Progress) -> Iter
     chosen = source._select([nucleus for _, _, nucleus in planned], counts)
     progress.info(images=p["stop"] - p["start"], nuclei=len(planned), crops=len(chosen), **counts)
     progress.total(len(chosen))
-    current, image = -1, None
+    current, image, kept = -1, None, 0
     for position, label in chosen:
         i, channel, nucleus = planned[position]
         if i != current:
             current, image = i, to_channels(np.asarray(images[i]), source.channels)
+            if source.stain is not None:
+                image, normalised = source.stain(image)
+                kept += not normalised
+                progress.info(stain_kept=kept)
         meta = {"source": rel, "image_index": i, "channel": channel}
         if tissue is not None:
             meta["tissue"] = str(tissue[i])
@@ -455,6 +468,7 @@ def add_parser(shard_sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--labels", help="annotation folder (instead of finding it under --input)")
     p.add_argument("--types", help="labelmap: folder of per-image type CSVs (id,type)")
     p.add_argument("--images-per-unit", type=int, default=64, help="pannuke: images per unit of work (default 64)")
+    add_stain_args(p)
     add_split_args(p, group_help="with --split: the group (source image, patient, slide) of a tile = named group "
                    "'group' / first group of this regex on its path below --input, e.g. 'train_(\\d+)_'; default: "
                    "each tile (PanNuke: each run of images) its own group")
@@ -468,7 +482,8 @@ def source_from_args(args: argparse.Namespace) -> CellSource:
                       window=args.window, min_window=args.min_window, pad=args.pad, pad_value=args.pad_value,
                       class_map=args.class_map, class_column=args.class_column, unknown=args.unknown,
                       channels=args.channels, min_area=args.min_area, images=args.images, labels=args.labels,
-                      types=args.types, images_per_unit=args.images_per_unit)
+                      types=args.types, images_per_unit=args.images_per_unit,
+                      stain=stain_from_args(args, channels=args.channels))
 
 
 def _cmd_cells(args: argparse.Namespace) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 from sslkit.config import ConfigError
 from sslkit.sharding.folder_plan import FolderPlan, Item, plan_folder, report_lines, split_plan
 from sslkit.sharding.splits import add_split_args, default_names, list_arg, split_from_args
+from sslkit.sharding.stain import StainNormalizer, add_stain_args, stain_from_args
 from sslkit.sharding.imaging import IMAGE_EXTENSIONS, border_value, pad_to_square, read_image, resize
 from sslkit.sharding.manifest import write_json
 from sslkit.sharding.source import Progress, Sample, Unit
@@ -54,8 +55,11 @@ class FolderSource:
     unit_noun, sample_noun = "chunk", "image"
 
     def __init__(self, plan: FolderPlan, *, size: int, channels: int = 3, pad_value: int | str = "auto",
-                 unit_files: int = 256, invert: str = "no") -> None:
+                 unit_files: int = 256, invert: str = "no", stain: Optional[StainNormalizer] = None) -> None:
         _check_options(size, channels, pad_value, unit_files, invert)
+        if stain is not None and channels != 3:
+            raise ConfigError("--stain-normalize works on RGB images; drop it or use --channels 3.")
+        self.stain = stain
         self.root, self.classes, self.failed = plan.root, plan.classes, list(plan.failed)
         self.size, self.channels, self.pad_value, self.unit_files = size, channels, pad_value, unit_files
         self.invert = invert
@@ -68,6 +72,7 @@ class FolderSource:
                         "files": len(plan.items), "files_sha256": digest.hexdigest()}
         if invert != "no":  # recorded only when used: folders sharded before the option resume as they were
             self._params["invert"] = invert
+        self._params.update(stain.params if stain is not None else {})
         self._index: Optional[dict[str, int]] = (None if plan.classes is None else
                                                   {name: i for i, name in enumerate(plan.classes)})
 
@@ -89,6 +94,7 @@ class FolderSource:
         """Decode, pad to a square, resize; a file that does not decode is recorded and skipped."""
         progress.total(len(unit.payload))
         progress.info(files=len(unit.payload), first=unit.payload[0][0], last=unit.payload[-1][0])
+        kept = 0
         for rel, key, label, group in unit.payload:
             path = os.path.join(self.root, rel)
             try:
@@ -97,6 +103,9 @@ class FolderSource:
                 progress.fail(path, f"cannot be decoded ({type(exc).__name__}: {exc}); replace or remove the file")
                 progress.advance(1)
                 continue
+            if self.stain is not None:
+                kept += not meta["stain_normalized"]
+                progress.info(stain_kept=kept)
             index = None if self._index is None else self._index[label]
             yield Sample(key, image, index, {"path": rel, "label": label or None, "group": group, **meta})
 
@@ -110,10 +119,12 @@ class FolderSource:
         inverted = self.invert == "yes" or (self.invert == "auto" and bright_on_dark(image))
         if inverted:
             image = 255 - image
+        info = {"height": height, "width": width, **({"inverted": inverted} if self.invert != "no" else {})}
+        if self.stain is not None:
+            image, info["stain_normalized"] = self.stain(image)
         value = border_value(image) if self.pad_value == "auto" else self.pad_value
         image = resize(pad_to_square(image, value), (self.size, self.size))
-        return image, {"height": height, "width": width, **({"inverted": inverted} if self.invert != "no" else {}),
-                       "pad": value}
+        return image, {**info, "pad": value}
 
 
 def bright_on_dark(image: np.ndarray) -> bool:
@@ -128,7 +139,7 @@ def shard_folder(root: str | Path, out: str | Path, *, size: int, channels: int 
                  min_class_count: int = 5, unlabeled: bool = False,
                  extensions: Sequence[str] = IMAGE_EXTENSIONS, split: Optional[Sequence[float]] = None,
                  split_names: Optional[Sequence[str]] = None, seed: int = 0, unit_files: int = 256,
-                 invert: str = "no",
+                 invert: str = "no", stain: Optional[StainNormalizer] = None,
                  **run_kwargs: Any) -> dict[str, dict]:
     """Plan, split by group, print the report, shard each split with ``run_source``: {out folder: summary}.
 
@@ -147,7 +158,8 @@ def shard_folder(root: str | Path, out: str | Path, *, size: int, channels: int 
         parts, audit = split_plan(plan, fractions=split, names=names, seed=seed)
     print("\n".join(report_lines(plan, audit)))
     summaries = {str(out / name): run_source(FolderSource(part, size=size, channels=channels, pad_value=pad_value,
-                                                          unit_files=unit_files, invert=invert), out / name,
+                                                          unit_files=unit_files, invert=invert, stain=stain),
+                                             out / name,
                                              **run_kwargs)
                  for name, part in parts.items()}
     if audit is not None:
@@ -174,6 +186,7 @@ def _cmd_folder(args: argparse.Namespace) -> None:
         min_class_count=args.min_class_count, unlabeled=args.unlabeled,
         extensions=list_arg(args.extensions) or IMAGE_EXTENSIONS, split=split,
         split_names=split_names, seed=args.seed, unit_files=args.unit_files, invert=args.invert,
+        stain=stain_from_args(args, channels=args.channels),
         **runner_kwargs(args), command=shlex.join(sys.argv))
     exit_on_failures(list(summaries.values()), args)
 
@@ -204,6 +217,7 @@ def add_parser(shard_sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--min-class-count", type=int, default=5,
                    help="without --classes, rarer labels (also < 1/10 of the median class) are strays (default 5)")
     add_split_args(p, group_help="group (patient, case) = named group 'group' / first group on the path")
+    add_stain_args(p)
     p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1 = grayscale, 3 = RGB (default)")
     p.add_argument("--pad-value", default="auto", help="square padding: auto (border median) or 0..255")
     p.add_argument("--invert", choices=INVERT, default="no",

@@ -52,6 +52,7 @@ from sslkit.sharding.slide_files import find_slides, slide_bytes, slide_ids
 from sslkit.sharding.slides import (BLOCK_PX, MPP_TOLERANCE, READERS, Geometry, Slide, choose_level, open_slide,
                                     read_overview, read_target, slide_mpp)
 from sslkit.sharding.source import Progress, Sample, Unit
+from sslkit.sharding.stain import StainNormalizer, add_stain_args, stain_from_args
 from sslkit.sharding.tissue import (HOLE_UM2, SAT_HIGH, SAT_LOW, SPECK_UM2, box_fractions, outline_boxes, save_image,
                                     tissue_mask)
 
@@ -137,7 +138,8 @@ class WsiSource:
     def __init__(self, slides: list[str], *, mpp: float = 0.5, tile: int = 256, overlap: int = 0,
                  min_tissue: float = 0.5, encode: str = "jpeg", quality: int = 90,
                  mpp_override: Optional[float] = None, mpp_tolerance: float = MPP_TOLERANCE,
-                 reader: str = "auto", mask_dir: Optional[str] = None, recursive: bool = False) -> None:
+                 reader: str = "auto", mask_dir: Optional[str] = None, recursive: bool = False,
+                 stain: Optional[StainNormalizer] = None) -> None:
         _check_settings(mpp=mpp, tile=tile, overlap=overlap, min_tissue=min_tissue, encode=encode,
                         quality=quality, mpp_override=mpp_override, mpp_tolerance=mpp_tolerance, reader=reader)
         self.mpp, self.tile, self.overlap, self.min_tissue = float(mpp), int(tile), int(overlap), float(min_tissue)
@@ -146,12 +148,13 @@ class WsiSource:
         self.mpp_tolerance, self.reader = float(mpp_tolerance), reader
         self.mask_dir = None if mask_dir is None else str(mask_dir)
         self.slides, self.failed = find_slides(slides, recursive=recursive)
+        self.stain = stain
 
     def params(self) -> dict:
         return {"mpp": self.mpp, "tile": self.tile, "overlap": self.overlap, "min_tissue": self.min_tissue,
                 "mpp_override": self.mpp_override, "mpp_tolerance": self.mpp_tolerance, "reader": self.reader,
                 "tissue": {"sat_high": list(SAT_HIGH), "sat_low": SAT_LOW, "speck_um2": SPECK_UM2,
-                           "hole_um2": HOLE_UM2}}
+                           "hole_um2": HOLE_UM2}, **(self.stain.params if self.stain is not None else {})}
 
     def units(self) -> list[Unit]:
         return [Unit(id=uid, path=path, cost=float(slide_bytes(path)))
@@ -175,11 +178,11 @@ class WsiSource:
                 info["note"] = "; ".join(filter(None, [info.get("note"), f"{found}: 0 tiles"]))
             progress.info(**info)
             progress.total(len(plan.tiles))
-            yield from self._tiles(slide, unit, plan, skip)
+            yield from self._tiles(slide, unit, plan, skip, progress)
         finally:
             slide.close()
 
-    def _tiles(self, slide: Slide, unit: Unit, plan: TilePlan, skip: int) -> Iterator[Sample]:
+    def _tiles(self, slide: Slide, unit: Unit, plan: TilePlan, skip: int, progress: Progress) -> Iterator[Sample]:
         """The plan's tiles from index ``skip`` on, block by block (a resumed block's first row on
         its own, so no skipped tile is read): one read per tile where the slide's decoded tiles
         are cached and nothing is resized (``per_tile_reads``), else the reads ``read_spans`` picks.
@@ -191,7 +194,7 @@ class WsiSource:
         cost = _read_cost(slide, geom)
         same = {"slide": unit.id, "path": unit.path, "level": geom.level, "mpp": self.mpp,
                 "level_mpp": round(geom.level_mpp[0], 6)}  # the meta every tile of the slide shares
-        start = min(skip, len(plan.tiles))
+        start, kept = min(skip, len(plan.tiles)), 0
         while start < len(plan.tiles):
             stop = start + int(np.searchsorted(plan.blocks[start:], plan.blocks[start], side="right"))
             if start == skip > 0 and plan.blocks[start - 1] == plan.blocks[start]:  # resuming inside a block:
@@ -206,8 +209,12 @@ class WsiSource:
                 pixels = read_target(slide, geom, int(x0), int(y0), int(x1 - x0), int(y1 - y0))  # (H, W, 3)
                 for (x, y), fraction in zip(corners.tolist(), plan.tissue[start + i0:start + i1].tolist()):
                     lx, ly = geom.to_level0(x, y)
-                    yield Sample(key=f"{unit.id}_{lx}_{ly}",
-                                 image=np.ascontiguousarray(pixels[y - y0:y - y0 + t, x - x0:x - x0 + t]),
+                    image = np.ascontiguousarray(pixels[y - y0:y - y0 + t, x - x0:x - x0 + t])
+                    if self.stain is not None:  # each tile to the reference; one it cannot estimate stays
+                        image, normalised = self.stain(image)
+                        kept += not normalised
+                        progress.info(stain_kept=kept)
+                    yield Sample(key=f"{unit.id}_{lx}_{ly}", image=image,
                                  meta=dict(same, x=lx, y=ly, tissue=round(fraction, 4)))
             start = stop
 
@@ -282,7 +289,8 @@ def _cmd_wsi(args: argparse.Namespace) -> None:
     source = WsiSource(args.slides, mpp=args.mpp, tile=args.tile, overlap=args.overlap,
                        min_tissue=args.min_tissue, encode=args.encode, quality=args.quality,
                        mpp_override=args.mpp_override, mpp_tolerance=args.mpp_tolerance, reader=args.reader,
-                       mask_dir=str(Path(args.out) / "masks"), recursive=args.recursive)
+                       mask_dir=str(Path(args.out) / "masks"), recursive=args.recursive,
+                       stain=stain_from_args(args))
     exit_on_failures([run_source(source, args.out, **runner_kwargs(args), command=shlex.join(sys.argv))], args)
 
 
@@ -310,6 +318,7 @@ def add_parser(shard_sub: Any) -> argparse.ArgumentParser:
                    "from their stored tiles (else by TiffSlide) once a sample decodes like OpenSlide's; "
                    "openslide / tiffslide: that library first, the other when it cannot open a file")
     p.add_argument("--recursive", action="store_true", help="also take slides in sub-folders of SLIDE folders")
+    add_stain_args(p)
     add_runner_args(p)
     p.set_defaults(fn=_cmd_wsi)
     return p
