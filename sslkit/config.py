@@ -253,9 +253,11 @@ RANGES = {
     "optim.momentum": "[0, 1]", "optim.betas": "[0, 1)", "optim.warmup_steps": "[0, inf)",
     "optim.milestones": "[0, inf)", "optim.gamma": "(0, inf)", "optim.min_lr": "[0, inf)",
     "optim.grad_clip": "(0, inf)",
-    "data.views.hed": "[0, 1]", "train.epochs": "[0, inf)", "train.log_every": "[1, inf)", "train.ckpt_every": "[1, inf)",
+    "data.views.hed": "[0, 1]",
+    "train.epochs": "[0, inf)", "train.log_every": "[1, inf)", "train.ckpt_every": "[1, inf)",
     "train.keep_ckpts": "[1, inf)", "train.threads": "[0, inf)", "eval.k": "[1, inf)", "eval.restarts": "[1, inf)",
-    "eval.niter": "[1, inf)", "eval.whiten": "[0, inf)", "eval.kmeans_max_train": "[1, inf)", "eval.knn_tau": "(0, inf)",
+    "eval.niter": "[1, inf)", "eval.whiten": "[0, inf)", "eval.kmeans_max_train": "[1, inf)",
+    "eval.knn_tau": "(0, inf)",
     "eval.batch_size": "[1, inf)", "eval.max_samples": "[1, inf)", "eval.gallery": "[0, inf)",
     "finetune.label_smoothing": "[0, 1)",
 }
