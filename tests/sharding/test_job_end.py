@@ -83,6 +83,12 @@ def _real_consep_args(tmp: Path) -> list[str]:
 JOBS = {"cells": _cells_args, "wsi": _wsi_args, "cells-real-consep": _real_consep_args}
 
 
+# `python -m sslkit ARGS` with Ctrl-C's usual effect: a shell that starts a job in the background (CI
+# runners, `cmd &`) makes it ignore SIGINT, and Python keeps that; a user's terminal does not.
+AS_FROM_A_TERMINAL = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                      "sys.argv[0] = 'sslkit'; runpy.run_module('sslkit', run_name='__main__')")
+
+
 def _journaled_shards(out: Path) -> int:
     return sum(line.count('"type": "shard"') for p in (out / JOURNAL_DIR).glob("journal-*.jsonl")
                for line in p.read_text().splitlines())
@@ -94,8 +100,8 @@ def _journaled_shards(out: Path) -> int:
     ("cells", signal.SIGTERM), ("cells", signal.SIGINT)]])
 def test_a_killed_shard_command_leaves_no_process(tmp_path, job, sig):
     out, mark = tmp_path / "out", new_mark()
-    command = [sys.executable, "-m", "sslkit", "shard", *JOBS[job](tmp_path), "--out", str(out), "--workers", "2",
-               "--shard-size", "200"]
+    command = [sys.executable, "-c", AS_FROM_A_TERMINAL, "shard", *JOBS[job](tmp_path), "--out", str(out),
+               "--workers", "2", "--shard-size", "200"]
     proc = subprocess.Popen(command, cwd=REPO, env=marked_env(mark), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
