@@ -64,6 +64,8 @@ class ViewsConfig:
     rotation: float = 180.0  # degrees, uniform in [0, rotation]
     # HED stain jitter (tensor back-end, RGB): per sample and stain, amount x U(1-hed, 1+hed) + U(-hed, hed); 0: off
     hed: float = 0.0
+    # gamma jitter (tensor back-end): x ** g per sample, log g ~ U(-gamma, gamma); 0: off
+    gamma: float = 0.0
     flips: bool = True
     vflip: bool = True  # with flips: vertical flips too (SupCAM flips horizontally only)
 
@@ -253,7 +255,7 @@ RANGES = {
     "optim.momentum": "[0, 1]", "optim.betas": "[0, 1)", "optim.warmup_steps": "[0, inf)",
     "optim.milestones": "[0, inf)", "optim.gamma": "(0, inf)", "optim.min_lr": "[0, inf)",
     "optim.grad_clip": "(0, inf)",
-    "data.views.hed": "[0, 1]",
+    "data.views.hed": "[0, 1]", "data.views.gamma": "[0, 2]",
     "train.epochs": "[0, inf)", "train.log_every": "[1, inf)", "train.ckpt_every": "[1, inf)",
     "train.keep_ckpts": "[1, inf)", "train.threads": "[0, inf)", "eval.k": "[1, inf)", "eval.restarts": "[1, inf)",
     "eval.niter": "[1, inf)", "eval.whiten": "[0, inf)", "eval.kmeans_max_train": "[1, inf)",
@@ -588,6 +590,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.eval_every and not cfg.eval.shards:
         raise ConfigError("Config key 'train.eval_every' turns on online evaluation, which needs labelled held-out "
                           "shards: set eval.shards, or train.eval_every=0.")
+    if cfg.data.views.gamma > 0 and cfg.data.views.backend != "tensor":
+        raise ConfigError(f"Config key 'data.views.gamma' is {cfg.data.views.gamma}: gamma jitter is made by the "
+                          "tensor back-end only; set data.views.backend=tensor or data.views.gamma=0.")
     if cfg.data.views.hed > 0 and (cfg.data.views.backend != "tensor" or cfg.data.channels != 3):
         raise ConfigError(f"Config key 'data.views.hed' is {cfg.data.views.hed}: HED stain jitter is made by the "
                           "tensor back-end on RGB crops; set data.views.backend=tensor and data.channels=3, or "

@@ -240,7 +240,8 @@ class BatchViews:
     not fit the image, as torchvision does; horizontal and vertical flips; rotation
     ~ U(0, cfg.rotation) degrees counter-clockwise, as torchvision's; bilinear, corners
     filled by reflecting the image), then, with ``hed`` > 0, a stain jitter in HED optical-density
-    space (``jitter_hed``), then ColorJitter with probability ``p_jitter``
+    space (``jitter_hed``), with ``gamma`` > 0 a gamma jitter (``x ** g``, log g uniform in
+    [-gamma, gamma]), then ColorJitter with probability ``p_jitter``
     (brightness, contrast, saturation, hue -- in this fixed order, where torchvision
     shuffles it), grayscale with ``p_gray`` and a Gaussian blur with ``p_blur``. Each op on
     its own, clamped to [0, 1], matches torchvision's functional op
@@ -285,6 +286,9 @@ class BatchViews:
             scale = self._uniform(n * 3, 1 - cfg.hed, 1 + cfg.hed, x, g).view(n, 3)
             shift = self._uniform(n * 3, -cfg.hed, cfg.hed, x, g).view(n, 3)
             x = jitter_hed(x, scale, shift)
+        if cfg.gamma > 0:
+            value = torch.exp(self._uniform(n, -cfg.gamma, cfg.gamma, x, g))
+            x = adjust_gamma(x, value)
         if cfg.p_jitter > 0:
             b, c, s, h = cfg.jitter
             on = self._coin(n, cfg.p_jitter, x, g)
@@ -349,6 +353,11 @@ def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
     mean = (_gray(x) if x.shape[1] == 3 else x).mean((1, 2, 3), keepdim=True)
     f = _per_sample(factor)
     return f * x + (1 - f) * mean
+
+
+def adjust_gamma(x: Tensor, value: Tensor) -> Tensor:
+    """Per-sample ``adjust_gamma`` (gain 1): ``x ** value``, x in [0, 1]."""
+    return x.clamp(0, 1) ** _per_sample(value)
 
 
 def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:

@@ -178,3 +178,21 @@ def test_bad_input_is_refused_with_the_fix():
         A.BatchViews(ViewsConfig(), channels=2)
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         A.BatchViews(ViewsConfig(), channels=3)(torch.zeros(2, 1, 8, 8))
+
+
+def test_gamma_matches_torchvision_per_sample(images):
+    values = torch.tensor([0.5, 0.8, 1.0, 1.0, 1.3, 2.0])
+    ref = torch.stack([TF.adjust_gamma(img, float(v)) for img, v in zip(images, values)])
+    torch.testing.assert_close(A.adjust_gamma(images, values), ref, atol=TOL, rtol=0)
+
+
+def test_gamma_off_draws_nothing_and_on_moves_the_views(images):
+    """gamma 0 leaves the random stream as it was (old seeds repeat their views); gamma > 0 changes them."""
+    cfg = ViewsConfig(p_blur=0.0)
+    base = A.BatchViews(cfg, channels=3).branch(images, local=True, generator=torch.Generator().manual_seed(3))
+    again = A.BatchViews(ViewsConfig(p_blur=0.0, gamma=0.0), channels=3).branch(
+        images, local=True, generator=torch.Generator().manual_seed(3))
+    moved = A.BatchViews(ViewsConfig(p_blur=0.0, gamma=0.5), channels=3).branch(
+        images, local=True, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(base, again)
+    assert not torch.allclose(base, moved, atol=1e-3)

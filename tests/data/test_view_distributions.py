@@ -501,3 +501,22 @@ def _same_rate(k1: int, k2: int) -> float:
 def _check(p: dict[str, float], *, above: float = ALPHA, below: float = 1.0) -> None:
     """Every p-value in ``p`` is above ``above`` and below ``below``; the message lists them all."""
     assert min(p.values()) > above and max(p.values()) < below, {k: f"{v:.3g}" for k, v in p.items()}
+
+
+# ------------------------------------------------------------------ gamma jitter
+
+
+def _gamma_sample(strength: float) -> np.ndarray:
+    """log g of N tensor-back-end views of a flat one-channel 0.5 probe: log(log y / log 0.5)."""
+    probe = torch.full((1, 1, SIZE, SIZE), 0.5)
+    views = A.BatchViews(_cfg(gamma=strength, flips=False, rotation=0.0, p_jitter=0.0, p_blur=0.0), channels=1)
+    out = views.branch(probe.repeat(N, 1, 1, 1), local=False, generator=torch.Generator().manual_seed(TENSOR_SEED))
+    level = out.double().mean((1, 2, 3)).numpy()
+    return np.log(np.log(level) / np.log(0.5))
+
+
+def test_gamma_follows_its_law():
+    log_g = _gamma_sample(0.5)
+    _check({"log g ~ U(-0.5, 0.5)": stats.kstest(log_g, _uniform_cdf(-0.5, 0.5)).pvalue})
+    _check({"log g vs U(-0.4, 0.4)": stats.kstest(log_g, _uniform_cdf(-0.4, 0.4)).pvalue},
+           above=0.0, below=POWER)  # the read-out tells a 20 % narrower law apart
