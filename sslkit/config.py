@@ -643,7 +643,14 @@ def _apply(cfg: Config, overrides: list[str] | tuple[str, ...], file: Optional[t
     for item in overrides:
         data, source = _parse_override(item), f"override '{_clean(item)}'"
         _check_tree(data, Config, "", source)
-        merged = _merge(merged, data, source)
+        key = item.partition("=")[0].strip()
+        node = OmegaConf.select(merged, key, default=None)
+        if isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict:
+            # a free-form mapping (model.backbone_kwargs, method.composite) is replaced as a whole, so that
+            # model.backbone_kwargs={} clears a recipe's {width: 16} when another backbone is chosen
+            OmegaConf.update(merged, key, _lookup(data, key), merge=False)
+        else:
+            merged = _merge(merged, data, source)
         train = data.get("train")
         lengths |= {key for key in ("max_steps", "epochs") if isinstance(train, dict) and key in train}
     out = _to_object(merged, lambda key: _origin(key, overrides, file).split(" ", 2)[-1])

@@ -123,3 +123,14 @@ def test_epoch_milestones_keep_their_unit_when_max_steps_replaces_epochs():
     assert (cfg.train.epochs, cfg.optim.milestones, cfg.optim.milestone_unit) == (0, [8, 12], "epochs")
     assert load_config(recipe_path("supcam-finetune")).optim.milestone_unit == "auto"
     assert load_config(recipe_path("demo"), ["train.max_steps=100"]).optim.milestone_unit == "auto"  # no epochs
+
+
+def test_a_mapping_override_replaces_a_free_form_mapping_and_a_dotted_one_adds_to_it(tmp_path):
+    """A recipe's model.backbone_kwargs {width: 16} must be clearable when another backbone is chosen."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  backbone: preact_resnet18\n  backbone_kwargs: {width: 16}\n")
+    assert load_config(recipe, ["model.backbone=resnet18", "model.backbone_kwargs={}"]).model.backbone_kwargs == {}
+    assert load_config(recipe, ["model.backbone_kwargs={drop_rate: 0.1}"]).model.backbone_kwargs == {"drop_rate": 0.1}
+    assert load_config(recipe, ["model.backbone_kwargs.drop_rate=0.1"]).model.backbone_kwargs == {
+        "width": 16, "drop_rate": 0.1}
+    assert load_config(recipe, []).model.backbone_kwargs == {"width": 16}

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from sslkit.config import ConfigError
+
 
 def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "batch":
@@ -132,6 +134,12 @@ def create_backbone(name: str, *, in_chans: int = 3, **kwargs: Any) -> nn.Module
     """A timm model with its classifier removed: (B, C, H, W) -> (B, num_features)."""
     try:
         return timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
+    except TypeError as err:
+        if "unexpected keyword argument" not in str(err) or not kwargs:
+            raise
+        raise ConfigError(f"Backbone '{name}' does not take {err.args[0].rsplit(' ', 1)[-1]} (model.backbone_kwargs "
+                          f"is {kwargs}); set model.backbone_kwargs={{}} or give it the arguments {name} "
+                          "takes.") from None
     except RuntimeError as err:
         if "Unknown model" not in str(err):
             raise

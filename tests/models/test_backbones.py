@@ -27,3 +27,10 @@ def test_any_timm_backbone_by_name_and_clear_error():
     assert create_backbone("resnet18")(torch.randn(1, 3, 64, 64)).shape == (1, 512)
     with pytest.raises(ValueError, match="Unknown backbone 'resnet_nonexistent'"):
         create_backbone("resnet_nonexistent")
+
+
+def test_an_argument_the_backbone_does_not_take_names_the_key():
+    from sslkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'resnet18' does not take 'width' \(model.backbone_kwargs"):
+        create_backbone("resnet18", width=16)
