@@ -101,7 +101,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    """All methods' parameters in one section; each method reads its own (METHODS.md)."""
+    """All methods' parameters in one section; each method reads its own."""
 
     name: str = "ccrl"  # ccrl | supcam | scl | simclr | autoencoder | finetune
     tau: float = 0.07  # temperature: ccrl, supcam, simclr (SSCL: 0.7)

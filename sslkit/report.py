@@ -5,7 +5,7 @@ mailed, and stays readable when the run directory moves. It reads what ``sslkit 
 wrote (``eval/metrics.json`` with its list of figures, ``eval/classification.json``) and the
 training log (``metrics.jsonl``, ``config.yaml``); nothing is recomputed except the training
 curves when evaluation did not draw them. Where the method has published figures
-(METHODS.md), they are shown beside the run's own, with the paper's dataset named.
+(as the papers report them), they are shown beside the run's own, with the paper's dataset named.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from sslkit.config import ConfigError
 CLUSTER_COLS = ("ami", "ari", "nmi", "purity", "acc", "f1")
 PROBE_COLS = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc")
 
-# Published figures (METHODS.md), keyed by the pretraining method. Each row: what and on which data,
+# Published figures, keyed by the pretraining method. Each row: what and on which data,
 # then the values in this report's columns ("cluster.ami", "classifier.accuracy", ...).
 PAPERS: dict[str, list[tuple[str, dict[str, float]]]] = {
     "ccrl": [

@@ -1,6 +1,6 @@
 """View recipes: one PIL crop in, two normalised float views out (torchvision v2).
 
-``local_global`` (CCRL, METHODS.md section 1): ONE branch takes a RandomResizedCrop
+``local_global`` (CCRL): ONE branch takes a RandomResizedCrop
 (the local view), the other keeps the whole cell resized (the global view);
 ``cfg.local`` says which. ``global_global``: neither branch crops; ``local_local``: both
 do (SimCLR). Both branches then

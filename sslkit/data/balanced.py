@@ -8,7 +8,7 @@ in ascending order within each block:
     labels = [c1, c2, ..., cP, c1, c2, ..., cP, ...]     (K blocks)
 
 so ``batch[:P]`` and ``batch[P:2P]`` are SCL's paired batches B1, B2, row i of both being
-class c_i (METHODS.md section 3). Draws come from the worker's stream RNG, which the stream
+class c_i. Draws come from the worker's stream RNG, which the stream
 reseeds from (seed, epoch, global worker), so a resumed run sees the same batches.
 Unlabelled samples (label -1) cannot be balanced: they are skipped and counted.
 """

@@ -1,4 +1,4 @@
-"""SupCAM's category-variant image composition (Algorithm 1, METHODS.md section 2).
+"""SupCAM's category-variant image composition (Algorithm 1).
 
 A primary and a candidate image of chromosome clusters are shifted inside the box that
 their two bounding boxes could fill, laid over each other, and the result is labelled by

@@ -49,7 +49,7 @@ def evaluate_embeddings(
 
     Returns:
         ``{"cluster": {ami, ari, nmi, purity, acc, f1, k}, "knn": {top1, k}}`` — the
-        blocks of ``eval/metrics.json`` (DESIGN.md).
+        blocks of ``eval/metrics.json``.
     """
     return {
         "cluster": cluster_eval(

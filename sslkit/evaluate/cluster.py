@@ -3,7 +3,7 @@
 FAISS is imported only inside ``sslkit.evaluate``. For large N, :func:`kmeans` trains on a
 seeded uniform sample of ``max_train_points`` rows, drawn here, and then assigns every
 point to the final centroids. ``faiss.Kmeans`` would otherwise subsample silently to
-``max_points_per_centroid * k`` rows (STACK-NOTES.md), so that limit is always set above
+``max_points_per_centroid * k`` rows, so that limit is always set above
 the number of rows it is given.
 
 On CPU, the restarts run in parallel threads with faiss single-threaded in each. faiss's

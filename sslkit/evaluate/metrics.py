@@ -1,6 +1,6 @@
 """Clustering and classification metrics, computed with scikit-learn and scipy.
 
-Vocabulary (METHODS.md, "Shared evaluation vocabulary"):
+Vocabulary:
 
 - clustering: AMI, ARI, NMI, purity, unsupervised accuracy (Hungarian) and macro F1 on
   the labels inferred through that same one-to-one cluster -> class map;

@@ -184,7 +184,7 @@ def project(feats: Any, *, method: str = "umap", seed: int = 0) -> np.ndarray:
     """(N, D) -> (N, 2) with umap-learn's UMAP or scikit-learn's TSNE, both in cosine geometry.
 
     umap is imported here, not at module import: its numba compilation costs tens of
-    seconds per process (STACK-NOTES.md), which only callers of UMAP should pay.
+    seconds per process, which only callers of UMAP should pay.
     """
     x = np.ascontiguousarray(feats, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] < 5:

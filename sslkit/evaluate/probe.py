@@ -5,7 +5,7 @@ Two kinds, scored the same way (``probe_report``: macro metrics, per-class table
 - the **linear probe**: logistic regression on frozen features (``linear_probe``), fitted on
   labelled training embeddings or, without them, cross-validated on the evaluation set
   (``cv_probe``); ``sslkit evaluate`` runs it for every encoder and baseline (the ``probe``
-  block of ``eval/metrics.json``, DESIGN.md);
+  block of ``eval/metrics.json``);
 - a run's **own classifier head** (SCL, fine-tuned runs): ``evaluate_classifier`` predicts the
   evaluation shards and writes ``eval/classification.json``, ``eval/predictions.npz``
   (probabilities (N, K), labels (N,), keys (N,)) and the ``classifier`` block of ``metrics.json``.

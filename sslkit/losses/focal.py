@@ -2,7 +2,7 @@
 
     FL(p_t) = -(1 - p_t)^gamma log p_t,   p_t the softmax probability of the target class.
 
-gamma = 0 is cross-entropy. SCL (METHODS.md section 3) uses it for classification and
+gamma = 0 is cross-entropy. SCL uses it for classification and
 along the rows and columns of similarity matrices (``similarity_focal``); gamma 2 unless set.
 """
 

@@ -2,7 +2,7 @@
 
     L_SM = -log( e^{cos(theta_+ + m)/tau} / (e^{cos(theta_+ + m)/tau} + sum_{K_N} e^{cos(theta_i)/tau}) )
 
-theta_+ is the angle between the query and its own positive key k+ (METHODS.md section 2);
+theta_+ is the angle between the query and its own positive key k+;
 the negatives K_N are the keys with another label. At m = 0 it is InfoNCE of the query
 against k+ and the negatives. theta_+ + m is capped at pi, where cos stops decreasing.
 """

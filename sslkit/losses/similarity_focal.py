@@ -1,4 +1,4 @@
-"""SCL's similarity-matrix loss (METHODS.md section 3): focal loss along rows and columns.
+"""SCL's similarity-matrix loss: focal loss along rows and columns.
 
 Two paired batches B1, B2 hold one image per class in the same class order, so row i of
 either belongs to class i. With E1, E2 their (P, D) embeddings, L2-normalised, and t a

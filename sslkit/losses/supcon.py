@@ -6,7 +6,7 @@ For an anchor q and its positives K_p (keys with q's label) and negatives K_N (t
     denominator="negatives"  L = -1/|K_p| sum_{p in K_p} log( e^{q.k_p/tau} / (e^{q.k_p/tau} + sum_{K_N} e^{q.k_i/tau}) )
 
 "all" is SupCon's L_out (pytorch-metric-learning's ``SupConLoss``); "negatives" is SupCAM's
-L_SC (METHODS.md section 2), where other positives never compete with each other. SimCLR's
+L_SC, where other positives never compete with each other. SimCLR's
 NT-Xent is the "all" form with image ids as labels (``nt_xent``).
 """
 

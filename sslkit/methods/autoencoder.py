@@ -1,4 +1,4 @@
-"""DCAE: an autoencoder's bottleneck as features for k-means (Liu & Zhang, 2021; METHODS.md section 5).
+"""DCAE: an autoencoder's bottleneck as features for k-means (Liu & Zhang, 2021).
 
 Training: the image in [0, 1] (uint8 / 255, optionally flipped, ``data.views.flips`` and
 ``vflip``) is reconstructed through the bottleneck; the loss is the mean squared error

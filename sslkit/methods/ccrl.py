@@ -1,4 +1,4 @@
-"""CCRL: momentum contrast for cell crops (Nakhli et al., 2023; METHODS.md section 1).
+"""CCRL: momentum contrast for cell crops (Nakhli et al., 2023).
 
 Query side: backbone -> projector (512-128-64) -> predictor (64-32-64).
 Key side:   momentum copy of backbone + projector (no predictor), m = 0.999.

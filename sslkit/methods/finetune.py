@@ -1,6 +1,6 @@
 """Fine-tuning: a pretrained backbone and a new linear head, trained with cross-entropy.
 
-SupCAM (METHODS.md section 2): RandomRotate only, SGD 0.01, batch 16, 15 epochs, lr x0.1 at
+SupCAM: RandomRotate only, SGD 0.01, batch 16, 15 epochs, lr x0.1 at
 epochs 8 and 12, label smoothing 0.1. SSCL (section 4): Adam 1e-4, batch 64, 100 epochs.
 ``finetune.freeze_backbone=true`` makes it a linear probe.
 

@@ -1,4 +1,4 @@
-"""SCL: supervised contrastive learning over similarity matrices (Chang et al.; METHODS.md section 3).
+"""SCL: supervised contrastive learning over similarity matrices (Chang et al.).
 
 Any timm backbone -> linear embedding E (D = 1024 in the paper) -> linear classifier.
 A batch holds one or more groups of 2P images laid out by class-balanced batching

@@ -1,4 +1,4 @@
-"""SimCLR (Chen et al., 2020) as SSCL uses it (Jain & Lynn, 2025; METHODS.md section 4).
+"""SimCLR (Chen et al., 2020) as SSCL uses it (Jain & Lynn, 2025).
 
 Both views are random-resized crops (``data.views.recipe: local_local``); one encoder,
 backbone -> projection head (``method.projection``: ``mlp`` = MLPHead(F, projector[0],

@@ -1,4 +1,4 @@
-"""SupCAM: supervised MoCo with composed clusters and a self-margin (Luo et al., 2023; METHODS.md section 2).
+"""SupCAM: supervised MoCo with composed clusters and a self-margin (Luo et al., 2023).
 
 Per step, each primary image I_p gives two category-invariant views x_q, x_k; a
 candidate I_c from the same batch is composed with it (``sslkit.data.compose``) into

@@ -1,4 +1,4 @@
-"""DCAE's autoencoders (Liu & Zhang, 2021; METHODS.md section 5): images in [0, 1] -> a
+"""DCAE's autoencoders (Liu & Zhang, 2021): images in [0, 1] -> a
 bottleneck -> a sigmoid reconstruction of exactly the input shape.
 
 Every model holds ``encoder`` (timm's contract: ``forward_features`` gives the map the
