@@ -19,20 +19,10 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from sslkit.atomic import write_json
+from sslkit.errors import CheckpointWriteError, MissingInput
+
 STATE_FILE = "trainer_state.json"
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (disk full, permission denied); the previous ones are intact."""
 
 
 def check_writable(folder: Path) -> None:
@@ -77,7 +67,7 @@ def save_checkpoint(accelerator: Accelerator, *, root: Path, state: dict[str, An
     error = _agree(accelerator, error)
     if error is None and accelerator.is_main_process:
         try:
-            _write_json_atomic(tmp / STATE_FILE, state)
+            write_json(tmp / STATE_FILE, state, indent=2, fsync=True)
             if final.exists():  # the same step saved by an earlier run (resumed from an older checkpoint)
                 _remove(final)
             os.replace(tmp, final)
@@ -141,7 +131,7 @@ def resolve_resume(resume: str, *, root: Path) -> Path | None:
         return latest_checkpoint(root)
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"run.resume={resume} is not a complete checkpoint folder (no {STATE_FILE}); "
             f"use run.resume=auto or a folder under {root}."
         )

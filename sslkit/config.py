@@ -29,9 +29,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf._utils import get_yaml_loader  # OmegaConf.load's loader: 1e-3 is a float, no timestamps, no tags
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A config the user wrote cannot be used; the message says what and how to fix it."""
+from sslkit.errors import ConfigError
 
 
 @dataclass

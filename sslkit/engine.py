@@ -37,6 +37,7 @@ from sslkit.config import Config, ConfigError, git_sha, run_dir, to_dict, to_yam
 from sslkit import dist
 from sslkit.data.augment import build_views
 from sslkit.data.stream import ShardSet, resolve_shards, train_loader
+from sslkit.errors import RunStopped
 from sslkit.methods import build_method
 from sslkit.optim import build_lr_schedule, build_optimizer, set_lr
 from sslkit.tracking import RunLogger, tracker_backend
@@ -283,10 +284,6 @@ def train(cfg: Config) -> Path:
     tracker.finish()
     accelerator.wait_for_everyone()
     return out_dir
-
-
-class RunStopped(RuntimeError):
-    """Training stopped on purpose (too much bad data, too many non-finite steps); the last checkpoint is intact."""
 
 
 def apply_step(optimizer: torch.optim.Optimizer, method: torch.nn.Module, *, step: int, ok: bool) -> bool:

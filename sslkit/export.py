@@ -28,7 +28,6 @@ above and must give the method's embeddings on random images.
 from __future__ import annotations
 
 import json
-import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -39,10 +38,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import Tensor, nn
 
+from sslkit.atomic import replacing
 from sslkit.config import Config, ConfigError
 from sslkit.data.augment import MEAN, STD, normalize
 from sslkit.methods.momentum_contrast import MomentumContrast
 from sslkit.models.autoencoders import timm_encoder  # sslkit.models registers its timm models on import
+from sslkit.errors import MissingInput
 
 FORMAT = "sslkit-backbone/1"
 # Metadata values that are JSON (the others are plain strings).
@@ -132,7 +133,6 @@ def _write_checked(out: Path, tensors: dict[str, Tensor], metadata: dict[str, st
 
     A crash or a failed check leaves ``out`` as it was (absent, or the previous export).
     The temporary name ends in .safetensors so timm's loader reads it as one."""
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.safetensors")
     data = save(tensors, metadata=metadata)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,18 +140,12 @@ def _write_checked(out: Path, tensors: dict[str, Tensor], metadata: dict[str, st
         raise ConfigError(f"Cannot write --out '{out}': its folder cannot be made ({err.strerror or err}: "
                           f"'{err.filename}'); choose a path in a writable folder.") from None
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        diff = check(tmp)
-        os.replace(tmp, out)
+        with replacing(out, fsync=True) as tmp:  # the temporary name keeps .safetensors for timm's loader
+            tmp.write_bytes(data)
+            diff = check(tmp)
     except OSError as err:
         raise ConfigError(f"Cannot write --out '{out}' ({err.strerror or err}); choose a writable path "
                           "with free space.") from None
-    finally:
-        if tmp.exists():  # after os.replace it does not
-            tmp.unlink()
     return diff
 
 
@@ -175,7 +169,7 @@ def read_info(path: str | Path) -> dict[str, Any]:
     """The metadata of an exported file, with numbers and lists decoded."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"No exported backbone at '{path}'; write one with "
+        raise MissingInput(f"No exported backbone at '{path}'; write one with "
                                 "`sslkit export RUN_DIR --out FILE.safetensors`.")
     try:
         with safe_open(str(path), framework="pt") as f:

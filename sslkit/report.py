@@ -13,13 +13,14 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
+from sslkit.atomic import write_text
 from sslkit.config import ConfigError
+from sslkit.errors import MissingInput
 
 CLUSTER_COLS = ("ami", "ari", "nmi", "purity", "acc", "f1")
 PROBE_COLS = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc")
@@ -182,7 +183,7 @@ def write_report(run_dir: str | Path, *, out: Optional[Path] = None) -> Path:
     run_dir = Path(run_dir)
     metrics_path = run_dir / "eval" / "metrics.json"
     if not metrics_path.is_file():
-        raise FileNotFoundError(f"No {metrics_path}; run `sslkit evaluate {run_dir}` first, then `sslkit report`.")
+        raise MissingInput(f"No {metrics_path}; run `sslkit evaluate {run_dir}` first, then `sslkit report`.")
     metrics = json.loads(metrics_path.read_text())
     config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
     cfg = yaml.safe_load(config_text) or {}
@@ -210,7 +211,4 @@ def write_report(run_dir: str | Path, *, out: Optional[Path] = None) -> Path:
             f"<title>sslkit report: {_esc(name)}</title><style>{_CSS}</style></head><body>"
             + "".join(body) + "</body></html>")
     out = Path(out or run_dir / "report.html")
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return write_text(out, page)

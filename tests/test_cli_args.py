@@ -73,3 +73,27 @@ def test_words_that_are_not_overrides_are_still_refused(argv, stray, capsys):
         cli.parse_args(argv)
     assert exit_info.value.code == 2
     assert f"unrecognized arguments: {stray}" in capsys.readouterr().err
+
+
+def test_user_errors_print_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    """A UserError (here a missing run directory) is one line and exit status 2; a FileNotFoundError
+    that is not a UserError (a bug: some file sslkit itself expected) is re-raised with its traceback."""
+    from sslkit import cli
+    from sslkit.errors import ConfigError, ManifestError, MissingInput, RemoteError, RunStopped, UserError
+
+    for kind in (ConfigError, ManifestError, MissingInput, RemoteError, RunStopped):
+        assert issubclass(kind, UserError)
+
+    def raises(error):
+        def command(args):
+            raise error
+        return command
+
+    monkeypatch.setattr(cli, "_cmd_report", raises(MissingInput("No runs/x/eval/metrics.json;\nrun evaluate.")))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["report", "runs/x"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "sslkit: error: No runs/x/eval/metrics.json; run evaluate.\n"
+    monkeypatch.setattr(cli, "_cmd_report", raises(FileNotFoundError(2, "No such file", "internal.bin")))
+    with pytest.raises(FileNotFoundError):
+        cli.main(["report", "runs/x"])

@@ -243,7 +243,7 @@ def test_a_failed_write_leaves_no_half_written_file(ccrl_run, tmp_path, monkeypa
     def disk_full(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(export.os, "fsync", disk_full)
+    monkeypatch.setattr("sslkit.atomic.os.fsync", disk_full)
     with pytest.raises(ConfigError, match="No space left on device"):
         export_run(ccrl_run, out)
     assert out.read_bytes() == b"the previous export"

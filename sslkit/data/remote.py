@@ -31,24 +31,14 @@ from typing import Any, Callable, Optional, Protocol
 
 from webdataset.gopen import gopen
 
+from sslkit.errors import RemoteError, RemoteNotFound
+
 logger = logging.getLogger(__name__)
 
 RETRIES = 3  # reopenings in a row without progress (data.retries)
 BACKOFF_S = 0.5  # first wait; doubled for each further retry in a row
 TIMEOUT_S = 60.0  # seconds an http(s) connect or read may stall before it counts as failed
 _CHUNK = 1 << 20
-
-
-class RemoteError(OSError):
-    """A remote shard or manifest cannot be read; ``status`` is the HTTP 4xx code when the server refused."""
-
-    def __init__(self, message: str, status: Optional[int] = None) -> None:
-        super().__init__(message)
-        self.message, self.status = message, status
-
-
-class RemoteNotFound(RemoteError, FileNotFoundError):
-    """The server answered 404 or 410."""
 
 
 class _Broken(Exception):

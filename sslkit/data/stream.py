@@ -66,6 +66,7 @@ from sslkit.data.balanced import BalancedBatches
 from sslkit.data.remote import RETRIES, RemoteError, open_shard, read_json
 from sslkit.sharding.manifest import FORMAT as MANIFEST_FORMAT
 from sslkit.sharding.manifest import MANIFEST_NAME, ManifestError, StrictTarInfo, class_names, parse_manifest
+from sslkit.errors import MissingInput
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def _check_local(spec: str, urls: list[str], *, skip_missing: bool = False) -> l
         what = f"Shard folder '{folder}' does not exist"
     else:
         what = f"Shard '{missing[0]}' does not exist ({len(missing)} of {len(urls)} missing)"
-    raise FileNotFoundError(f"{what}; {_MAKE_IT.format(folder)}.")
+    raise MissingInput(f"{what}; {_MAKE_IT.format(folder)}.")
 
 
 def resolve_shards(spec: str, *, manifest: Optional[str] = None, skip_missing: bool = False) -> ShardSet:
@@ -170,7 +171,7 @@ def resolve_shards(spec: str, *, manifest: Optional[str] = None, skip_missing: b
         urls = [n if "://" in n else os.path.join(spec, n) for n in names]
         urls = urls or sorted(glob.glob(os.path.join(spec, "*.tar")))
         if not urls:
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"Shard folder '{spec}' holds no manifest.json and no .tar shards; {_MAKE_IT.format(spec)}."
             )
     else:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import textwrap
 import warnings
 from pathlib import Path
@@ -27,6 +26,8 @@ from matplotlib.ticker import PercentFormatter
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics.cluster import contingency_matrix
 
+from sslkit.atomic import replacing
+
 __all__ = ["DPI", "cluster_confusion", "cluster_order", "confusion_plot", "embedding_map", "project",
            "read_metrics", "save_png", "stratified_subsample", "training_curves"]
 
@@ -38,15 +39,9 @@ ONLINE = (("online/knn_top1", "kNN top-1"), ("online/ami", "k-means AMI"), ("onl
 
 def save_png(fig: Figure, out: str | Path) -> Path:
     """Write ``fig`` to ``out`` as PNG at :data:`DPI`; readers never see a half-written file."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+    with replacing(out) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return Path(out)
 
 
 def _style(n: int) -> list[tuple[Any, str]]:

@@ -17,7 +17,6 @@ Two kinds, scored the same way (``probe_report``: macro metrics, per-class table
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from sslkit.atomic import replacing
 from sslkit import dist
 from sslkit.config import Config, ConfigError
 from sslkit.data.stream import ShardSet, resolve_shards
@@ -114,9 +114,8 @@ def cv_probe(x: np.ndarray, y: np.ndarray, *, classes: list[str], folds: int = 5
 def write_results(out: Path, results: dict[str, Any], probs: np.ndarray, labels: np.ndarray, keys: list[str]) -> None:
     """``classification.json``, ``predictions.npz`` and the ``classifier`` block of ``metrics.json`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "predictions.tmp.npz"
-    np.savez(tmp, probabilities=probs.astype(np.float32), labels=labels, keys=np.asarray(keys))
-    os.replace(tmp, out / "predictions.npz")
+    with replacing(out / "predictions.npz") as tmp:
+        np.savez(tmp, probabilities=probs.astype(np.float32), labels=labels, keys=np.asarray(keys))
     write_json(out / "classification.json", results)
     metrics_path = out / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}

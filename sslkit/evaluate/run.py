@@ -33,6 +33,7 @@ from sslkit.evaluate.overlap import training_overlap
 from sslkit.evaluate.probe import PROBE_KEYS, cv_probe, linear_probe
 from sslkit.methods import build_method
 from sslkit.sharding.manifest import write_json
+from sslkit.errors import MissingInput
 
 Embedder = Callable[[torch.Tensor], torch.Tensor]
 
@@ -42,7 +43,7 @@ def load_trained(run_dir: Path, *, checkpoint: str = "auto") -> tuple[Config, to
     root = Path(run_dir) / "checkpoints"
     path = resolve_resume(checkpoint, root=root) if checkpoint != "auto" else latest_checkpoint(root)
     if path is None:
-        raise FileNotFoundError(f"No complete checkpoint under {root}; train first with `sslkit pretrain CONFIG`.")
+        raise MissingInput(f"No complete checkpoint under {root}; train first with `sslkit pretrain CONFIG`.")
     state = read_state(path)
     cfg = from_dict(state["config"])
     method = build_method(cfg)

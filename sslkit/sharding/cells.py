@@ -71,6 +71,7 @@ from sslkit.sharding.imaging import read_image, resize, to_channels
 from sslkit.sharding.source import Progress, Sample, Unit, UnitError, safe_id, unique_ids
 from sslkit.sharding.splits import add_split_args, shard_split, split_from_args
 from sslkit.sharding.stain import StainNormalizer, add_stain_args, stain_from_args
+from sslkit.errors import MissingInput
 
 log = logging.getLogger(__name__)
 CLASSMAPS = Path(__file__).resolve().parents[1] / "configs" / "classmaps"
@@ -176,7 +177,7 @@ def _packaged(spec: str) -> ClassMap:
     path = Path(spec)
     if path.suffix.lower() in (".yaml", ".yml"):
         if not path.is_file():
-            raise FileNotFoundError(f"Class map file {path} does not exist; give an existing YAML file or a name.")
+            raise MissingInput(f"Class map file {path} does not exist; give an existing YAML file or a name.")
         return read_class_map(path)
     if (CLASSMAPS / f"{spec}.yaml").is_file():
         return read_class_map(CLASSMAPS / f"{spec}.yaml")
@@ -254,7 +255,7 @@ class CellSource:
                        images_per_unit)
         self.root = Path(input).resolve()
         if not self.root.is_dir():
-            raise FileNotFoundError(f"Input folder {input} does not exist; give the dataset (or split) folder.")
+            raise MissingInput(f"Input folder {input} does not exist; give the dataset (or split) folder.")
         self.fmt, self.size, self.window, self.min_window = fmt, size, window, min_window
         self.window_scale = None if window else window_scale or _WINDOW_SCALE[fmt]
         self.pad, self.pad_value, self.unknown, self.channels = pad, pad_value, unknown, channels
@@ -268,7 +269,7 @@ class CellSource:
         else:
             self._plan, self._plan_failed = pairing.plan_tiles(fmt, self.root, images=images, labels=labels, types=types)
         if not self._plan:
-            raise FileNotFoundError(f"No {fmt} images with annotations found under {input}; see "
+            raise MissingInput(f"No {fmt} images with annotations found under {input}; see "
                                     "'sslkit shard cells --help' for the layout each format expects.")
         scan = lambda: ann.raw_types(fmt, self._plan, column=class_column)  # noqa: E731
         scanned = [] if fmt == "pannuke" else [row[3] if fmt == "labelmap" else row[2] for row in self._plan]

@@ -25,6 +25,7 @@ from sslkit.sharding.stain import StainNormalizer, add_stain_args, stain_from_ar
 from sslkit.sharding.imaging import IMAGE_EXTENSIONS, border_value, pad_to_square, read_image, resize
 from sslkit.sharding.manifest import write_json
 from sslkit.sharding.source import Progress, Sample, Unit
+from sslkit.errors import MissingInput
 
 
 INVERT = ("no", "yes", "auto")
@@ -177,7 +178,7 @@ def _cmd_folder(args: argparse.Namespace) -> None:
     classes = list_arg(args.classes)
     if args.classes_file:
         if not os.path.isfile(args.classes_file):
-            raise FileNotFoundError(f"Classes file {args.classes_file} does not exist; give one name per line.")
+            raise MissingInput(f"Classes file {args.classes_file} does not exist; give one name per line.")
         lines = Path(args.classes_file).read_text(encoding="utf-8-sig").splitlines()
         classes = [c.strip() for c in lines if c.strip() and not c.lstrip().startswith("#")]
     summaries = shard_folder(

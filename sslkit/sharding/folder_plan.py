@@ -43,6 +43,7 @@ from sslkit.config import ConfigError
 from sslkit.sharding.imaging import IMAGE_EXTENSIONS
 from sslkit.sharding.source import safe_id, unique_ids
 from sslkit.sharding.splits import capture, check_split, compile_regex, split_groups
+from sslkit.errors import MissingInput
 
 Item = tuple[str, str, str, str]  # (relative path, sample key, label name or "", group)
 _NATURAL = re.compile(r"(\d+)")
@@ -198,7 +199,7 @@ def plan_folder(root: str | Path, *, csv_path: Optional[str] = None, label_regex
     """Find the images under ``root``, label and group them, choose the classes (nothing is decoded)."""
     root = os.path.abspath(root)
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"Image folder {root} does not exist; give the folder that holds the images.")
+        raise MissingInput(f"Image folder {root} does not exist; give the folder that holds the images.")
     if unlabeled and (label_regex or classes):
         raise ConfigError("--unlabeled cannot be combined with --label-regex or --classes; drop one of them.")
     if classes is not None and len(set(classes)) != len(classes):
@@ -207,7 +208,7 @@ def plan_folder(root: str | Path, *, csv_path: Optional[str] = None, label_regex
     notes: list[str] = []
     if csv_path is not None:
         if not os.path.isfile(csv_path):
-            raise FileNotFoundError(f"CSV file {csv_path} does not exist; give the path,label[,group] list.")
+            raise MissingInput(f"CSV file {csv_path} does not exist; give the path,label[,group] list.")
         rows, failed = read_csv_list(csv_path, root)
     else:
         files, skipped, failed = walk_images(root, extensions=extensions)

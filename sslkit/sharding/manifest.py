@@ -26,21 +26,19 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
 import re
 import reprlib
 import tarfile
 from pathlib import Path
 from typing import Any, Optional
 
+from sslkit.atomic import write_json
+from sslkit.errors import ManifestError, MissingInput
+
 FORMAT = "sslkit-shards/2"
 FORMATS = ("sslkit-shards/1", FORMAT)
 MANIFEST_NAME = "manifest.json"
 _REQUIRED = ("format", "shards", "num_samples")
-
-
-class ManifestError(ValueError):
-    """A shard manifest cannot be used; the message names it and the fix."""
 
 
 class StrictTarInfo(tarfile.TarInfo):
@@ -112,15 +110,6 @@ def build_manifest(*, kind: str, command: str, shards: list[dict], classes: Opti
         "num_samples": sum(int(s["samples"]) for s in shards), "classes": counts,
         "shards": shards, "image": image, "sources": sources, "failed": failed, "params": params,
     }
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` atomically (a uniquely named temporary file, then rename)."""
-    final = Path(path)
-    tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, final)
-    return final
 
 
 def write_manifest(folder: str | Path, manifest: dict) -> Path:
@@ -209,7 +198,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     """
     file = manifest_path(path)
     if not file.is_file():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"No shard manifest at {file}; make the shard set with `sslkit shard ...` (a run that is still "
             "going, or whose other ranks have not finished, writes it at the end) or point to its folder."
         )

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from sslkit.sharding.imaging import IMAGE_EXTENSIONS
+from sslkit.errors import MissingInput
 
 # Suffixes that label files often carry beyond the image's stem (a_label.png for a.png).
 _LABEL_SUFFIX = re.compile(r"[_-](labels?|masks?|inst(ances?)?|instance_?map|ann(otations?)?|types?)$", re.I)
@@ -119,7 +120,7 @@ def plan_tiles(fmt: str, root: Path, *, images: Optional[str] = None, labels: Op
         groups = [(Path(images or root), Path(labels or root))]
         for folder in groups[0]:
             if not folder.is_dir():
-                raise FileNotFoundError(f"Folder {folder} does not exist; check --images/--labels.")
+                raise MissingInput(f"Folder {folder} does not exist; check --images/--labels.")
     else:
         groups = find_groups(root, image_dirs, ann_dirs)
     plan, failed = [], []
@@ -141,7 +142,7 @@ def _type_files(image_dir: Path, ann_dir: Path, types: Optional[str]) -> dict[st
     folder = Path(types) if types else next(
         (p for p in sorted(image_dir.parent.iterdir()) if p.is_dir() and p.name.lower() in _TYPE_DIRS), ann_dir)
     if not folder.is_dir():
-        raise FileNotFoundError(f"Folder {folder} does not exist; check --types.")
+        raise MissingInput(f"Folder {folder} does not exist; check --types.")
     return _by_stem(folder, (".csv",))
 
 

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from sslkit.sharding.source import safe_id, unique_ids
+from sslkit.errors import MissingInput
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif")
 
@@ -26,7 +27,7 @@ def find_slides(items: list[str], *, recursive: bool = False) -> tuple[list[str]
         if item.startswith("@"):
             listed = Path(item[1:])
             if not listed.is_file():
-                raise FileNotFoundError(f"Slide list {listed} does not exist; give a text file with one path a line.")
+                raise MissingInput(f"Slide list {listed} does not exist; give a text file with one path a line.")
             for line in listed.read_text(encoding="utf-8-sig").splitlines():
                 line = line.strip()
                 if not line or line.startswith("#"):
@@ -41,14 +42,14 @@ def find_slides(items: list[str], *, recursive: bool = False) -> tuple[list[str]
             found = sorted(str(p) for p in Path(item).glob(pattern)
                            if p.suffix.lower() in SLIDE_EXTENSIONS and p.is_file())
             if not found:
-                raise FileNotFoundError(f"Folder {item} holds no slide files ({', '.join(SLIDE_EXTENSIONS)}); "
+                raise MissingInput(f"Folder {item} holds no slide files ({', '.join(SLIDE_EXTENSIONS)}); "
                                         "give slide files or a folder of them" + ("." if recursive else
                                                                                   ", or add --recursive."))
             paths.extend(found)
         elif os.path.isfile(item):
             paths.append(item)
         else:
-            raise FileNotFoundError(f"Slide {item} does not exist; check the path.")
+            raise MissingInput(f"Slide {item} does not exist; check the path.")
     seen: set[str] = set()
     unique = [p for p in paths if not (os.path.abspath(p) in seen or seen.add(os.path.abspath(p)))]
     return unique, failed

@@ -20,6 +20,7 @@ from typing import Optional
 import numpy as np
 
 from sslkit.config import ConfigError
+from sslkit.errors import MissingInput
 
 METHODS = ("none", "macenko")
 _IO, _BETA = 240, 0.15  # transmitted light and the optical density below which a pixel is background
@@ -42,7 +43,7 @@ class StainNormalizer:
 
         path = Path(reference)
         if not path.is_file():
-            raise FileNotFoundError(f"Stain reference {reference} does not exist; give an H&E image to normalise to.")
+            raise MissingInput(f"Stain reference {reference} does not exist; give an H&E image to normalise to.")
         try:
             image = read_image(str(path), channels=3)
         except Exception as err:  # noqa: BLE001 -- any decoder error is the user's file

@@ -9,10 +9,11 @@ in um^2, so the result does not depend on the scanner's magnification.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from sslkit.atomic import replacing
 
 SAT_HIGH, SAT_LOW = (0.07, 0.15), 0.04  # bounds of the Otsu threshold; floor of the hysteresis low
 SPECK_UM2, HOLE_UM2 = 10_000.0, 40_000.0  # tissue pieces smaller than 0.01 mm^2 dropped; holes < 0.04 mm^2 filled
@@ -71,13 +72,11 @@ def save_image(image: np.ndarray, path: Path) -> None:
 
     from sslkit.sharding.writer import encode_image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if path.suffix.lower() in (".jpg", ".jpeg"):
-        tmp.write_bytes(encode_image(image, fmt="jpeg", quality=90)[1])
-    else:
-        Image.fromarray(image).save(tmp, format="PNG", compress_level=1)  # masks can be 4096 px a side
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        if path.suffix.lower() in (".jpg", ".jpeg"):
+            tmp.write_bytes(encode_image(image, fmt="jpeg", quality=90)[1])
+        else:
+            Image.fromarray(image).save(tmp, format="PNG", compress_level=1)  # masks can be 4096 px a side
 
 
 def outline_boxes(overview: np.ndarray, boxes: np.ndarray) -> np.ndarray:
