@@ -1,6 +1,6 @@
 """Evaluation of embeddings: FAISS k-means and kNN, scored with scikit-learn/scipy.
 
-FAISS is imported only inside this package (STYLE.md, convention 12).
+FAISS is imported only inside this package, so the rest of sslkit runs where FAISS is not installed.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`sslkit evaluate` end to end on a tiny run: the metrics.json blocks of DESIGN.md for the encoder and
+"""`sslkit evaluate` end to end on a tiny run: the metrics.json blocks (docs/evaluation.md) for the encoder and
 both baselines, numbers that agree with a recomputation from the saved arrays, every figure drawn,
 then `sslkit report` rendered in headless Chromium."""
 
