@@ -39,3 +39,20 @@ def test_one_process_gathers_trivially():
     x = torch.arange(6.0).view(3, 2)
     assert torch.equal(dist.gather_no_grad(x), x)
     assert dist.gather_objects("a") == ["a"]
+
+
+def test_ddp_keywords_are_ones_this_torch_takes_without_a_deprecation():
+    """The engine turns off DDP's buffer broadcast before every forward with the keyword the installed
+    torch supports: forward_sync_buffers where it exists (broadcast_buffers then warns), else the old one.
+    tests/engine/test_launch.py checks that two launched ranks print no deprecation."""
+    import inspect
+
+    import torch
+
+    from sslkit.engine import _ddp_kwargs
+
+    kwargs = _ddp_kwargs().to_kwargs()
+    accepted = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    assert set(kwargs) <= set(accepted) and list(kwargs.values()) == [False]
+    expected = "forward_sync_buffers" if "forward_sync_buffers" in accepted else "broadcast_buffers"
+    assert list(kwargs) == [expected]
