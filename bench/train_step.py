@@ -58,7 +58,7 @@ from torch import Tensor, nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
-from sslkit.cli import recipe_path  # noqa: E402
+from sslkit.config import recipe_path  # noqa: E402
 from sslkit.config import Config, apply_overrides, load_config  # noqa: E402
 from sslkit.data.augment import BatchViews  # noqa: E402
 from sslkit.methods import build_method  # noqa: E402

@@ -28,22 +28,8 @@ from pathlib import Path
 # same cores (measured on 2 CPU cores: about 2.5x more training throughput).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from sslkit.errors import ConfigError, UserError  # noqa: E402
-
-RECIPES = Path(__file__).resolve().parent / "configs"
-
-
-def recipe_path(name: str) -> Path:
-    """A YAML path as given, or a recipe name such as ``demo`` or ``ccrl`` shipped with sslkit."""
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return path
-    packaged = RECIPES / f"{name}.yaml"
-    if packaged.is_file():
-        return packaged
-    known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
-    raise ConfigError(f"No config file or recipe named '{name}'; give a YAML path or one of: {known}.")
-
+from sslkit.config import recipe_path  # noqa: E402
+from sslkit.errors import UserError  # noqa: E402
 
 def _cmd_shard_synthetic(args: argparse.Namespace) -> None:
     from sslkit.sharding.synthetic import make_synthetic
@@ -126,7 +112,7 @@ def _cmd_embed(args: argparse.Namespace) -> None:
 
     from sslkit.data.stream import resolve_shards
     from sslkit.embed import embed_shards
-    from sslkit.evaluate.run import load_trained
+    from sslkit.rundir import load_trained
 
     cfg, method, _ = load_trained(Path(args.run_dir))
     shards = resolve_shards(args.shards or cfg.eval.shards or cfg.data.shards)
@@ -142,10 +128,10 @@ def _cmd_embed(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from sslkit.demo import run_demo
+    from sslkit.demo import demo_splits, run_demo
 
-    splits = {"train": {"num_samples": args.num_train, "seed": 0}, "eval": {"num_samples": args.num_eval, "seed": 1}}
-    run_demo(shards=Path(args.shards), overrides=args.overrides, splits=splits)
+    run_demo(shards=Path(args.shards), overrides=args.overrides,
+             splits=demo_splits(num_train=args.num_train, num_eval=args.num_eval))
 
 
 def _add_collection_parsers(shard_sub: argparse._SubParsersAction) -> None:
@@ -162,7 +148,18 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for user errors")
     sub = parser.add_subparsers(dest="command", required=True)
+    shard, shard_sub = _add_shard_parsers(sub, argv)
+    _add_training_parsers(sub)
+    _add_run_parsers(sub)
+    for command in [*shard_sub.choices.values(), *sub.choices.values()]:  # --debug after the command works too
+        if command is not shard:
+            command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
 
+
+def _add_shard_parsers(sub: argparse._SubParsersAction, argv: list[str] | None) -> tuple[argparse.ArgumentParser,
+                                                                                         argparse._SubParsersAction]:
+    """``sslkit shard synthetic|wsi|cells|folder|verify``."""
     shard = sub.add_parser("shard", help="write WebDataset shards + manifest.json")
     shard_sub = shard.add_subparsers(dest="source", required=True)
     syn = shard_sub.add_parser("synthetic", help="procedural H&E-like nucleus crops (the demo data)",
@@ -180,6 +177,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                                epilog="example: sslkit shard verify shards/demo/train")
     ver.add_argument("folder")
     ver.set_defaults(fn=_cmd_shard_verify)
+    return shard, shard_sub
+
+
+def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
+    """``sslkit pretrain``, ``sslkit finetune`` and ``sslkit demo``."""
+    from sslkit.demo import DEMO_SPLITS
 
     pre = sub.add_parser("pretrain", help="pretrain a method on shards",
                          epilog="example: sslkit pretrain configs/ccrl.yaml data.shards=shards/consep train.max_steps=1000")
@@ -194,6 +197,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     ft.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     ft.set_defaults(fn=_cmd_finetune)
 
+    demo = sub.add_parser("demo", help="make demo shards, pretrain CCRL, evaluate against baselines",
+                          epilog="example: sslkit demo train.max_steps=100")
+    demo.add_argument("--shards", default="shards/demo", help="demo shard folder (created on first use)")
+    demo.add_argument("--num-train", type=int,
+                      help=f"training crops to generate (default {DEMO_SPLITS['train']['num_samples']})")
+    demo.add_argument("--num-eval", type=int,
+                      help=f"held-out crops to generate (default {DEMO_SPLITS['eval']['num_samples']})")
+    demo.add_argument("overrides", nargs="*", help="dotted key=value overrides of configs/demo.yaml")
+    demo.set_defaults(fn=_cmd_demo)
+
+
+def _add_run_parsers(sub: argparse._SubParsersAction) -> None:
+    """The commands that read a run directory: evaluate, report, export, embed."""
     ev = sub.add_parser("evaluate", help="k-means, kNN and linear probe of a run's embeddings, with baselines and plots",
                         epilog="examples: sslkit evaluate runs/demo eval.encoder=query\n"
                                "          sslkit evaluate runs/scl --shards shards/gband --split val",
@@ -225,18 +241,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     emb.add_argument("--features", choices=("backbone", "projector"), default="backbone")
     emb.add_argument("--out", help="output folder (default RUN_DIR/embeddings)")
     emb.set_defaults(fn=_cmd_embed)
-
-    demo = sub.add_parser("demo", help="make demo shards, pretrain CCRL, evaluate against baselines",
-                          epilog="example: sslkit demo train.max_steps=100")
-    demo.add_argument("--shards", default="shards/demo", help="demo shard folder (created on first use)")
-    demo.add_argument("--num-train", type=int, default=20000, help="training crops to generate (default 20000)")
-    demo.add_argument("--num-eval", type=int, default=4000, help="held-out crops to generate (default 4000)")
-    demo.add_argument("overrides", nargs="*", help="dotted key=value overrides of configs/demo.yaml")
-    demo.set_defaults(fn=_cmd_demo)
-    for command in [*shard_sub.choices.values(), *sub.choices.values()]:  # --debug after the command works too
-        if command is not shard:
-            command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    return parser
 
 
 def _user_error(err: BaseException) -> bool:

@@ -30,6 +30,9 @@ from omegaconf._utils import get_yaml_loader  # OmegaConf.load's loader: 1e-3 is
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from sslkit.errors import ConfigError
+from sslkit.methods.registry import names as method_names
+
+RECIPES = Path(__file__).resolve().parent / "configs"  # the recipes shipped with sslkit
 
 
 @dataclass
@@ -101,7 +104,7 @@ class ModelConfig:
 class MethodConfig:
     """All methods' parameters in one section; each method reads its own."""
 
-    name: str = "ccrl"  # ccrl | supcam | scl | simclr | autoencoder | finetune
+    name: str = "ccrl"  # one of sslkit.methods.registry.names(): ccrl | supcam | scl | simclr | autoencoder | finetune
     tau: float = 0.07  # temperature: ccrl, supcam, simclr (SSCL: 0.7)
     queue_size: int = 65536  # ccrl, supcam (1,024)
     momentum: float = 0.999  # ccrl, supcam
@@ -221,7 +224,6 @@ CHOICES = {
     "data.views.recipe": ("local_global", "global_global", "local_local"),
     "data.views.local": ("query", "key"),
     "data.views.backend": ("tensor", "pil"),
-    "method.name": ("ccrl", "supcam", "scl", "simclr", "autoencoder", "finetune"),
     "method.table": ("middle", "light", "heavy", "none"),
     "method.combine": ("equal", "lambda", "max"),
     "method.projection": ("mlp", "linear"),
@@ -551,7 +553,7 @@ def validate(cfg: Config) -> None:
     plain = to_dict(cfg)
     _check_ranges(plain)
     _check_no_api_key(plain)
-    for dotted, allowed in CHOICES.items():
+    for dotted, allowed in {"method.name": method_names(), **CHOICES}.items():
         value = _lookup(plain, dotted)
         if value not in allowed:
             raise ConfigError(f"Config key '{dotted}' is '{value}'; choose one of {', '.join(allowed)}.")
@@ -566,11 +568,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"Config key '{dotted}' must be positive, got {value}.")
     if len(cfg.model.projector) != 2 or len(cfg.model.predictor) != 2:
         raise ConfigError("Config keys 'model.projector' and 'model.predictor' are [hidden, out] lists.")
-    if cfg.method.name == "ccrl" and cfg.method.use_predictor and cfg.model.predictor[1] != cfg.model.projector[1]:
-        raise ConfigError(
-            f"Config key 'model.predictor' must end at the projector's size {cfg.model.projector[1]}, "
-            f"got {cfg.model.predictor[1]}."
-        )
     if not 0.0 <= cfg.method.momentum <= 1.0:
         raise ConfigError(f"Config key 'method.momentum' must be in [0, 1], got {cfg.method.momentum}.")
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0 or cfg.train.max_bad_steps < 1:
@@ -595,16 +592,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"Config key 'data.views.hed' is {cfg.data.views.hed}: HED stain jitter is made by the "
                           "tensor back-end on RGB crops; set data.views.backend=tensor and data.channels=3, or "
                           "data.views.hed=0.")
-    if cfg.data.views.backend == "pil" and cfg.method.name not in ("ccrl", "simclr"):
-        raise ConfigError(f"Config key 'data.views.backend' is 'pil', which makes query/key views in the workers; "
-                          f"method '{cfg.method.name}' makes its own inputs: set data.views.backend=tensor.")
-    unknown = sorted(set(cfg.method.roles) - {"I", "T", "O", "TO"})
-    if unknown:
-        raise ConfigError(f"Config key 'method.roles' holds {unknown}; each class's role is one of I, T, O, TO.")
-    for role, label in cfg.method.composite.items():
-        if role not in ("T", "O", "TO") or not 0 <= label < len(cfg.method.roles):
-            raise ConfigError(f"Config key 'method.composite' maps '{role}' to {label}; map T, O or TO to a class "
-                              f"index below {len(cfg.method.roles)} (the length of method.roles).")
     if cfg.optim.schedule == "step" and not cfg.optim.milestones:
         raise ConfigError("Config key 'optim.schedule' is 'step' but 'optim.milestones' is empty; "
                           "give the epochs (or steps) at which the learning rate drops, e.g. [8, 12].")
@@ -612,6 +599,19 @@ def validate(cfg: Config) -> None:
     if kernel != 0 and (kernel < 3 or kernel % 2 == 0):
         raise ConfigError(f"Config key 'data.views.blur_kernel' must be 0 (about a tenth of data.size) "
                           f"or an odd size of at least 3, got {kernel}.")
+    _check_method(cfg)
+
+
+def _check_method(cfg: Config) -> None:
+    """The method's own rules (its module's ``check_config``). They run after the checks above, and
+    import the method's module (torch): a config with a mistake every method shares fails earlier."""
+    from sslkit.methods.registry import entry
+
+    method = entry(cfg.method.name).cls
+    if cfg.data.views.backend == "pil" and not method.worker_views:
+        raise ConfigError(f"Config key 'data.views.backend' is 'pil', which makes query/key views in the workers; "
+                          f"method '{cfg.method.name}' makes its own inputs: set data.views.backend=tensor.")
+    method.check_config(cfg)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -697,6 +697,20 @@ def from_dict(data: dict[str, Any]) -> Config:
     return OmegaConf.to_object(_merge(OmegaConf.structured(Config), data, "stored config"))
 
 
+
+
+def recipe_path(name: str) -> Path:
+    """A YAML path as given, or a recipe name such as ``demo`` or ``ccrl`` shipped with sslkit."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    packaged = RECIPES / f"{name}.yaml"
+    if packaged.is_file():
+        return packaged
+    known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+    raise ConfigError(f"No config file or recipe named '{name}'; give a YAML path or one of: {known}.")
+
+
 def run_dir(cfg: Config) -> Path:
     return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / cfg.run.name
 
@@ -713,4 +727,4 @@ def git_sha() -> Optional[str]:
         return None
 
 
-__all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "to_yaml", "to_dict", "from_dict", "run_dir", "git_sha", "MISSING"]
+__all__ = ["Config", "ConfigError", "load_config", "recipe_path", "apply_overrides", "to_yaml", "to_dict", "from_dict", "run_dir", "git_sha", "MISSING"]

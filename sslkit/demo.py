@@ -12,10 +12,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sslkit.config import load_config, run_dir
+from sslkit.config import load_config, recipe_path, run_dir
 from sslkit.sharding.manifest import read_manifest
 
+# The demo's two splits: how many crops each holds and the seed that draws them.
 DEMO_SPLITS = {"train": {"num_samples": 20000, "seed": 0}, "eval": {"num_samples": 4000, "seed": 1}}
+
+
+def demo_splits(*, num_train: int | None = None, num_eval: int | None = None) -> dict[str, dict[str, int]]:
+    """``DEMO_SPLITS`` with other sizes where given (the seeds stay)."""
+    sizes = {"train": num_train, "eval": num_eval}
+    return {split: {**spec, **({"num_samples": sizes[split]} if sizes[split] else {})}
+            for split, spec in DEMO_SPLITS.items()}
 
 
 def ensure_demo_shards(root: Path, *, size: int = 32, splits: dict[str, dict[str, int]] = DEMO_SPLITS) -> None:
@@ -37,7 +45,6 @@ def ensure_demo_shards(root: Path, *, size: int = 32, splits: dict[str, dict[str
 
 def run_demo(*, shards: Path = Path("shards/demo"), overrides: list[str] | tuple[str, ...] = (),
              splits: dict[str, dict[str, int]] = DEMO_SPLITS) -> dict[str, Any]:
-    from sslkit.cli import recipe_path
     from sslkit.engine import train
     from sslkit.evaluate.run import evaluate_run, format_table
     from sslkit.report import write_report

@@ -18,11 +18,13 @@ CPU: the process's peak resident memory).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import resource
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -38,7 +40,7 @@ from sslkit import dist
 from sslkit.data.augment import build_views
 from sslkit.data.stream import ShardSet, resolve_shards, train_loader
 from sslkit.errors import RunStopped
-from sslkit.methods import build_method
+from sslkit.methods import build_method, method_class
 from sslkit.optim import build_lr_schedule, build_optimizer, set_lr
 from sslkit.tracking import RunLogger, tracker_backend
 
@@ -58,20 +60,38 @@ def resolve_precision(cfg: Config) -> str:
     return precision
 
 
+@dataclass
+class _NoBufferSyncInForward(DistributedDataParallelKwargs):
+    """DDP keywords with ``forward_sync_buffers``, the name torch 2.14 gave ``broadcast_buffers`` (the old
+    keyword now warns). Accelerate's handler does not know the new keyword yet; its ``to_kwargs`` passes
+    every field that differs from the defaults, so a subclass adds it."""
+
+    forward_sync_buffers: Optional[bool] = None
+
+
+def _ddp_kwargs() -> DistributedDataParallelKwargs:
+    """No buffer broadcast before every forward: the queue and BN statistics are buffers, and
+    broadcasting them every step costs and changes nothing (ranks start from the same state)."""
+    if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters:
+        return _NoBufferSyncInForward(forward_sync_buffers=False)
+    return DistributedDataParallelKwargs(broadcast_buffers=False)  # torch before 2.14
+
+
 def build_accelerator(cfg: Config, *, out_dir: Path) -> Accelerator:
     # A second train() in one process (a notebook, the tests) may ask for another precision: Accelerate
     # keeps the first one's settings unless reset. The process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # without this, CPU ranks under a launcher run alone
         mixed_precision=resolve_precision(cfg),
         log_with=tracker_backend(cfg.tracker),
         project_dir=str(out_dir),
         # Each rank streams its own shards: never let Accelerate dispatch or split our batches.
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False),
-        # The queue and BN statistics are buffers; broadcasting them every step costs and changes nothing.
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
+    # Set after construction: Accelerate looks kwargs handlers up by exact class, and prepare() reads this.
+    accelerator.ddp_handler = _ddp_kwargs()
+    return accelerator
 
 
 def batch_stream(shards: ShardSet, cfg: Config, *, batches_per_epoch: int, start: int) -> Iterator[dict[str, Any]]:
@@ -123,7 +143,7 @@ def resolve_from_data(cfg: Config, shards: ShardSet, *, batches_per_epoch: int) 
     steps_per_epoch = max(1, batches_per_epoch // cfg.train.grad_accum)
     if cfg.train.epochs > 0:
         cfg.train.max_steps = cfg.train.epochs * steps_per_epoch
-    if cfg.method.name in ("scl", "finetune") and cfg.method.num_classes == 0:
+    if method_class(cfg.method.name).needs_class_count and cfg.method.num_classes == 0:
         if not shards.classes:
             raise ConfigError(f"Method '{cfg.method.name}' needs the number of classes, and the manifest of "
                               f"'{cfg.data.shards}' names none; set method.num_classes.")
@@ -182,22 +202,39 @@ class _Meter:
                 "mem_peak_gb": peak}
 
 
-def train(cfg: Config) -> Path:
-    """Pretrain ``cfg.method.name`` for ``cfg.train.max_steps`` optimizer steps; returns the run directory."""
-    out_dir = run_dir(cfg)
-    shards = resolve_shards(cfg.data.shards, manifest=cfg.data.manifest,  # a missing or bad shard set: before any file
+@dataclass
+class _Session:
+    """What one training run holds between its steps."""
+
+    cfg: Config
+    accelerator: Accelerator
+    model: torch.nn.Module  # as prepared (possibly DDP-wrapped): what forward and backward run
+    method: torch.nn.Module  # the unwrapped method: its hooks, checkpoints and evaluation
+    optimizer: torch.optim.Optimizer
+    lrs: Any  # learning rate of every optimizer step
+    tracker: RunLogger
+    shards: ShardSet
+    batches_per_epoch: int
+    ckpt_root: Path
+    step: int
+
+
+def _open_shards(cfg: Config) -> ShardSet:
+    """The training shards, resolved before any file is written (a missing or bad set fails first)."""
+    shards = resolve_shards(cfg.data.shards, manifest=cfg.data.manifest,
                             skip_missing=True)  # a few missing shards count as bad data (data.max_bad_fraction)
     if shards.num_samples is None:
         raise ConfigError(f"Shards at '{cfg.data.shards}' have no manifest.json with num_samples; "
                           "write one with `sslkit shard ...` or point data.manifest at it.")
-    check_writable(out_dir)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
+    return shards
+
+
+def _start(cfg: Config, shards: ShardSet, out_dir: Path) -> tuple[_Session, dict[str, Any]]:
+    """Accelerator, model, optimizer and schedule, resumed from the newest checkpoint if any; the
+    tracker started and config.yaml written."""
     accelerator = build_accelerator(cfg, out_dir=out_dir)
     set_seed(cfg.run.seed)  # identical initial weights on every rank
-
-    world = accelerator.num_processes
-    batches_per_epoch = max(1, shards.num_samples // (cfg.data.batch_size * world))
+    batches_per_epoch = max(1, shards.num_samples // (cfg.data.batch_size * accelerator.num_processes))
     requested_steps = cfg.train.max_steps
     steps_per_epoch = resolve_from_data(cfg, shards, batches_per_epoch=batches_per_epoch)
 
@@ -206,7 +243,6 @@ def train(cfg: Config) -> Path:
     lrs = build_lr_schedule(cfg.optim, total_steps=cfg.train.max_steps,
                             steps_per_epoch=steps_per_epoch if milestones_in_epochs(cfg) else None)
     model, optimizer = accelerator.prepare(model, optimizer)
-    method = accelerator.unwrap_model(model)
 
     ckpt_root = out_dir / "checkpoints"
     state: dict[str, Any] = {"step": 0, "run_id": None}
@@ -222,67 +258,101 @@ def train(cfg: Config) -> Path:
     tracker.start()
     if accelerator.is_main_process:
         (out_dir / "config.yaml").write_text(f"# git: {git_sha() or 'unknown'}\n" + to_yaml(cfg))
+    session = _Session(cfg, accelerator, model, accelerator.unwrap_model(model), optimizer, lrs, tracker, shards,
+                       batches_per_epoch, ckpt_root, int(state["step"]))
+    return session, state
 
-    step = int(state["step"])
+
+def _optimizer_step(s: _Session, batches: Iterator[dict[str, Any]], make_inputs: _Inputs, meter: _Meter,
+                    guard: _Guard) -> tuple[Any, torch.Tensor]:
+    """One optimizer step over ``train.grad_accum`` micro-batches; a step with a non-finite loss or
+    gradient is skipped (the schedule and the data move on). Returns the last micro-batch's output and
+    the gradient norm."""
+    cfg, accelerator, model, step = s.cfg, s.accelerator, s.model, s.step
     accum = cfg.train.grad_accum
-    batches = batch_stream(shards, cfg, batches_per_epoch=batches_per_epoch, start=step * accum)
-    make_inputs = _Inputs(method, cfg, accelerator.device)
+    set_lr(s.optimizer, float(s.lrs[step]))
+    finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
+    for micro in range(accum):
+        batch = guard.count(meter.next_batch(batches))
+        batch = make_inputs(_to_device(batch, accelerator.device), step * accum + micro)
+        if cfg.model.channels_last:
+            batch = _channels_last(batch)
+        sync = nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
+        with sync:
+            out = model(batch)
+            accelerator.backward(out.loss / accum)
+        finite &= torch.isfinite(out.loss.detach())
+    grad_norm = _grad_norm(accelerator, model, clip=cfg.optim.grad_clip)
+    # Without a loss scaler a non-finite gradient is ours to skip. With fp16's scaler it is the scaler's:
+    # it skips that step itself and lowers the scale, so only the loss is checked here.
+    if accelerator.scaler is None:
+        finite &= torch.isfinite(grad_norm)
+    ok = guard.step_ok(finite, step=step + 1, loss=out.loss, grad_norm=grad_norm)
+    if not ok:
+        s.tracker.log({"skipped_steps": guard.skipped}, step=step + 1)
+    apply_step(s.optimizer, s.method, step=step, ok=ok)
+    s.optimizer.zero_grad(set_to_none=True)
+    s.step += 1
+    meter.steps += 1
+    return out, grad_norm
+
+
+def _log_step(s: _Session, out: Any, grad_norm: torch.Tensor, meter: _Meter, guard: _Guard,
+              progress: tqdm) -> None:
+    """Loss (mean over ranks), learning rate, gradient norm, throughput and data faults of this step."""
+    cfg, step = s.cfg, s.step
+    pairs_per_step = cfg.train.grad_accum * cfg.data.batch_size * s.accelerator.num_processes
+    loss = s.accelerator.reduce(out.loss.detach(), reduction="mean").item()
+    logs = {**{k: float(v) for k, v in out.logs.items()}, "loss": loss, "lr": float(s.lrs[step - 1]),
+            "grad_norm": float(grad_norm), **meter.read(pairs_per_step=pairs_per_step), **guard.data_logs()}
+    s.tracker.log(logs, step=step)
+    progress.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{logs['pairs_per_s']:.0f}")
+    meter.reset()
+
+
+def _save(s: _Session, guard: _Guard) -> None:
+    state = {"step": s.step, "run_id": s.tracker.run_id, "world_size": s.accelerator.num_processes,
+             "config": to_dict(s.cfg), "git": git_sha(), "data_faults": guard.state()}
+    save_checkpoint(s.accelerator, root=s.ckpt_root, state=state, keep=s.cfg.train.keep_ckpts)
+
+
+def train(cfg: Config) -> Path:
+    """Pretrain ``cfg.method.name`` for ``cfg.train.max_steps`` optimizer steps; returns the run directory."""
+    out_dir = run_dir(cfg)
+    shards = _open_shards(cfg)
+    check_writable(out_dir)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    s, state = _start(cfg, shards, out_dir)
+    batches = batch_stream(shards, cfg, batches_per_epoch=s.batches_per_epoch, start=s.step * cfg.train.grad_accum)
+    make_inputs = _Inputs(s.method, cfg, s.accelerator.device)
     online = None
     if cfg.train.eval_every:
         from sslkit.evaluate.online import OnlineEval  # faiss is imported only for evaluation
 
-        online = OnlineEval(cfg, device=accelerator.device)
-    progress = tqdm(total=cfg.train.max_steps, initial=step, desc=cfg.method.name, unit="step",
-                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    model.train()
-    meter, guard = _Meter(accelerator.device), _Guard(cfg, accelerator)
+        online = OnlineEval(cfg, device=s.accelerator.device)
+    progress = tqdm(total=cfg.train.max_steps, initial=s.step, desc=cfg.method.name, unit="step",
+                    disable=not s.accelerator.is_local_main_process, dynamic_ncols=True)
+    s.model.train()
+    meter, guard = _Meter(s.accelerator.device), _Guard(cfg, s.accelerator)
     guard.restore(state.get("data_faults", {}))
     guard.missing(shards)
-    while step < cfg.train.max_steps:
-        set_lr(optimizer, float(lrs[step]))
-        finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
-        for micro in range(accum):
-            batch = guard.count(meter.next_batch(batches))
-            batch = make_inputs(_to_device(batch, accelerator.device), step * accum + micro)
-            if cfg.model.channels_last:
-                batch = _channels_last(batch)
-            sync = nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
-            with sync:
-                out = model(batch)
-                accelerator.backward(out.loss / accum)
-            finite &= torch.isfinite(out.loss.detach())
-        grad_norm = _grad_norm(accelerator, model, clip=cfg.optim.grad_clip)
-        if accelerator.scaler is None:  # fp16: inf gradients are its loss scaler's to skip, only the loss is ours
-            finite &= torch.isfinite(grad_norm)
-        ok = guard.step_ok(finite, step=step + 1, loss=out.loss, grad_norm=grad_norm)
-        if not ok:  # the schedule and the data move on
-            tracker.log({"skipped_steps": guard.skipped}, step=step + 1)
-        apply_step(optimizer, method, step=step, ok=ok)
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        meter.steps += 1
+    last = cfg.train.max_steps
+    while s.step < last:
+        out, grad_norm = _optimizer_step(s, batches, make_inputs, meter, guard)
         progress.update(1)
-
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            loss = accelerator.reduce(out.loss.detach(), reduction="mean").item()
-            logs = {**{k: float(v) for k, v in out.logs.items()}, "loss": loss, "lr": float(lrs[step - 1]),
-                    "grad_norm": float(grad_norm), **meter.read(pairs_per_step=accum * cfg.data.batch_size * world),
-                    **guard.data_logs()}
-            tracker.log(logs, step=step)
-            progress.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{logs['pairs_per_s']:.0f}")
-            meter.reset()
-        if online is not None and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
-            scores = online(method)
-            tracker.log(scores, step=step)
+        if s.step % cfg.train.log_every == 0 or s.step == last:
+            _log_step(s, out, grad_norm, meter, guard, progress)
+        if online is not None and (s.step % cfg.train.eval_every == 0 or s.step == last):
+            scores = online(s.method)
+            s.tracker.log(scores, step=s.step)
             meter.pause(scores.get("online/seconds", 0.0))  # throughput counts training time only
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
-            state = {"step": step, "run_id": tracker.run_id, "world_size": world, "config": to_dict(cfg),
-                     "git": git_sha(), "data_faults": guard.state()}
-            save_checkpoint(accelerator, root=ckpt_root, state=state, keep=cfg.train.keep_ckpts)
+        if s.step % cfg.train.ckpt_every == 0 or s.step == last:
+            _save(s, guard)
     progress.close()
-    _check_replicas(method, tracker, step=step)
-    tracker.finish()
-    accelerator.wait_for_everyone()
+    _check_replicas(s.method, s.tracker, step=s.step)
+    s.tracker.finish()
+    s.accelerator.wait_for_everyone()
     return out_dir
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import timm
 import torch
@@ -40,25 +40,18 @@ from torch import Tensor, nn
 
 from sslkit.atomic import replacing
 from sslkit.config import Config, ConfigError
-from sslkit.data.augment import MEAN, STD, normalize
-from sslkit.methods.momentum_contrast import MomentumContrast
-from sslkit.models.autoencoders import timm_encoder  # sslkit.models registers its timm models on import
+from sslkit.data.augment import normalize
+from sslkit.methods import Exported, Method
+import sslkit.models  # noqa: F401 -- registers preact_resnet18 and the dcae_*_encoder models with timm
+from sslkit.rundir import load_trained
 from sslkit.errors import MissingInput
 
 FORMAT = "sslkit-backbone/1"
 # Metadata values that are JSON (the others are plain strings).
-_JSON_KEYS = ("backbone_kwargs", "in_chans", "input_size", "mean", "std", "crop_pct", "num_features", "step")
+_JSON_KEYS = ("backbone_kwargs", "in_chans", "input_size", "mean", "std", "crop_pct", "num_features", "step",
+              "momentum_encoder")
 # How sslkit feeds images (build_eval_transform): the whole crop resized, bilinear, no crop.
 _TRANSFORM = {"interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "squash"}
-
-
-class Exported(NamedTuple):
-    module: nn.Module  # the backbone: (B, C, H, W) normalised with mean/std -> (B, num_features)
-    architecture: str  # timm model name
-    kwargs: dict[str, Any]  # timm.create_model kwargs besides in_chans and num_classes
-    in_chans: int
-    mean: float  # per channel, the same for every channel
-    std: float
 
 
 def export_run(run_dir: str | Path, out: str | Path, *, encoder: str | None = None) -> dict[str, Any]:
@@ -68,8 +61,6 @@ def export_run(run_dir: str | Path, out: str | Path, *, encoder: str | None = No
     ``eval.encoder``, the one ``sslkit evaluate`` measured. Other methods have one encoder.
     Raises FileNotFoundError for a run without a checkpoint and ConfigError for a bad ``out``.
     """
-    from sslkit.evaluate.run import load_trained
-
     out = _check_out(Path(out))
     cfg, method, state = load_trained(Path(run_dir))
     encoder = _resolve_encoder(cfg, method, encoder)
@@ -80,6 +71,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, encoder: str | None = No
         "in_chans": exp.in_chans, "input_size": [exp.in_chans, cfg.data.size, cfg.data.size],
         "mean": [exp.mean] * exp.in_chans, "std": [exp.std] * exp.in_chans, **_TRANSFORM,
         "num_features": int(exp.module.num_features), "method": cfg.method.name, "encoder": encoder,
+        "momentum_encoder": method.momentum_encoder,
         "step": int(state["step"]), "run_name": cfg.run.name, "git": state.get("git") or "unknown",
         "sslkit_version": _version("sslkit"), "timm_version": timm.__version__,
     }
@@ -87,30 +79,21 @@ def export_run(run_dir: str | Path, out: str | Path, *, encoder: str | None = No
     diff = _write_checked(out, tensors, metadata, lambda path: _max_diff(path, method, encoder, cfg.data.size))
     return {
         **{k: info[k] for k in ("architecture", "backbone_kwargs", "in_chans", "input_size", "mean", "std",
-                                "num_features", "method", "encoder", "step", "git")},
+                                "num_features", "method", "encoder", "momentum_encoder", "step", "git")},
         "out": str(out), "checkpoint": state["checkpoint"], "num_tensors": len(tensors),
         "num_params": sum(p.numel() for p in exp.module.parameters()), "max_abs_diff": diff,
     }
 
 
-def exported_backbone(cfg: Config, method: nn.Module, encoder: str) -> Exported:
+def exported_backbone(cfg: Config, method: Method, encoder: str) -> Exported:
     """The module ``method.embed(..., encoder=encoder, features="backbone")`` runs, as a timm model."""
-    if cfg.method.name == "autoencoder":
-        # embed maps (x - 0.5) / 0.5 back to [0, 1]: the encoder itself takes [0, 1] images.
-        module, name, kwargs = timm_encoder(method.net)
-        return Exported(module, name, kwargs, cfg.data.channels, 0.0, 1.0)
-    if isinstance(method, MomentumContrast) and encoder == "momentum":
-        module = method.key_encoder.ema.backbone
-    else:
-        module = method.backbone
-    m = cfg.model
-    return Exported(module, m.backbone, dict(m.backbone_kwargs), m.in_chans, MEAN, STD)
+    return method.export_spec(cfg, encoder)
 
 
-def _resolve_encoder(cfg: Config, method: nn.Module, encoder: str | None) -> str:
+def _resolve_encoder(cfg: Config, method: Method, encoder: str | None) -> str:
     if encoder not in (None, "momentum", "query"):
         raise ConfigError(f"--encoder is '{encoder}'; choose momentum or query.")
-    if not isinstance(method, MomentumContrast):
+    if not method.momentum_encoder:
         if encoder == "momentum":
             raise ConfigError(f"Method {cfg.method.name} has one encoder and no momentum copy; "
                               "export it without --encoder (or with --encoder query).")
@@ -207,7 +190,7 @@ def timm_call(summary: dict[str, Any]) -> str:
 def describe(summary: dict[str, Any]) -> str:
     """One line for the command to print: what was written and how to load it."""
     c, h, w = summary["input_size"]
-    source = (f"{summary['encoder']} encoder of the {summary['method']}" if summary["method"] in ("ccrl", "supcam")
+    source = (f"{summary['encoder']} encoder of the {summary['method']}" if summary.get("momentum_encoder")
               else summary["method"])
     return (f"Wrote {summary['out']}: {summary['architecture']} from the {source} run at step {summary['step']} "
             f"({summary['num_tensors']} tensors, {summary['num_params']:,} parameters, "

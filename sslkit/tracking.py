@@ -41,7 +41,7 @@ def _wandb_mode(cfg: TrackerConfig) -> str:
     return cfg.mode
 
 
-def run_config(cfg: Config) -> dict[str, Any]:
+def tracker_config(cfg: Config) -> dict[str, Any]:
     """What the tracker records as the run's config: the resolved config and the git commit."""
     return {**to_dict(cfg), "git": git_sha()}
 
@@ -87,7 +87,7 @@ class RunLogger:
     def start(self) -> None:
         if self.cfg.tracker.name == "none":
             return
-        config = run_config(self.cfg)
+        config = tracker_config(self.cfg)
         init_kwargs: dict[str, Any] = {}
         if self.cfg.tracker.name == "wandb":
             os.environ.setdefault("WANDB_SILENT", "true")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from sslkit.cli import recipe_path
+from sslkit.config import recipe_path
 from sslkit.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
 
 

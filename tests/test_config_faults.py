@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sslkit.cli import recipe_path
+from sslkit.config import recipe_path
 from sslkit.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 from timm.data import create_transform, resolve_data_config
 
 import sslkit.export as export
-from sslkit.cli import recipe_path
+from sslkit.config import recipe_path
 from sslkit.config import ConfigError, load_config
 from sslkit.data.augment import build_eval_transform, normalize
 from sslkit.engine import train
-from sslkit.evaluate.run import load_trained
+from sslkit.rundir import load_trained
 from sslkit.export import describe, export_run, load_backbone, read_info
 from sslkit.methods import build_method
 from sslkit.methods.finetune import finetune_config

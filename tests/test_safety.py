@@ -28,7 +28,8 @@ import yaml
 from PIL import Image
 
 from sslkit.checkpoint import latest_checkpoint
-from sslkit.cli import main, recipe_path
+from sslkit.cli import main
+from sslkit.config import recipe_path
 from sslkit.config import ConfigError, load_config
 from sslkit.data.stream import eval_loader, resolve_shards
 from sslkit.engine import train
@@ -146,7 +147,7 @@ def test_tampered_checkpoint_file_runs_no_code(trained, shards, tmp_path, name, 
 
 
 def test_export_finetune_init_and_evaluation_read_safetensors_only(trained, tmp_path, monkeypatch):
-    from sslkit.evaluate.run import load_trained
+    from sslkit.rundir import load_trained
     from sslkit.export import export_run, load_backbone
     from sslkit.methods.finetune import pretrained_backbone_state
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from sslkit.checkpoint import latest_checkpoint, read_state
-from sslkit.cli import recipe_path
+from sslkit.config import recipe_path
 from sslkit.config import load_config
 from sslkit.engine import train
 from sslkit.sharding.synthetic import make_synthetic

@@ -12,24 +12,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
-from torch import nn
 
 from sslkit.config import Config
 from sslkit.data.stream import ShardSet
 from sslkit.embed import load_crops
 from sslkit.evaluate import gallery, plots
+from sslkit.methods import Method
 
 log = logging.getLogger(__name__)
-
-
-def classifier_net(method: nn.Module) -> Optional[nn.Module]:
-    """images -> logits with gradients flowing through the backbone (Grad-CAM needs them even when
-    fine-tuning froze it); None for methods without a classifier head."""
-    if hasattr(method, "head") and hasattr(method, "backbone"):  # fine-tuned runs
-        return nn.Sequential(method.backbone, method.head)
-    if hasattr(method, "classifier") and hasattr(method, "encoder"):  # SCL: backbone -> E -> classifier
-        return nn.Sequential(method.encoder, method.classifier)
-    return None
 
 
 def _entry(name: str, title: str, caption: str) -> dict[str, str]:
@@ -59,10 +49,10 @@ def _gallery(out: Path, cfg: Config, test: ShardSet, kept: dict[str, Any]) -> Pa
     return gallery.cluster_gallery(images, titles=titles, out=out)
 
 
-def _gradcam(out: Path, cfg: Config, test: ShardSet, head: dict[str, Any], method: nn.Module) -> Optional[Path]:
+def _gradcam(out: Path, cfg: Config, test: ShardSet, head: dict[str, Any], method: Method) -> Optional[Path]:
     from sslkit.evaluate import gradcam
 
-    net = classifier_net(method)
+    net = method.classifier_net()
     if net is None:
         return None
     probs, labels, keys = head["probs"], head["labels"], head["keys"]
@@ -73,7 +63,7 @@ def _gradcam(out: Path, cfg: Config, test: ShardSet, head: dict[str, Any], metho
                            classes=head["classes"], out=out)
 
 
-def make_figures(run_dir: Path, cfg: Config, test: ShardSet, kept: dict[str, Any], method: nn.Module) -> list[dict]:
+def make_figures(run_dir: Path, cfg: Config, test: ShardSet, kept: dict[str, Any], method: Method) -> list[dict]:
     """Draw every figure that applies; return their descriptions (see the module docstring)."""
     ev = cfg.eval
     classes, labels, assign = kept["classes"], kept["labels"], kept["assign"]

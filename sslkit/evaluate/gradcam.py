@@ -6,14 +6,14 @@ the regions that raise the explained class's logit. captum's ``LayerGradCam`` co
 it; this module picks the layer, upsamples and normalises the maps, finds the most
 influential region and draws them.
 
-The model to explain maps normalised images to logits. From a fine-tuned run::
+The model to explain maps normalised images to logits. From a run with a classifier head
+(fine-tuning, SCL)::
 
-    cfg, method, _ = load_trained(run_dir)          # sslkit.evaluate.run
-    model = nn.Sequential(method.backbone, method.head)
+    cfg, method, _ = load_trained(run_dir)          # sslkit.rundir
+    model = method.classifier_net()
 
-(``method.predict`` returns probabilities and ``method.logits`` runs a frozen backbone
-under ``no_grad``, so neither can be differentiated; the Sequential can, even when the
-backbone's parameters are frozen.) For SCL: ``nn.Sequential(method.encoder, method.classifier)``.
+(``method.predict`` returns probabilities under ``no_grad``, so it cannot be differentiated;
+``classifier_net`` can, even when fine-tuning froze the backbone's parameters.)
 """
 
 from __future__ import annotations

@@ -61,6 +61,35 @@ def _weighted_vote(sims: np.ndarray, nbr_labels: np.ndarray, *, tau: float, num_
     )
 
 
+def _check_knn_args(bank: np.ndarray, labels: np.ndarray, query: np.ndarray, *, k: int, tau: float,
+                    num_classes: int | None, leave_one_out: bool, chunk_size: int | None) -> tuple[int, int]:
+    """Raise ValueError for arguments :func:`knn_predict` cannot use; return the chunk size and C."""
+    n, d = bank.shape
+    if query.shape[1] != d:
+        raise ValueError(f"query_x has dimension {query.shape[1]} but bank_x has {d}; they must match.")
+    if leave_one_out and query.shape[0] != n:
+        raise ValueError(
+            f"leave_one_out needs query_x to be bank_x (N = {n} rows), got {query.shape[0]} rows."
+        )
+    n_search = k + int(leave_one_out)
+    if k < 1 or n_search > n:
+        raise ValueError(
+            f"k={k} is out of range for a bank of {n} points"
+            f"{' with leave-one-out' if leave_one_out else ''}; use 1 <= k <= {n - int(leave_one_out)}."
+        )
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}.")
+    if chunk_size is None:
+        chunk_size = max(_DEFAULT_CHUNK, -(-int(faiss.cvar.distance_compute_blas_threshold) // d))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    if num_classes is None:
+        num_classes = int(labels.max()) + 1
+    elif labels.max() >= num_classes:
+        raise ValueError(f"bank_y has class index {int(labels.max())} >= num_classes={num_classes}.")
+    return chunk_size, num_classes
+
+
 def knn_predict(
     bank_x: Any,
     bank_y: Any,
@@ -104,33 +133,12 @@ def knn_predict(
     """
     bank = as_features(bank_x, name="bank_x", normalize=True)
     query = as_features(query_x, name="query_x", normalize=True)
-    n, d = bank.shape
-    labels = _as_class_indices(bank_y, name="bank_y", n=n)
-    if query.shape[1] != d:
-        raise ValueError(f"query_x has dimension {query.shape[1]} but bank_x has {d}; they must match.")
-    if leave_one_out and query.shape[0] != n:
-        raise ValueError(
-            f"leave_one_out needs query_x to be bank_x (N = {n} rows), got {query.shape[0]} rows."
-        )
+    labels = _as_class_indices(bank_y, name="bank_y", n=bank.shape[0])
+    chunk_size, num_classes = _check_knn_args(bank, labels, query, k=k, tau=tau, num_classes=num_classes,
+                                              leave_one_out=leave_one_out, chunk_size=chunk_size)
     n_search = k + int(leave_one_out)
-    if k < 1 or n_search > n:
-        raise ValueError(
-            f"k={k} is out of range for a bank of {n} points"
-            f"{' with leave-one-out' if leave_one_out else ''}; use 1 <= k <= {n - int(leave_one_out)}."
-        )
-    if not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau}.")
-    if chunk_size is None:
-        chunk_size = max(_DEFAULT_CHUNK, -(-int(faiss.cvar.distance_compute_blas_threshold) // d))
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    if num_classes is None:
-        num_classes = int(labels.max()) + 1
-    elif labels.max() >= num_classes:
-        raise ValueError(f"bank_y has class index {int(labels.max())} >= num_classes={num_classes}.")
-
     use_gpu = resolve_gpu(gpu)
-    index = faiss.IndexFlatIP(d)
+    index = faiss.IndexFlatIP(bank.shape[1])
     index.add(bank)
     if use_gpu:
         index = faiss.index_cpu_to_all_gpus(index)

@@ -22,8 +22,7 @@ from sslkit import dist
 from sslkit.config import Config, ConfigError
 from sslkit.data.augment import normalize, to_pixels
 from sslkit.data.stream import eval_loader, resolve_shards
-from sslkit.evaluate.cluster import cluster_eval
-from sslkit.evaluate.knn import knn_eval
+from sslkit.evaluate.scores import score_embeddings
 
 
 class OnlineEval:
@@ -65,9 +64,11 @@ class OnlineEval:
             return {}
         order = torch.cat([p[0] for p in parts]).argsort()
         x = torch.cat([p[1] for p in parts if len(p[1])])[order].numpy()
-        knn = knn_eval(x, self.labels, k=min(self.ev.knn_k, len(x) - 1), tau=self.ev.knn_tau)
-        scores = cluster_eval(x, self.labels, k=self.k, restarts=1, niter=self.ev.niter, seed=self.seed,
-                              normalize=self.ev.normalize)
+        # As `sslkit evaluate` scores, with one k-means restart and no sample limit (the subset is small).
+        blocks = score_embeddings(x, self.labels, k=self.k, restarts=1, niter=self.ev.niter, seed=self.seed,
+                                  normalize=self.ev.normalize, whiten_dims=self.ev.whiten, knn_k=self.ev.knn_k,
+                                  knn_tau=self.ev.knn_tau).blocks
+        knn, scores = blocks["knn"], blocks["cluster"]
         now = time.perf_counter()
         seconds, share = now - start, (now - start) / max(now - self.last, 1e-9)
         self.last = now

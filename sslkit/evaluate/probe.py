@@ -34,6 +34,7 @@ from sslkit.config import Config, ConfigError
 from sslkit.data.stream import ShardSet, resolve_shards
 from sslkit.embed import embed_shards
 from sslkit.evaluate.metrics import classification_metrics
+from sslkit.rundir import load_trained
 from sslkit.sharding.manifest import write_json
 
 PROBE_KEYS = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc")
@@ -146,11 +147,9 @@ def classify_shards(cfg: Config, method: torch.nn.Module, state: dict[str, Any],
 
 def evaluate_classifier(run_dir: str | Path, *, device: str | None = None) -> dict[str, Any]:
     """Predict ``eval.shards`` with a fine-tuned run's newest checkpoint; write and return the scores."""
-    from sslkit.evaluate.run import load_trained
-
     run_dir = Path(run_dir)
     cfg, method, state = load_trained(run_dir)
-    if not hasattr(method, "predict"):
+    if not method.has_classifier:
         raise ConfigError(f"The run '{run_dir}' trained method '{cfg.method.name}', which has no classifier; "
                           "fine-tune it first with `sslkit finetune`.")
     if not cfg.eval.shards:

@@ -17,52 +17,21 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from safetensors.torch import load_file
 
 from sslkit import dist
-from sslkit.checkpoint import latest_checkpoint, read_state, resolve_resume
-from sslkit.config import Config, ConfigError, EvalConfig, apply_overrides, from_dict
+from sslkit.config import Config, ConfigError, EvalConfig, apply_overrides
 from sslkit.data.augment import to_pixels
 from sslkit.data.stream import ShardSet, resolve_shards
 from sslkit.embed import embed_shards
-from sslkit.evaluate.cluster import as_features, kmeans, sample_size, whiten
-from sslkit.evaluate.knn import knn_eval
-from sslkit.evaluate.metrics import cluster_metrics
 from sslkit.evaluate.morphology import morphology_features, standardize
 from sslkit.evaluate.overlap import training_overlap
-from sslkit.evaluate.probe import PROBE_KEYS, cv_probe, linear_probe
-from sslkit.methods import build_method
+from sslkit.evaluate.scores import score_embeddings
+from sslkit.evaluate.probe import PROBE_KEYS, classify_shards, cv_probe, linear_probe
+from sslkit.methods import Method, build_method
 from sslkit.sharding.manifest import write_json
-from sslkit.errors import MissingInput
+from sslkit.rundir import eval_shards, load_trained
 
 Embedder = Callable[[torch.Tensor], torch.Tensor]
-
-
-def load_trained(run_dir: Path, *, checkpoint: str = "auto") -> tuple[Config, torch.nn.Module, dict[str, Any]]:
-    """The config, the method with its trained weights, and the trainer state of a checkpoint."""
-    root = Path(run_dir) / "checkpoints"
-    path = resolve_resume(checkpoint, root=root) if checkpoint != "auto" else latest_checkpoint(root)
-    if path is None:
-        raise MissingInput(f"No complete checkpoint under {root}; train first with `sslkit pretrain CONFIG`.")
-    state = read_state(path)
-    cfg = from_dict(state["config"])
-    method = build_method(cfg)
-    method.load_state_dict(load_file(str(path / "model.safetensors")))
-    return cfg, method.eval(), {**state, "checkpoint": str(path)}
-
-
-def eval_shards_spec(cfg: Config, *, shards: Optional[str] = None, split: Optional[str] = None) -> str:
-    """Which shards to evaluate: ``shards`` (else eval.shards, else data.shards), and with ``split``
-    that split of it: the sub-folder ``split`` of a folder written by ``sslkit shard ... --split``,
-    or the sibling folder of that name (``shards/gband/test`` with ``--split val``: ``shards/gband/val``)."""
-    base = shards or cfg.eval.shards or cfg.data.shards
-    if not split:
-        return base
-    for candidate in (Path(base) / split, Path(base).parent / split):
-        if (candidate / "manifest.json").is_file():
-            return str(candidate)
-    raise ConfigError(f"No split '{split}' at '{Path(base) / split}' or '{Path(base).parent / split}' (no manifest.json); "
-                      "pass --shards pointing at the shard folder that holds the splits.")
 
 
 def _probe_training_set(cfg: Config, test: ShardSet, spec: str) -> tuple[Optional[ShardSet], str]:
@@ -83,15 +52,11 @@ def _score(feats: np.ndarray, labels: np.ndarray, train: Optional[tuple[np.ndarr
            *, classes: list[str], seed: int, normalize: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ``cluster``, ``knn`` and ``probe`` blocks of one embedding set, and what the plots need
     (cluster assignments, the full probe report)."""
-    x = as_features(feats, normalize=normalize)
-    if ev.whiten:
-        x = whiten(x, ev.whiten, normalize=normalize, seed=seed)
-    k = ev.k or int(np.unique(labels).size)
-    assign, _, _ = kmeans(x, k=k, restarts=ev.restarts, niter=ev.niter, seed=seed,
-                          max_train_points=sample_size(ev.kmeans_max_train, k))
-    block: dict[str, Any] = {"cluster": {**cluster_metrics(labels, assign), "k": int(k)},
-                             "knn": knn_eval(feats, labels, k=ev.knn_k, tau=ev.knn_tau)}
-    extra: dict[str, Any] = {"assign": assign}
+    scores = score_embeddings(feats, labels, k=ev.k or None, restarts=ev.restarts, niter=ev.niter, seed=seed,
+                              kmeans_max_train=ev.kmeans_max_train, normalize=normalize, whiten_dims=ev.whiten,
+                              knn_k=ev.knn_k, knn_tau=ev.knn_tau)
+    block: dict[str, Any] = dict(scores.blocks)
+    extra: dict[str, Any] = {"assign": scores.assign}
     if ev.probe:
         if train is not None and (train[1] >= 0).all():
             report = linear_probe(train[0], train[1], feats, labels, classes=classes, seed=seed)
@@ -103,14 +68,12 @@ def _score(feats: np.ndarray, labels: np.ndarray, train: Optional[tuple[np.ndarr
     return block, extra
 
 
-def _embedders(cfg: Config, method: torch.nn.Module, device: str) -> dict[str, Embedder]:
+def _embedders(cfg: Config, method: Method, device: str) -> dict[str, Embedder]:
     ev = cfg.eval
     embedders: dict[str, Embedder] = {"trained": lambda x: method.embed(x, encoder=ev.encoder, features=ev.features)}
     if ev.baselines:
         set_seed(cfg.run.seed + 1)
-        # A fine-tuned run's config points at its pretrained weights: the baseline must not load them.
-        fresh_cfg = apply_overrides(cfg, ["finetune.init=null"]) if cfg.method.name == "finetune" else cfg
-        fresh = build_method(fresh_cfg).eval().to(device)
+        fresh = build_method(type(method).untrained_config(cfg)).eval().to(device)
         embedders["random_init"] = lambda x: fresh.embed(x, encoder="query", features=ev.features)
         embedders["raw_pixels"] = lambda x: x.flatten(1)
     if ev.morphology:
@@ -136,53 +99,33 @@ def evaluate_run(run_dir: str | Path, *, shards: Optional[str] = None, split: Op
     cfg, method, state = load_trained(run_dir)
     cfg = apply_overrides(cfg, overrides)
     ev = cfg.eval
-    spec = eval_shards_spec(cfg, shards=shards, split=split)
+    spec = eval_shards(cfg, shards=shards, split=split)
     device = device or _launched_device()
     test = resolve_shards(spec)
-    classes = test.classes or []
     train_set, probe_note = _probe_training_set(cfg, test, spec) if ev.probe else (None, "")
-    common = dict(size=cfg.data.size, channels=cfg.data.channels, batch_size=ev.batch_size,
-                  workers=cfg.data.workers, device=device)
     method.to(device)
 
     results: dict[str, Any] = {"method": cfg.method.name.upper(), "encoder": ev.encoder, "features": ev.features,
+                               "momentum_encoder": method.momentum_encoder,
                                "step": state["step"], "checkpoint": state["checkpoint"], "shards": spec}
     if dist.is_main_process():
         results["seen_in_training"] = training_overlap(cfg.data.shards, test, train_manifest=cfg.data.manifest)
+    scoring = _Scoring(cfg, test, spec, train_set, device, classes=test.classes or [])
     kept: dict[str, Any] = {}
     for name, fn in _embedders(cfg, method, device).items():
-        label = {"trained": f"{ev.encoder} encoder", "random_init": "random init", "raw_pixels": "raw pixels",
-                 "morphology": "morphology"}[name]
-        feats, labels, keys = embed_shards(fn, test, desc=f"embed ({label})", max_samples=ev.max_samples, **common)
-        if (labels < 0).all():
-            raise ConfigError(f"The evaluation shards at '{spec}' carry no labels ('{cfg.data.labels}' field); "
-                              "point eval.shards (or --shards) at labelled shards.")
-        if not classes:
-            classes = [str(c) for c in range(int(labels.max()) + 1)]
-        train = None
-        if train_set is not None:
-            tx, ty, _ = embed_shards(fn, train_set, desc=f"embed probe set ({label})",
-                                     max_samples=ev.probe_samples, **common)
-            train = (tx, ty)
-        if not dist.is_main_process():  # every rank embeds its share; the main process scores them all
+        scored = scoring.score(name, fn)
+        if scored is None:  # not the main process: it embedded its share
             continue
-        if name == "morphology":  # features of different units: z-scores (with the evaluated set's statistics)
-            feats, *probe_feats = standardize(feats, *([train[0]] if train is not None else []))
-            train = (probe_feats[0], train[1]) if train is not None else None
-        block, extra = _score(feats, labels, train, ev, classes=classes, seed=cfg.run.seed,
-                              normalize=ev.normalize and name not in ("raw_pixels", "morphology"))
+        block, arrays = scored
         if name == "trained":
-            results.update(block)
-            results.update(num_samples=int(len(labels)), classes=classes)
             if "probe" in block and train_set is None:
                 block["probe"]["note"] = f"cross-validated: {probe_note}"
-            kept = {"feats": feats, "labels": labels, "keys": keys, "classes": classes, **extra}
+            results.update(block)
+            results.update(num_samples=int(len(arrays["labels"])), classes=arrays["classes"])
+            kept = arrays
         else:
             results.setdefault("baselines", {})[name] = block
-        del feats  # raw pixels of a large set are big: keep only the trained encoder's features
-    if hasattr(method, "predict"):  # a classifier head (SCL, fine-tuned runs): its test metrics too
-        from sslkit.evaluate.probe import classify_shards
-
+    if method.has_classifier:  # a classifier head (SCL, fine-tuned runs): its test metrics too
         kept["classifier"] = classify_shards(cfg, method, state, test, run_dir=run_dir, device=device)
         results["classifier"] = {key: kept["classifier"]["probe"][key] for key in PROBE_KEYS
                                  if key in kept["classifier"]["probe"]}
@@ -193,6 +136,45 @@ def evaluate_run(run_dir: str | Path, *, shards: Optional[str] = None, split: Op
         write_json(out / "metrics.json", results)
         _log(run_dir, cfg, state, results)
     return results
+
+
+_LABELS = {"trained": "{} encoder", "random_init": "random init", "raw_pixels": "raw pixels", "morphology": "morphology"}
+
+
+class _Scoring:
+    """Embeds the evaluation shards (and the probe's training shards) with one embedder and scores them."""
+
+    def __init__(self, cfg: Config, test: ShardSet, spec: str, train_set: Optional[ShardSet], device: str, *,
+                 classes: list[str]) -> None:
+        self.cfg, self.test, self.spec, self.train_set, self.classes = cfg, test, spec, train_set, classes
+        self.common = dict(size=cfg.data.size, channels=cfg.data.channels, batch_size=cfg.eval.batch_size,
+                           workers=cfg.data.workers, device=device)
+
+    def score(self, name: str, fn: Embedder) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
+        """The metrics block of embedder ``name`` and the arrays the figures need (main process only)."""
+        ev, label = self.cfg.eval, _LABELS[name].format(self.cfg.eval.encoder)
+        feats, labels, keys = embed_shards(fn, self.test, desc=f"embed ({label})", max_samples=ev.max_samples,
+                                           **self.common)
+        if (labels < 0).all():
+            raise ConfigError(f"The evaluation shards at '{self.spec}' carry no labels ('{self.cfg.data.labels}' "
+                              "field); point eval.shards (or --shards) at labelled shards.")
+        self.classes = self.classes or [str(c) for c in range(int(labels.max()) + 1)]
+        train = None
+        if self.train_set is not None:
+            tx, ty, _ = embed_shards(fn, self.train_set, desc=f"embed probe set ({label})",
+                                     max_samples=ev.probe_samples, **self.common)
+            train = (tx, ty)
+        if not dist.is_main_process():  # every rank embeds its share; the main process scores them all
+            return None
+        if name == "morphology":  # features of different units: z-scores (with the evaluated set's statistics)
+            feats, *probe_feats = standardize(feats, *([train[0]] if train is not None else []))
+            train = (probe_feats[0], train[1]) if train is not None else None
+        block, extra = _score(feats, labels, train, ev, classes=self.classes, seed=self.cfg.run.seed,
+                              normalize=ev.normalize and name not in ("raw_pixels", "morphology"))
+        # raw pixels of a large set are big: only the trained encoder's features are kept
+        arrays = {"feats": feats, "labels": labels, "keys": keys, "classes": self.classes, **extra} \
+            if name == "trained" else {}
+        return block, arrays
 
 
 def _figures(run_dir: Path, cfg: Config, test: ShardSet, kept: dict[str, Any], method: torch.nn.Module) -> list[dict]:
@@ -222,7 +204,7 @@ def _write(out: Path, results: dict[str, Any], kept: dict[str, Any]) -> None:
 
 def format_table(results: dict[str, Any]) -> str:
     """One text table: the trained encoder and the baselines, clustering, kNN and probe side by side."""
-    momentum = results.get("method") in ("CCRL", "SUPCAM")  # the methods with a momentum encoder
+    momentum = results.get("momentum_encoder", results.get("method") in ("CCRL", "SUPCAM"))  # older metrics.json: by name
     name = results.get("method", "trained")
     rows = [(f"{name} ({results['encoder']} encoder)" if momentum else name, results)]
     for key, label in (("random_init", "random-init backbone"), ("raw_pixels", "raw pixels"),

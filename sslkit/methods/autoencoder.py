@@ -22,11 +22,11 @@ from torch import Tensor, nn
 
 from sslkit.config import Config, ConfigError
 from sslkit.data.augment import MEAN, STD
-from sslkit.methods.base import StepOutput, register
-from sslkit.models.autoencoders import Autoencoder as Net, create_autoencoder
+from sslkit.methods.base import Exported, Method, StepOutput, register
+from sslkit.models.autoencoders import Autoencoder as Net, create_autoencoder, timm_encoder
 
 
-class AutoencoderMethod(nn.Module):
+class AutoencoderMethod(Method):
     def __init__(self, *, net: Net, flips: bool = False, vflip: bool = True) -> None:
         super().__init__()
         self.net = net
@@ -67,11 +67,16 @@ class AutoencoderMethod(nn.Module):
         """The encoder: (B, C, H, W) in [0, 1] -> (B, num_features)."""
         return self.net.encoder
 
+    def export_spec(self, cfg: Config, encoder: str = "query") -> Exported:
+        """The encoder as a timm model; it takes [0, 1] images (``embed`` maps (x - 0.5) / 0.5 back)."""
+        module, name, kwargs = timm_encoder(self.net)
+        return Exported(module, name, kwargs, cfg.data.channels, 0.0, 1.0)
+
 
 _OWN_KWARGS = {"fc": {"hidden"}, "conv": {"widths"}, "conv_pool": {"widths"}}  # resnet: backbone + timm arguments
 
 
-@register("autoencoder")
+@register("autoencoder", AutoencoderMethod)
 def build_autoencoder(cfg: Config) -> AutoencoderMethod:
     """Input channels and size from data.channels and data.size (the reconstruction's shape).
 

@@ -1,39 +1,54 @@
-"""The method protocol and registry.
+"""The method contract: what the engine, evaluation, export and reports need of a training method.
 
-A method is an ``nn.Module`` assembled from a backbone, ``MLPHead``s, a
-``MomentumEncoder`` and a ``KeyQueue``; there is no base class to inherit from.
-It provides:
+A method is a :class:`Method`, an ``nn.Module`` assembled from a backbone, ``MLPHead``s and,
+for momentum methods, a ``MomentumEncoder`` and a ``KeyQueue``. It states only what differs
+from the defaults below.
 
+Capabilities (class attributes, read without building the method):
+
+- ``momentum_encoder``: ``embed(encoder="momentum")`` reads an EMA copy that differs from the
+  query encoder (CCRL, SupCAM); export and evaluation then offer both encoders.
+- ``has_classifier``: ``predict`` and ``classifier_net`` give class probabilities and logits
+  (SCL, fine-tuning); ``sslkit evaluate`` then scores the head too and draws Grad-CAM.
+- ``needs_class_count``: ``method.num_classes`` is filled in from the shards' manifest when 0.
+- ``worker_views``: the method takes the two views that ``data.views.backend: pil`` makes in
+  the loader workers (two-view methods); the others make their inputs in ``prepare``.
+
+Hooks:
+
+- ``check_config(cfg)`` (class method): the method's own config rules, raising ConfigError;
+  ``sslkit.config.validate`` calls it after the checks every method shares.
+- ``untrained_config(cfg)`` (class method): the config of the random-initialisation baseline
+  (fine-tuning drops its pretrained weights there).
 - ``prepare(batch, generator) -> batch``: the loader's batch, on the training device, turned
-  into this method's inputs. With the tensor back-end the batch holds uint8 ``image``s
-  (B, C, H, W) and ``label``s; a method makes its views here (two views for CCRL and
-  SimCLR, composites for SupCAM, one view for SCL, the plain image for an autoencoder),
-  drawing every random number from ``generator`` so a resumed run repeats a straight one.
-- ``forward(batch) -> StepOutput(loss, logs)``: one training step's loss. The engine
-  calls the (possibly DDP-wrapped) module, so gradient synchronisation works.
+  into this method's inputs (views, composites), every random number drawn from ``generator``
+  so a resumed run repeats a straight one.
+- ``forward(batch) -> StepOutput(loss, logs)``: one training step's loss. The engine calls
+  the (possibly DDP-wrapped) module, so gradient synchronisation works.
 - ``after_optimizer_step(step)``: momentum update and queue push, after ``optimizer.step()``.
-- ``skip_step()`` (optional): forget what ``forward`` staged for ``after_optimizer_step``;
-  called instead of it when the engine skips a step with a non-finite loss or gradient.
+- ``skip_step()``: forget what ``forward`` staged for ``after_optimizer_step``; called
+  instead of it when the engine skips a step with a non-finite loss or gradient.
+- ``encoder_module(encoder)``: the module ``embed(..., features="backbone")`` runs.
 - ``embed(images, encoder=..., features=...) -> (N, D)``: features for evaluation, from
-  normalised images as ``eval_loader`` yields them. ``encoder`` is "momentum" or "query"
-  (methods without a momentum encoder have only one); ``features`` "backbone" or
+  normalised images as the evaluation loader yields them; ``features`` is "backbone" or
   "projector" (the method's head output).
-- ``backbone``: the module that ``sslkit finetune`` and export take.
+- ``export_spec(cfg, encoder) -> Exported``: the module ``sslkit export`` writes, as a timm model.
+- ``backbone``: the network ``sslkit finetune`` takes.
 
-``build_method(cfg)`` imports ``sslkit.methods.<name>`` for ``cfg.method.name``; the
-module registers its builder with ``@register(name)``.
+A new method is one module: subclass ``Method``, write a builder ``cfg -> method`` and register
+it with ``@register(name, cls)``; see ``tests/methods/test_contract.py`` for a complete one.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
-from sslkit.config import CHOICES, Config, ConfigError
-from sslkit.data.augment import BatchViews
+from sslkit.config import Config
+from sslkit.data.augment import MEAN, STD, BatchViews
+from sslkit.methods.registry import add as _add, entry as _entry
 
 
 class StepOutput(NamedTuple):
@@ -41,24 +56,100 @@ class StepOutput(NamedTuple):
     logs: dict[str, Tensor]
 
 
-_REGISTRY: dict[str, Callable[[Config], nn.Module]] = {}
+class Exported(NamedTuple):
+    """What ``sslkit export`` writes: a timm model and how to feed it."""
+
+    module: nn.Module  # the backbone: (B, C, H, W) normalised with mean/std -> (B, num_features)
+    architecture: str  # timm model name
+    kwargs: dict[str, Any]  # timm.create_model kwargs besides in_chans and num_classes
+    in_chans: int
+    mean: float  # per channel, the same for every channel
+    std: float
 
 
-def register(name: str) -> Callable[[Callable[[Config], nn.Module]], Callable[[Config], nn.Module]]:
-    def wrap(builder: Callable[[Config], nn.Module]) -> Callable[[Config], nn.Module]:
-        _REGISTRY[name] = builder
-        return builder
+class Method(nn.Module):
+    """Base class of the training methods; see the module docstring for the contract."""
+
+    backbone: nn.Module  # a submodule or a property: the network fine-tuning takes and export writes by default
+
+    momentum_encoder: ClassVar[bool] = False
+    has_classifier: ClassVar[bool] = False
+    needs_class_count: ClassVar[bool] = False
+    worker_views: ClassVar[bool] = False
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Raise ConfigError for settings this method cannot train with (nothing by default)."""
+
+    @classmethod
+    def untrained_config(cls, cfg: Config) -> Config:
+        """The config that builds this method's random-initialisation baseline."""
+        return cfg
+
+    def prepare(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
+        return batch
+
+    def forward(self, batch: dict[str, Any]) -> StepOutput:
+        raise NotImplementedError(f"{type(self).__name__} must define forward(batch) -> StepOutput")
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Nothing to update by default (no momentum encoder, no queue)."""
+
+    def skip_step(self) -> None:
+        """Nothing staged by default."""
+
+    def encoder_module(self, encoder: str = "query") -> nn.Module:
+        """The module that ``embed(..., encoder=encoder, features="backbone")`` runs."""
+        return self.backbone
+
+    @torch.no_grad()
+    def embed(self, images: Tensor, *, encoder: str = "query", features: str = "backbone") -> Tensor:
+        """(N, C, H, W) -> (N, D) backbone features (methods with a head override this for "projector")."""
+        if features != "backbone":
+            raise ValueError(f"{type(self).__name__} has no projector features; use eval.features=backbone.")
+        return self.encoder_module(encoder)(images)
+
+    def classifier_net(self) -> Optional[nn.Module]:
+        """images -> logits, with gradients through the backbone (Grad-CAM); None without a classifier."""
+        return None
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> Tensor:
+        """(N, C, H, W) -> (N, K) class probabilities of the classifier head."""
+        net = self.classifier_net()
+        if net is None:
+            raise TypeError(f"{type(self).__name__} has no classifier head.")
+        return net(images).float().softmax(dim=1)
+
+    def export_spec(self, cfg: Config, encoder: str = "query") -> Exported:
+        """The backbone ``embed`` runs, described as the timm model of ``cfg.model``, fed like evaluation."""
+        m = cfg.model
+        return Exported(self.encoder_module(encoder), m.backbone, dict(m.backbone_kwargs), m.in_chans, MEAN, STD)
+
+
+Builder = Callable[[Config], Method]
+
+
+def register(name: str, cls: type[Method]) -> Callable[[Builder], Builder]:
+    """Decorate a builder ``cfg -> cls instance`` to make ``method.name=name`` train it."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"register('{name}', ...) takes a Method subclass, got {cls!r}.")
+
+    def wrap(build: Builder) -> Builder:
+        _add(name, cls, build)
+        return build
 
     return wrap
 
 
-def build_method(cfg: Config) -> nn.Module:
+def method_class(name: str) -> type[Method]:
+    """The class registered as ``name`` (its capabilities and checks), without building it."""
+    return _entry(name).cls
+
+
+def build_method(cfg: Config) -> Method:
     """Build ``cfg.method.name`` from the whole config (it reads model and method sections)."""
-    name = cfg.method.name
-    if name not in CHOICES["method.name"]:
-        raise ConfigError(f"Unknown method '{name}' (method.name); choose one of {', '.join(CHOICES['method.name'])}.")
-    importlib.import_module(f"sslkit.methods.{name}")  # registers itself
-    return _REGISTRY[name](cfg)
+    return _entry(cfg.method.name).build(cfg)
 
 
 class TwoViewInputs:

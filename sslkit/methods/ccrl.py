@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslkit import dist
-from sslkit.config import Config
+from sslkit.config import Config, ConfigError
 from sslkit.losses import info_nce
 from sslkit.methods.base import StepOutput, TwoViewInputs, register
 from sslkit.methods.momentum_contrast import MomentumContrast
@@ -24,6 +24,14 @@ from sslkit.models import MLPHead, create_backbone
 
 
 class CCRL(MomentumContrast):
+    worker_views = True
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if cfg.method.use_predictor and cfg.model.predictor[1] != cfg.model.projector[1]:
+            raise ConfigError(f"Config key 'model.predictor' must end at the projector's size "
+                              f"{cfg.model.projector[1]}, got {cfg.model.predictor[1]}.")
+
     def __init__(
         self, *, backbone: nn.Module, projector: nn.Module, predictor: nn.Module | None,
         queue_size: int, key_dim: int, tau: float, momentum: float, in_batch_negatives: bool,
@@ -58,7 +66,7 @@ class CCRL(MomentumContrast):
         return StepOutput(loss, {"loss": loss.detach(), "pos_sim": pos_sim, "queue_filled": self.queue.filled.float()})
 
 
-@register("ccrl")
+@register("ccrl", CCRL)
 def build_ccrl(cfg: Config) -> CCRL:
     m = cfg.model
     backbone = create_backbone(m.backbone, in_chans=m.in_chans, **m.backbone_kwargs)

@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from sslkit.config import Config, ConfigError, from_dict, validate
+from sslkit.config import Config, ConfigError, apply_overrides, validate
+from sslkit.errors import MissingInput
 from sslkit.data.augment import BatchViews, normalize
-from sslkit.methods.base import StepOutput, register
+from sslkit.methods.base import Method, StepOutput, register
 from sslkit.models import create_backbone
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,15 @@ class ClassifierInputs:
         return {"input": normalize(x), "label": label}
 
 
-class Finetune(nn.Module):
+class Finetune(Method):
+    has_classifier = True
+    needs_class_count = True
+
+    @classmethod
+    def untrained_config(cls, cfg: Config) -> Config:
+        """The run's config points at its pretrained weights: the random baseline must not load them."""
+        return apply_overrides(cfg, ["finetune.init=null"])
+
     def __init__(
         self, *, backbone: nn.Module, num_classes: int, label_smoothing: float = 0.0,
         freeze_backbone: bool = False, inputs: ClassifierInputs | None = None,
@@ -116,6 +125,10 @@ class Finetune(nn.Module):
         """(N, C, H, W) -> (N, D) backbone features, or (N, K) logits with ``features="projector"``."""
         return self.backbone(images) if features == "backbone" else self.logits(images)
 
+    def classifier_net(self) -> nn.Module:
+        """images -> logits with gradients through the backbone even when fine-tuning froze it (Grad-CAM)."""
+        return nn.Sequential(self.backbone, self.head)
+
     @torch.no_grad()
     def predict(self, images: Tensor) -> Tensor:
         """(N, C, H, W) -> (N, K) class probabilities."""
@@ -138,30 +151,30 @@ def _init_kind(init: str) -> str:
                       ".safetensors backbone file; point it at one of those, or null to train from scratch.")
 
 
-def run_config(run_dir: str | Path) -> Config:
-    """The stored config of a pretraining run's newest checkpoint (nothing is built)."""
-    from sslkit.checkpoint import latest_checkpoint, read_state
+def _init_run_config(run_dir: str | Path) -> Config:
+    """The stored config of the pretraining run ``finetune.init`` names (nothing is built)."""
+    from sslkit.rundir import stored_config
 
-    path = latest_checkpoint(Path(run_dir) / "checkpoints")
-    if path is None:
+    try:
+        return stored_config(run_dir)
+    except MissingInput:
         raise ConfigError(f"Config key 'finetune.init' is '{run_dir}', which has no complete checkpoint under "
-                          "checkpoints/; pretrain it first or point finetune.init at another run.")
-    return from_dict(read_state(path)["config"])
+                          "checkpoints/; pretrain it first or point finetune.init at another run.") from None
 
 
 def pretrained_backbone_state(init: str) -> dict[str, Tensor]:
     """The backbone state dict that ``finetune.init`` names (a run directory or a safetensors file)."""
     if _init_kind(init) == "file":
         return load_file(init)
-    from sslkit.evaluate.run import load_trained
+    from sslkit.rundir import load_trained
 
-    run_config(init)  # a clear error when the run has no checkpoint
+    _init_run_config(init)  # a clear error when the run has no checkpoint
     with torch.random.fork_rng(devices=[]):  # building the pretrained method must not move our RNG
         _, method, _ = load_trained(Path(init))
     return {k: v.detach().clone() for k, v in method.backbone.state_dict().items()}
 
 
-def load_backbone(backbone: nn.Module, init: str, *, model_desc: str) -> None:
+def load_pretrained_weights(backbone: nn.Module, init: str, *, model_desc: str) -> None:
     """Load ``init`` into ``backbone`` exactly (strict), or raise ConfigError in one sentence."""
     state = pretrained_backbone_state(init)
     try:
@@ -176,7 +189,7 @@ def _pretrained_model(init: str) -> dict[str, Any]:
     """What built the pretrained backbone: a run directory's model section, or the metadata that
     ``sslkit export`` writes into a .safetensors file (a file without it keeps the recipe's model)."""
     if _init_kind(init) == "run":
-        stored = run_config(init)
+        stored = _init_run_config(init)
         return {**{key: getattr(stored.model, key) for key in MODEL_KEYS}, "size": stored.data.size}
     from safetensors import safe_open
 
@@ -238,7 +251,7 @@ def finetune_config(cfg: Config) -> tuple[Config, list[str]]:
     return cfg, notes
 
 
-@register("finetune")
+@register("finetune", Finetune)
 def build_finetune(cfg: Config) -> Finetune:
     m, ft = cfg.model, cfg.finetune
     if cfg.method.num_classes < 1:
@@ -253,7 +266,7 @@ def build_finetune(cfg: Config) -> Finetune:
         # Rebuilding a fine-tuned run (resume, evaluation) loads its own checkpoint next.
         log.warning("finetune.init '%s' does not exist; the backbone keeps its random initialisation.", ft.init)
     else:
-        load_backbone(method.backbone, ft.init,
+        load_pretrained_weights(method.backbone, ft.init,
                       model_desc=f"model.backbone={m.backbone} with {m.backbone_kwargs} and in_chans={m.in_chans}")
         log.info("Loaded the backbone from %s.", ft.init)
     return method

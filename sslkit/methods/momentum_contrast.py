@@ -17,10 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslkit import dist
+from sslkit.methods.base import Method
 from sslkit.models import KeyQueue, MomentumEncoder
 
 
-class MomentumContrast(nn.Module):
+class MomentumContrast(Method):
+    momentum_encoder = True
+
     def __init__(self, encoder: nn.Module, *, queue_size: int, key_dim: int, momentum: float,
                  shuffle_bn: bool = False) -> None:
         super().__init__()
@@ -63,6 +66,9 @@ class MomentumContrast(nn.Module):
         features, or the encoder's head output with ``features="projector"``."""
         net = self.key_encoder.ema if encoder == "momentum" else self.encoder
         return net.backbone(images) if features == "backbone" else net(images)
+
+    def encoder_module(self, encoder: str = "momentum") -> nn.Module:
+        return self.key_encoder.ema.backbone if encoder == "momentum" else self.encoder.backbone
 
     @property
     def backbone(self) -> nn.Module:

@@ -26,11 +26,23 @@ from torch import Tensor, nn
 from sslkit.config import Config, ConfigError
 from sslkit.data.augment import BatchViews, normalize
 from sslkit.losses import focal, similarity_focal
-from sslkit.methods.base import StepOutput, register
+from sslkit.methods.base import Method, StepOutput, register
 from sslkit.models import create_backbone
 
 
-class SCL(nn.Module):
+class SCL(Method):
+    has_classifier = True
+    needs_class_count = True
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        balanced = cfg.data.balanced
+        if balanced.classes < 1 or balanced.per_class != 2:
+            raise ConfigError(f"Method 'scl' pairs two batches of P classes: set data.balanced.classes=P (> 0) and "
+                              f"data.balanced.per_class=2 (got {balanced.classes} and {balanced.per_class}).")
+        if cfg.method.scale_init <= 0:
+            raise ConfigError(f"Config key 'method.scale_init' must be positive, got {cfg.method.scale_init}.")
+
     def __init__(
         self, *, backbone: nn.Module, embed_dim: int, num_classes: int, classes_per_group: int,
         scale_init: float, gamma: float, con_weight: float, cls_weight: float, views: BatchViews | None = None,
@@ -102,27 +114,22 @@ class SCL(nn.Module):
         x = self.encoder.backbone(images)
         return x if features == "backbone" else self.encoder.embedding(x)
 
-    @torch.no_grad()
-    def predict(self, images: Tensor) -> Tensor:
-        """(N, C, H, W) -> (N, num_classes) class probabilities of the classification head."""
-        return self.classifier(self.encoder(images)).float().softmax(dim=1)
+    def classifier_net(self) -> nn.Module:
+        """images -> logits: backbone -> embedding E -> classification head."""
+        return nn.Sequential(self.encoder, self.classifier)
 
     @property
     def backbone(self) -> nn.Module:
         return self.encoder.backbone
 
 
-@register("scl")
+@register("scl", SCL)
 def build_scl(cfg: Config) -> SCL:
+    SCL.check_config(cfg)  # also here: tests and scripts build without loading a config
     balanced, method = cfg.data.balanced, cfg.method
-    if balanced.classes < 1 or balanced.per_class != 2:
-        raise ConfigError(f"Method 'scl' pairs two batches of P classes: set data.balanced.classes=P (> 0) and "
-                          f"data.balanced.per_class=2 (got {balanced.classes} and {balanced.per_class}).")
     if method.num_classes < 1:
         raise ConfigError("Method 'scl' needs the classifier's size: set method.num_classes (the engine fills it "
                           "in from the shards' manifest when it names the classes).")
-    if method.scale_init <= 0:
-        raise ConfigError(f"Config key 'method.scale_init' must be positive, got {method.scale_init}.")
     m = cfg.model
     backbone = create_backbone(m.backbone, in_chans=m.in_chans, **m.backbone_kwargs)
     return SCL(

@@ -26,11 +26,13 @@ from torch import Tensor, nn
 from sslkit import dist
 from sslkit.config import Config
 from sslkit.losses import nt_xent
-from sslkit.methods.base import StepOutput, TwoViewInputs, register
+from sslkit.methods.base import Method, StepOutput, TwoViewInputs, register
 from sslkit.models import MLPHead, create_backbone
 
 
-class SimCLR(nn.Module):
+class SimCLR(Method):
+    worker_views = True
+
     def __init__(self, *, backbone: nn.Module, projector: nn.Module, tau: float,
                  inputs: TwoViewInputs | None = None) -> None:
         super().__init__()
@@ -67,7 +69,7 @@ class SimCLR(nn.Module):
         return self.encoder.backbone
 
 
-@register("simclr")
+@register("simclr", SimCLR)
 def build_simclr(cfg: Config) -> SimCLR:
     m = cfg.model
     backbone = create_backbone(m.backbone, in_chans=m.in_chans, **m.backbone_kwargs)

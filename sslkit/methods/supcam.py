@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslkit import dist
-from sslkit.config import Config
+from sslkit.config import Config, ConfigError
 from sslkit.data.augment import BatchViews, normalize
 from sslkit.data.compose import compose
 from sslkit.losses import self_margin, supcon
@@ -100,6 +100,17 @@ class CompositeInputs:
 
 
 class SupCAM(MomentumContrast):
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        roles = cfg.method.roles
+        unknown = sorted(set(roles) - {"I", "T", "O", "TO"})
+        if unknown:
+            raise ConfigError(f"Config key 'method.roles' holds {unknown}; each class's role is one of I, T, O, TO.")
+        for role, label in cfg.method.composite.items():
+            if role not in ("T", "O", "TO") or not 0 <= label < len(roles):
+                raise ConfigError(f"Config key 'method.composite' maps '{role}' to {label}; map T, O or TO to a "
+                                  f"class index below {len(roles)} (the length of method.roles).")
+
     def __init__(self, *, encoder: nn.Module, queue_size: int, key_dim: int, tau: float, momentum: float,
                  margin: float, use_self_margin: bool, inputs: CompositeInputs | None = None,
                  shuffle_bn: bool = False) -> None:
@@ -138,7 +149,7 @@ class SupCAM(MomentumContrast):
         return StepOutput(loss, logs)
 
 
-@register("supcam")
+@register("supcam", SupCAM)
 def build_supcam(cfg: Config) -> SupCAM:
     m = cfg.model
     backbone = create_backbone(m.backbone, in_chans=m.in_chans, **m.backbone_kwargs)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sslkit.cli import recipe_path
+from sslkit.config import recipe_path
 from sslkit.config import load_config
 from sslkit.data.remote import RemoteError, RemoteNotFound, open_shard
 from sslkit.data.stream import eval_loader, resolve_shards

@@ -6,7 +6,7 @@ import pytest
 from safetensors.torch import load_file
 
 from sslkit.checkpoint import latest_checkpoint
-from sslkit.cli import recipe_path
+from sslkit.config import recipe_path
 from sslkit.config import load_config
 from sslkit.engine import train
 

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from sslkit.checkpoint import latest_checkpoint
-from sslkit.cli import recipe_path
+from sslkit.config import recipe_path
 from sslkit.config import ConfigError, load_config
 from sslkit.engine import train
 from sslkit.methods import build_method

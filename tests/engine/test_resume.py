@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from sslkit.checkpoint import complete_checkpoints, latest_checkpoint
-from sslkit.cli import recipe_path
+from sslkit.config import recipe_path
 from sslkit.config import load_config
 from sslkit.engine import train
 

@@ -11,10 +11,11 @@ from PIL import Image
 from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score
 
 from chromium import needs_chromium, render_and_check
-from sslkit.cli import main, recipe_path
-from sslkit.config import ConfigError, load_config
+from sslkit.cli import main
+from sslkit.config import ConfigError, load_config, recipe_path
 from sslkit.engine import train
-from sslkit.evaluate.run import eval_shards_spec, evaluate_run
+from sslkit.evaluate.run import evaluate_run
+from sslkit.rundir import eval_shards
 from sslkit.sharding.synthetic import make_synthetic
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,11 +116,11 @@ def test_split_resolution(tmp_path):
     for split in ("train", "val", "test"):
         (tmp_path / "set" / split).mkdir(parents=True)
         (tmp_path / "set" / split / "manifest.json").write_text("{}")
-    assert eval_shards_spec(cfg) == str(tmp_path / "set" / "test")
-    assert eval_shards_spec(cfg, split="val") == str(tmp_path / "set" / "val")  # the sibling split
-    assert eval_shards_spec(cfg, shards=str(tmp_path / "set"), split="train") == str(tmp_path / "set" / "train")
+    assert eval_shards(cfg) == str(tmp_path / "set" / "test")
+    assert eval_shards(cfg, split="val") == str(tmp_path / "set" / "val")  # the sibling split
+    assert eval_shards(cfg, shards=str(tmp_path / "set"), split="train") == str(tmp_path / "set" / "train")
     with pytest.raises(ConfigError, match="No split 'holdout'"):
-        eval_shards_spec(cfg, split="holdout")
+        eval_shards(cfg, split="holdout")
 
 
 @pytest.mark.slow

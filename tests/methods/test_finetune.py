@@ -11,14 +11,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from sslkit.cli import main, recipe_path
+from sslkit.cli import main
+from sslkit.config import recipe_path
 from sslkit.config import ConfigError, OptimConfig, load_config
 from sslkit.data.augment import normalize
 from sslkit.data.stream import resolve_shards
 from sslkit.embed import embed_shards
 from sslkit.engine import train
 from sslkit.evaluate.metrics import classification_metrics
-from sslkit.evaluate.run import load_trained
+from sslkit.rundir import load_trained
 from sslkit.methods import build_method
 from sslkit.methods.finetune import finetune_config
 from sslkit.optim import build_lr_schedule, build_optimizer

@@ -250,7 +250,7 @@ def test_training_on_real_clusters_lowers_the_loss_and_beats_random_init(cluster
     from accelerate.utils import set_seed
 
     from sslkit.engine import train
-    from sslkit.evaluate.run import load_trained
+    from sslkit.rundir import load_trained
 
     steps = STEPS_REAL
     cfg = load_config(ROOT / "configs" / "supcam-cpu.yaml", [
