@@ -55,7 +55,7 @@ def _cmd_shard_synthetic(args: argparse.Namespace) -> None:
 
 
 def _cmd_shard_verify(args: argparse.Namespace) -> None:
-    from sslkit.sharding.manifest import verify_shards
+    from sslkit.sharding.core.verify import verify_shards
 
     report = verify_shards(args.folder)
     print(json.dumps(report, indent=2))

@@ -34,7 +34,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from sslkit.sharding.imaging import centre_on
+from sslkit.sharding.core.imaging import centre_on
 
 ROLES = ("I", "T", "O", "TO")
 TABLES = ("middle", "light", "heavy", "none")

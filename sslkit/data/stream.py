@@ -64,9 +64,9 @@ from sslkit.config import DataConfig, check_balanced
 from sslkit.data.augment import build_decode_transform, build_eval_transform
 from sslkit.data.balanced import BalancedBatches
 from sslkit.data.remote import RETRIES, RemoteError, open_shard, read_json
-from sslkit.sharding.manifest import FORMAT as MANIFEST_FORMAT
-from sslkit.sharding.manifest import MANIFEST_NAME, ManifestError, StrictTarInfo, class_names, parse_manifest
-from sslkit.errors import MissingInput
+from sslkit.errors import ManifestError, MissingInput
+from sslkit.shardformat import FORMAT as MANIFEST_FORMAT
+from sslkit.shardformat import MANIFEST_NAME, StrictTarInfo, class_names, parse_manifest
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from sslkit.config import Config, ConfigError
 from sslkit.data.stream import ShardSet, resolve_shards
 from sslkit.embed import embed_shards
 from sslkit.evaluate.metrics import classification_metrics
-from sslkit.sharding.manifest import write_json
+from sslkit.atomic import write_json
 
 PROBE_KEYS = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc")
 

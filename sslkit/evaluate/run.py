@@ -32,7 +32,7 @@ from sslkit.evaluate.morphology import morphology_features, standardize
 from sslkit.evaluate.overlap import training_overlap
 from sslkit.evaluate.probe import PROBE_KEYS, cv_probe, linear_probe
 from sslkit.methods import build_method
-from sslkit.sharding.manifest import write_json
+from sslkit.atomic import write_json
 from sslkit.errors import MissingInput
 
 Embedder = Callable[[torch.Tensor], torch.Tensor]

@@ -12,8 +12,8 @@ from sslkit.config import ConfigError, load_config
 from sslkit.engine import train
 from sslkit.evaluate.run import evaluate_run
 from sslkit.methods import build_method
-from sslkit.sharding.cells import CellSource
-from sslkit.sharding.runner import run_source
+from sslkit.sharding.cells.command import CellSource
+from sslkit.sharding.core.runner import run_source
 
 from two_process import compare
 

@@ -194,7 +194,7 @@ def test_short_run_on_gband_chromosomes_beats_random_init(tmp_path: Path) -> Non
         pytest.skip(f"{GBAND.name} is not in ../shared/data")
     from sslkit.engine import train
     from sslkit.evaluate.run import evaluate_run
-    from sslkit.sharding.folder import shard_folder
+    from sslkit.sharding.folder.command import shard_folder
 
     src_train, src_test = _extract(GBAND, tmp_path / "src", train=16, test=8)
     for name, src in (("train", src_train), ("test", src_test)):

@@ -6,7 +6,7 @@ import os
 import signal
 from typing import Iterable
 
-from sslkit.sharding.source import Progress, Sample, Unit, UnitError
+from sslkit.sharding.core.source import Progress, Sample, Unit, UnitError
 from sslkit.sharding.synthetic import SyntheticSource
 
 

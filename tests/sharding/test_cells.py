@@ -15,11 +15,18 @@ import tifffile
 from PIL import Image
 
 from sslkit.config import ConfigError
-from sslkit.sharding.annotations import nuclei_from_map
-from sslkit.sharding.cells import CellSource, add_parser, crop_window, cut_window, raw_class_map, read_class_map
-from sslkit.sharding.imaging import resize, to_uint8
-from sslkit.sharding.runner import run_source
-from sslkit.sharding.source import Progress, UnitError
+from sslkit.sharding.cells.annotations import nuclei_from_map
+from sslkit.sharding.cells.command import (
+    CellSource,
+    add_parser,
+    crop_window,
+    cut_window,
+    raw_class_map,
+    read_class_map,
+)
+from sslkit.sharding.core.imaging import resize, to_uint8
+from sslkit.sharding.core.runner import run_source
+from sslkit.sharding.core.source import Progress, UnitError
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -302,7 +309,7 @@ def test_nucls_without_a_type_column_writes_unlabelled_crops(tmp_path: Path,
     _save_png(tmp_path / "rgb" / "t.png", _image(30, 30))
     (tmp_path / "csv").mkdir()
     (tmp_path / "csv" / "t.csv").write_text("xmin,ymin,xmax,ymax\n1,1,9,9\n10,10,20,20\n")
-    with caplog.at_level("WARNING", logger="sslkit.sharding.cells"):
+    with caplog.at_level("WARNING", logger="sslkit.sharding.cells.command"):
         source = CellSource(fmt="nucls", input=tmp_path, size=8)
     assert source.class_map.name == "none" and source.classes is None
     assert "No nucleus types" in caplog.text and "csv/t.csv" in caplog.text and "--class-column" in caplog.text
@@ -386,7 +393,7 @@ def test_raw_class_map_orders_numbers_then_names_naturally() -> None:
 
 
 def test_packaged_class_maps() -> None:
-    from sslkit.sharding.cells import CLASSMAPS
+    from sslkit.sharding.cells.command import CLASSMAPS
 
     maps = {p.stem: read_class_map(p) for p in CLASSMAPS.glob("*.yaml")}
     assert maps["consep7"].classes == maps["consep4"].classes

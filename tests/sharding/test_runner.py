@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from sslkit.sharding.journal import JOURNAL_DIR
-from sslkit.sharding.manifest import read_manifest, verify_shards
-from sslkit.sharding.runner import launch_rank, partition, run_source
-from sslkit.sharding.source import Unit
+from sslkit.shardformat import read_manifest
+from sslkit.sharding.core.journal import JOURNAL_DIR
+from sslkit.sharding.core.runner import launch_rank, partition, run_source
+from sslkit.sharding.core.source import Unit
+from sslkit.sharding.core.verify import verify_shards
 from sslkit.sharding.synthetic import SyntheticSource
 
 sys.path.insert(0, str(Path(__file__).parent))  # spawned workers import the test sources by name
@@ -60,7 +61,7 @@ def test_rerun_of_a_finished_job_does_nothing_and_keeps_the_manifest(tmp_path: P
 
 _JOB = """
 import sys
-from sslkit.sharding.runner import run_source
+from sslkit.sharding.core.runner import run_source
 from sslkit.sharding.synthetic import SyntheticSource
 run_source(SyntheticSource(num_samples=int(sys.argv[2]), chunk=50, seed=7), sys.argv[1],
            workers=int(sys.argv[3]), shard_size=40, progress=False)

@@ -17,8 +17,8 @@ from sslkit.cli import main
 from sslkit.config import ConfigError
 from sslkit.data.stream import resolve_shards
 from sslkit.evaluate.overlap import training_overlap
-from sslkit.sharding.source import Unit
-from sslkit.sharding.splits import assign_units, unit_groups
+from sslkit.sharding.core.source import Unit
+from sslkit.sharding.core.splits import assign_units, unit_groups
 
 CONSEP = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "consep-tiles" / "Train"
 

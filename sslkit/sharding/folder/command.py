@@ -1,6 +1,6 @@
 """Image folders as shards: labels from class folders, a CSV or a regex; group-wise splits.
 
-How files, labels, groups, classes and splits are worked out: ``sslkit.sharding.folder_plan``.
+How files, labels, groups, classes and splits are worked out: ``sslkit.sharding.folder.plan``.
 Images are padded to a square on the background (``--pad-value auto``: the median of the
 border pixels) and resized to ``--size``, never stretched. A unit is a run of
 ``--unit-files`` consecutive files (path order, or CSV order).
@@ -18,15 +18,31 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from sslkit.atomic import write_json
 from sslkit.config import ConfigError
-from sslkit.sharding.folder_plan import FolderPlan, Item, plan_folder, report_lines, split_plan
-from sslkit.sharding.splits import add_split_args, default_names, list_arg, split_from_args
-from sslkit.sharding.stain import StainNormalizer, add_stain_args, stain_from_args
-from sslkit.sharding.imaging import IMAGE_EXTENSIONS, border_value, pad_to_square, read_image, resize
-from sslkit.sharding.manifest import write_json
-from sslkit.sharding.source import Progress, Sample, Unit
 from sslkit.errors import MissingInput
-
+from sslkit.sharding.core.imaging import (
+    IMAGE_EXTENSIONS,
+    border_value,
+    pad_to_square,
+    read_image,
+    resize,
+)
+from sslkit.sharding.core.source import Progress, Sample, Unit
+from sslkit.sharding.core.splits import (
+    add_split_args,
+    default_names,
+    list_arg,
+    split_from_args,
+)
+from sslkit.sharding.core.stain import StainNormalizer, add_stain_args, stain_from_args
+from sslkit.sharding.folder.plan import (
+    FolderPlan,
+    Item,
+    plan_folder,
+    report_lines,
+    split_plan,
+)
 
 INVERT = ("no", "yes", "auto")
 
@@ -147,7 +163,7 @@ def shard_folder(root: str | Path, out: str | Path, *, size: int, channels: int 
     ``OUT/splits.json`` is written only after every split's ``run_source`` has accepted the
     folder's recorded settings and run, so a refused run (another ``seed``) leaves it as it was.
     """
-    from sslkit.sharding.runner import run_source
+    from sslkit.sharding.core.runner import run_source
 
     _check_options(size, channels, pad_value, unit_files, invert)
     plan = plan_folder(root, csv_path=csv_path, label_regex=label_regex, group_regex=group_regex,
@@ -169,7 +185,7 @@ def shard_folder(root: str | Path, out: str | Path, *, size: int, channels: int 
 
 
 def _cmd_folder(args: argparse.Namespace) -> None:
-    from sslkit.sharding.runner import exit_on_failures, runner_kwargs
+    from sslkit.sharding.core.runner import exit_on_failures, runner_kwargs
 
     split, split_names = split_from_args(args)
     pad = int(args.pad_value) if args.pad_value.isdigit() else args.pad_value
@@ -202,7 +218,7 @@ _EPILOG = """examples:
 
 def add_parser(shard_sub: Any) -> argparse.ArgumentParser:
     """Add ``sslkit shard folder`` to the ``sslkit shard`` sub-parsers."""
-    from sslkit.sharding.runner import add_runner_args
+    from sslkit.sharding.core.runner import add_runner_args
 
     p = shard_sub.add_parser("folder", help="image folders: class sub-folders, a CSV or regex labels, "
                              "group-wise splits", description=__doc__, epilog=_EPILOG,

@@ -1,6 +1,6 @@
 """Planning an image-folder import: which files, which labels and groups, which split.
 
-Nothing is decoded here; ``sslkit.sharding.folder`` turns a plan into shards.
+Nothing is decoded here; ``sslkit.sharding.folder.command`` turns a plan into shards.
 
     sslkit shard folder data/chromosomes --out shards/chrom --size 64 --channels 1 \\
         --label-regex 'clase(\\d+)' --group-regex '^([^/]+)/' --split 0.8,0.1,0.1
@@ -22,7 +22,7 @@ tiny balanced folder has no strays). Images of unexpected or stray labels,
 paths the regexes do not match and CSV rows naming missing files are not written; they
 are printed and listed under the manifest's ``failed`` (of the first split).
 
-Splits go by group, never by image (``sslkit.sharding.splits``): ``OUT/<split>/`` is a
+Splits go by group, never by image (``sslkit.sharding.core.splits``): ``OUT/<split>/`` is a
 complete shard set per split; ``OUT/splits.json`` holds fractions, counts and the group ->
 split map.
 """
@@ -40,19 +40,17 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from sslkit.config import ConfigError
-from sslkit.sharding.imaging import IMAGE_EXTENSIONS
-from sslkit.sharding.source import safe_id, unique_ids
-from sslkit.sharding.splits import capture, check_split, compile_regex, split_groups
 from sslkit.errors import MissingInput
+from sslkit.sharding.core.imaging import IMAGE_EXTENSIONS
+from sslkit.sharding.core.source import natural_key, safe_id, unique_ids
+from sslkit.sharding.core.splits import (
+    capture,
+    check_split,
+    compile_regex,
+    split_groups,
+)
 
 Item = tuple[str, str, str, str]  # (relative path, sample key, label name or "", group)
-_NATURAL = re.compile(r"(\d+)")
-
-
-def natural_key(text: str) -> tuple:
-    """Sort key that orders digit runs by value: 'clase2' < 'clase10', 'a9b' < 'a10a'."""
-    parts = _NATURAL.split(text)
-    return tuple((1, int(p), "") if i % 2 else (0, 0, p.lower()) for i, p in enumerate(parts)), text
 
 
 @dataclass

@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from sslkit.sharding.imaging import IMAGE_EXTENSIONS
 from sslkit.errors import MissingInput
+from sslkit.sharding.core.imaging import IMAGE_EXTENSIONS
 
 # Suffixes that label files often carry beyond the image's stem (a_label.png for a.png).
 _LABEL_SUFFIX = re.compile(r"[_-](labels?|masks?|inst(ances?)?|instance_?map|ann(otations?)?|types?)$", re.I)

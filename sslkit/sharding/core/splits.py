@@ -24,9 +24,9 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from sslkit.atomic import write_json
 from sslkit.config import ConfigError
-from sslkit.sharding.manifest import write_json
-from sslkit.sharding.source import Progress, Sample, Source, Unit
+from sslkit.sharding.core.source import Progress, Sample, Source, Unit
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -169,7 +169,7 @@ def shard_split(source: Source, out: str | Path, *, fractions: Sequence[float], 
     """Shard ``source`` into ``OUT/<name>`` per split, by group; returns {out folder: run_source summary}.
 
     ``OUT/splits.json`` is written after every split ran, so a refused run leaves it as it was."""
-    from sslkit.sharding.runner import run_source
+    from sslkit.sharding.core.runner import run_source
 
     out, units, noun = Path(out), source.units(), getattr(source, "unit_noun", "unit")
     groups = unit_groups(units, root=getattr(source, "root", None), group_regex=group_regex)

@@ -39,7 +39,7 @@ class StainNormalizer:
     def __init__(self, reference: str | Path) -> None:
         from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
 
-        from sslkit.sharding.imaging import read_image
+        from sslkit.sharding.core.imaging import read_image
 
         path = Path(reference)
         if not path.is_file():

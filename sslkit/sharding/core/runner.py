@@ -7,7 +7,7 @@
    with the least work so far, so ranks finish together). Rank and world size come from the
    arguments, else from ``RANK``/``WORLD_SIZE`` (torchrun, Accelerate), ``SLURM_PROCID``/
    ``SLURM_NTASKS``, or Open MPI's variables.
-2. Units already recorded as done in the journal (``sslkit.sharding.journal``) are skipped;
+2. Units already recorded as done in the journal (``sslkit.sharding.core.journal``) are skipped;
    a unit cut short is restarted where its final samples end; failed units are retried.
 3. Worker processes (one per slot, from a fork server) pull units one at a time and write
    their own shards; a worker that dies (a crashing decoder, the OOM killer) fails the unit it
@@ -31,11 +31,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from sslkit.atomic import write_json
 from sslkit.config import ConfigError
-from sslkit.sharding.journal import JOURNAL_DIR, JobState, load_state, stale_files
-from sslkit.sharding.manifest import MANIFEST_NAME, build_manifest, merge_image_info, write_json, write_manifest
-from sslkit.sharding.pool import Display, Pool
-from sslkit.sharding.source import Source, Unit
+from sslkit.shardformat import (
+    MANIFEST_NAME,
+    build_manifest,
+    merge_image_info,
+    write_manifest,
+)
+from sslkit.sharding.core.journal import JOURNAL_DIR, JobState, load_state, stale_files
+from sslkit.sharding.core.pool import Display, Pool
+from sslkit.sharding.core.source import Source, Unit
 
 _RANK_ENV = (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"),
              ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"))

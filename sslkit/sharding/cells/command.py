@@ -42,7 +42,7 @@ for a box its centre less 0.5), ``area``, ``raw_type``, ``class``, ``window`` [l
 side]; PanNuke adds ``image_index``, ``channel`` and ``tissue`` (when types.npy is there).
 Instance ids are map ids, or row/object indices (from 0) for boxes.
 
-Splits (``--split 0.8,0.2``, ``sslkit.sharding.splits``) go by group, never by nucleus or tile:
+Splits (``--split 0.8,0.2``, ``sslkit.sharding.core.splits``) go by group, never by nucleus or tile:
 ``--group-regex`` names the group (source image, patient, slide) of each tile from its path below
 --input, so that train and test never share an image; ``OUT/<split>/`` per split, ``OUT/splits.json``.
     sslkit shard cells --format consep --input CoNSeP/Train --out shards/consep --split 0.8,0.2 \\
@@ -64,17 +64,24 @@ import numpy as np
 import yaml
 
 from sslkit.config import ConfigError
-from sslkit.sharding import annotations as ann
-from sslkit.sharding import pairing
-from sslkit.sharding.folder_plan import natural_key
-from sslkit.sharding.imaging import read_image, resize, to_channels
-from sslkit.sharding.source import Progress, Sample, Unit, UnitError, safe_id, unique_ids
-from sslkit.sharding.splits import add_split_args, shard_split, split_from_args
-from sslkit.sharding.stain import StainNormalizer, add_stain_args, stain_from_args
 from sslkit.errors import MissingInput
+from sslkit.sharding.cells import annotations as ann
+from sslkit.sharding.cells import pairing
+from sslkit.sharding.core.imaging import read_image, resize, to_channels
+from sslkit.sharding.core.source import (
+    Progress,
+    Sample,
+    Unit,
+    UnitError,
+    natural_key,
+    safe_id,
+    unique_ids,
+)
+from sslkit.sharding.core.splits import add_split_args, shard_split, split_from_args
+from sslkit.sharding.core.stain import StainNormalizer, add_stain_args, stain_from_args
 
 log = logging.getLogger(__name__)
-CLASSMAPS = Path(__file__).resolve().parents[1] / "configs" / "classmaps"
+CLASSMAPS = Path(__file__).resolve().parents[2] / "configs" / "classmaps"
 FORMATS = ("consep", "pannuke", "nucls", "voc", "labelmap")
 PAD_MODES = ("reflect", "constant", "edge", "symmetric")
 _WINDOW_SCALE = {"consep": 2.0, "pannuke": 2.0, "labelmap": 2.0, "nucls": 1.0, "voc": 1.0}
@@ -444,7 +451,7 @@ def _check_options(fmt: str, size: int, window_scale: Optional[float], window: O
 
 def add_parser(shard_sub: Any) -> argparse.ArgumentParser:
     """Add ``sslkit shard cells`` to the ``sslkit shard`` sub-parsers."""
-    from sslkit.sharding.runner import add_runner_args
+    from sslkit.sharding.core.runner import add_runner_args
 
     p = shard_sub.add_parser("cells", help="one crop per nucleus from instance maps or boxes",
                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -488,7 +495,7 @@ def source_from_args(args: argparse.Namespace) -> CellSource:
 
 
 def _cmd_cells(args: argparse.Namespace) -> None:
-    from sslkit.sharding.runner import exit_on_failures, run_source, runner_kwargs
+    from sslkit.sharding.core.runner import exit_on_failures, run_source, runner_kwargs
 
     fractions, names = split_from_args(args)
     if fractions is None and args.group_regex:
