@@ -16,14 +16,7 @@ from PIL import Image
 
 from sslkit.config import ConfigError
 from sslkit.sharding.cells.annotations import nuclei_from_map
-from sslkit.sharding.cells.command import (
-    CellSource,
-    add_parser,
-    crop_window,
-    cut_window,
-    raw_class_map,
-    read_class_map,
-)
+from sslkit.sharding.cells.command import CellSource, add_parser, crop_window, cut_window, raw_class_map, read_class_map
 from sslkit.sharding.core.imaging import resize, to_uint8
 from sslkit.sharding.core.runner import run_source
 from sslkit.sharding.core.source import Progress, UnitError

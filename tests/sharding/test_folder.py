@@ -20,14 +20,7 @@ from sslkit.config import ConfigError
 from sslkit.sharding.core.imaging import border_value, pad_to_square, resize
 from sslkit.sharding.core.source import Progress, natural_key
 from sslkit.sharding.folder.command import FolderSource, add_parser, shard_folder
-from sslkit.sharding.folder.plan import (
-    assign_keys,
-    plan_folder,
-    read_csv_list,
-    report_lines,
-    split_groups,
-    split_plan,
-)
+from sslkit.sharding.folder.plan import assign_keys, plan_folder, read_csv_list, report_lines, split_groups, split_plan
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 CHROMOSOMES = DATA / "chromosome-gband-24class.tar.gz"

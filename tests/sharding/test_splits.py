@@ -12,10 +12,10 @@ import scipy.io as sio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from sslkit.data.stream import resolve_shards
 
 from sslkit.cli import main
 from sslkit.config import ConfigError
-from sslkit.data.stream import resolve_shards
 from sslkit.evaluate.overlap import training_overlap
 from sslkit.sharding.core.source import Unit
 from sslkit.sharding.core.splits import assign_units, unit_groups

@@ -14,13 +14,7 @@ from sklearn.metrics import adjusted_mutual_info_score
 from sklearn.preprocessing import StandardScaler
 
 from sslkit.sharding.core.verify import verify_shards
-from sslkit.sharding.synthetic import (
-    CLASSES,
-    make_synthetic,
-    render_batch,
-    render_crop,
-    sample_rng,
-)
+from sslkit.sharding.synthetic import CLASSES, make_synthetic, render_batch, render_crop, sample_rng
 
 _H = np.array([0.5626, 0.7201, 0.4062])
 _E = np.array([0.2159, 0.8012, 0.5581])

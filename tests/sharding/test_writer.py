@@ -14,12 +14,7 @@ from PIL import Image
 
 from sslkit.shardformat import FORMAT, class_names, read_manifest
 from sslkit.sharding.core.verify import sha256_file, verify_shards
-from sslkit.sharding.core.writer import (
-    ShardFiles,
-    ShardSetWriter,
-    encode_image,
-    encode_png,
-)
+from sslkit.sharding.core.writer import ShardFiles, ShardSetWriter, encode_image, encode_png
 
 CLASSES = ["a", "b", "c"]
 

@@ -68,15 +68,7 @@ from sslkit.errors import MissingInput
 from sslkit.sharding.cells import annotations as ann
 from sslkit.sharding.cells import pairing
 from sslkit.sharding.core.imaging import read_image, resize, to_channels
-from sslkit.sharding.core.source import (
-    Progress,
-    Sample,
-    Unit,
-    UnitError,
-    natural_key,
-    safe_id,
-    unique_ids,
-)
+from sslkit.sharding.core.source import Progress, Sample, Unit, UnitError, natural_key, safe_id, unique_ids
 from sslkit.sharding.core.splits import add_split_args, shard_split, split_from_args
 from sslkit.sharding.core.stain import StainNormalizer, add_stain_args, stain_from_args
 

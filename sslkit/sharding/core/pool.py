@@ -27,15 +27,8 @@ from typing import Any, Callable, Optional
 
 from tqdm.auto import tqdm
 
-from sslkit.sharding.core.journal import (
-    JobState,
-    Journal,
-    SlotWriter,
-    journal_path,
-    read_journal,
-    slot_stem,
-    stale_files,
-)
+from sslkit.sharding.core.journal import (JobState, Journal, SlotWriter, journal_path, read_journal, slot_stem,
+                                          stale_files)
 from sslkit.sharding.core.source import Progress, Source, Unit, UnitError
 
 _ADVANCE_EVERY_S = 0.2

@@ -33,12 +33,7 @@ from typing import Any, Iterator, Optional
 
 from sslkit.atomic import write_json
 from sslkit.config import ConfigError
-from sslkit.shardformat import (
-    MANIFEST_NAME,
-    build_manifest,
-    merge_image_info,
-    write_manifest,
-)
+from sslkit.shardformat import MANIFEST_NAME, build_manifest, merge_image_info, write_manifest
 from sslkit.sharding.core.journal import JOURNAL_DIR, JobState, load_state, stale_files
 from sslkit.sharding.core.pool import Display, Pool
 from sslkit.sharding.core.source import Source, Unit

@@ -41,12 +41,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from PIL import Image
 
-from sslkit.shardformat import (
-    build_manifest,
-    check_key,
-    merge_image_info,
-    write_manifest,
-)
+from sslkit.shardformat import build_manifest, check_key, merge_image_info, write_manifest
 
 ENCODINGS = {"png": "png", "jpeg": "jpg", "jpg": "jpg"}  # --encode value -> tar member extension
 

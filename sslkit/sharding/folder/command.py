@@ -21,28 +21,11 @@ import numpy as np
 from sslkit.atomic import write_json
 from sslkit.config import ConfigError
 from sslkit.errors import MissingInput
-from sslkit.sharding.core.imaging import (
-    IMAGE_EXTENSIONS,
-    border_value,
-    pad_to_square,
-    read_image,
-    resize,
-)
+from sslkit.sharding.core.imaging import IMAGE_EXTENSIONS, border_value, pad_to_square, read_image, resize
 from sslkit.sharding.core.source import Progress, Sample, Unit
-from sslkit.sharding.core.splits import (
-    add_split_args,
-    default_names,
-    list_arg,
-    split_from_args,
-)
+from sslkit.sharding.core.splits import add_split_args, default_names, list_arg, split_from_args
 from sslkit.sharding.core.stain import StainNormalizer, add_stain_args, stain_from_args
-from sslkit.sharding.folder.plan import (
-    FolderPlan,
-    Item,
-    plan_folder,
-    report_lines,
-    split_plan,
-)
+from sslkit.sharding.folder.plan import FolderPlan, Item, plan_folder, report_lines, split_plan
 
 INVERT = ("no", "yes", "auto")
 

@@ -43,12 +43,7 @@ from sslkit.config import ConfigError
 from sslkit.errors import MissingInput
 from sslkit.sharding.core.imaging import IMAGE_EXTENSIONS
 from sslkit.sharding.core.source import natural_key, safe_id, unique_ids
-from sslkit.sharding.core.splits import (
-    capture,
-    check_split,
-    compile_regex,
-    split_groups,
-)
+from sslkit.sharding.core.splits import capture, check_split, compile_regex, split_groups
 
 Item = tuple[str, str, str, str]  # (relative path, sample key, label name or "", group)
 

@@ -51,28 +51,10 @@ from sslkit.config import ConfigError
 from sslkit.sharding.core.source import Progress, Sample, Unit
 from sslkit.sharding.core.stain import StainNormalizer, add_stain_args, stain_from_args
 from sslkit.sharding.wsi.files import find_slides, slide_bytes, slide_ids
-from sslkit.sharding.wsi.slides import (
-    BLOCK_PX,
-    MPP_TOLERANCE,
-    READERS,
-    Geometry,
-    Slide,
-    choose_level,
-    open_slide,
-    read_overview,
-    read_target,
-    slide_mpp,
-)
-from sslkit.sharding.wsi.tissue import (
-    HOLE_UM2,
-    SAT_HIGH,
-    SAT_LOW,
-    SPECK_UM2,
-    box_fractions,
-    outline_boxes,
-    save_image,
-    tissue_mask,
-)
+from sslkit.sharding.wsi.slides import (BLOCK_PX, MPP_TOLERANCE, READERS, Geometry, Slide, choose_level, open_slide,
+                                        read_overview, read_target, slide_mpp)
+from sslkit.sharding.wsi.tissue import (HOLE_UM2, SAT_HIGH, SAT_LOW, SPECK_UM2, box_fractions, outline_boxes,
+                                        save_image, tissue_mask)
 
 MASK_TILE_PX = 16  # overview pixels along a tile side, at least MASK_MIN_MPP um each
 MASK_MIN_MPP, MASK_MAX_SIDE = 2.0, 4096
