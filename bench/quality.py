@@ -36,7 +36,7 @@ import torch
 from sslkit.cli import recipe_path
 from sslkit.config import load_config
 from sslkit.data.augment import MEAN, STD, normalize
-from sslkit.data.stream import resolve_shards
+from sslkit.data.shardset import resolve_shards
 from sslkit.embed import embed_shards
 from sslkit.engine import train
 from sslkit.evaluate.run import evaluate_run, load_trained

@@ -124,7 +124,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _cmd_embed(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from sslkit.data.stream import resolve_shards
+    from sslkit.data.shardset import resolve_shards
     from sslkit.embed import embed_shards
     from sslkit.evaluate.run import load_trained
 

@@ -36,7 +36,8 @@ from sslkit.checkpoint import check_writable, load_checkpoint, resolve_resume, s
 from sslkit.config import Config, ConfigError, git_sha, run_dir, to_dict, to_yaml
 from sslkit import dist
 from sslkit.data.augment import build_views
-from sslkit.data.stream import ShardSet, resolve_shards, train_loader
+from sslkit.data.loaders import train_loader
+from sslkit.data.shardset import ShardSet, resolve_shards
 from sslkit.errors import RunStopped
 from sslkit.methods import build_method
 from sslkit.optim import build_lr_schedule, build_optimizer, set_lr

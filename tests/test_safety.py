@@ -30,7 +30,8 @@ from PIL import Image
 from sslkit.checkpoint import latest_checkpoint
 from sslkit.cli import main, recipe_path
 from sslkit.config import ConfigError, load_config
-from sslkit.data.stream import eval_loader, resolve_shards
+from sslkit.data.loaders import eval_loader
+from sslkit.data.shardset import resolve_shards
 from sslkit.engine import train
 from sslkit.sharding.synthetic import make_synthetic
 

@@ -15,7 +15,7 @@ import numpy as np
 from torch import nn
 
 from sslkit.config import Config
-from sslkit.data.stream import ShardSet
+from sslkit.data.shardset import ShardSet
 from sslkit.embed import load_crops
 from sslkit.evaluate import gallery, plots
 

@@ -31,7 +31,7 @@ from sklearn.preprocessing import StandardScaler
 from sslkit.atomic import replacing
 from sslkit import dist
 from sslkit.config import Config, ConfigError
-from sslkit.data.stream import ShardSet, resolve_shards
+from sslkit.data.shardset import ShardSet, resolve_shards
 from sslkit.embed import embed_shards
 from sslkit.evaluate.metrics import classification_metrics
 from sslkit.atomic import write_json

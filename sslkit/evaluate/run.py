@@ -23,7 +23,7 @@ from sslkit import dist
 from sslkit.checkpoint import latest_checkpoint, read_state, resolve_resume
 from sslkit.config import Config, ConfigError, EvalConfig, apply_overrides, from_dict
 from sslkit.data.augment import to_pixels
-from sslkit.data.stream import ShardSet, resolve_shards
+from sslkit.data.shardset import ShardSet, resolve_shards
 from sslkit.embed import embed_shards
 from sslkit.evaluate.cluster import as_features, kmeans, sample_size, whiten
 from sslkit.evaluate.knn import knn_eval

@@ -203,7 +203,7 @@ def finetune_config(cfg: Config) -> tuple[Config, list[str]]:
     if not cfg.eval.shards:
         raise ConfigError("Config key 'eval.shards' is not set; fine-tuning reports test metrics, so point it at "
                           "held-out labelled shards (e.g. eval.shards=shards/clusters/test).")
-    from sslkit.data.stream import resolve_shards
+    from sslkit.data.shardset import resolve_shards
 
     train_classes = resolve_shards(cfg.data.shards, manifest=cfg.data.manifest).classes
     try:

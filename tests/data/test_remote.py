@@ -16,7 +16,8 @@ import torch
 from sslkit.cli import recipe_path
 from sslkit.config import load_config
 from sslkit.data.remote import RemoteError, RemoteNotFound, open_shard
-from sslkit.data.stream import eval_loader, resolve_shards
+from sslkit.data.loaders import eval_loader
+from sslkit.data.shardset import resolve_shards
 from sslkit.engine import train
 from sslkit.sharding.synthetic import make_synthetic
 
@@ -204,7 +205,7 @@ def test_unreadable_remote_shard_stops_the_loader_instead_of_counting_corrupt(se
         _read_all(missing)
     assert str(err.value).startswith(f"{server.base}/train/train-000004.tar answered HTTP 404")  # webdataset's
     # appended args were dropped: the message is the reader's one sentence.
-    monkeypatch.setattr("sslkit.data.stream.open_shard", functools.partial(open_shard, backoff=0))
+    monkeypatch.setattr("sslkit.data.tarread.open_shard", functools.partial(open_shard, backoff=0))
     server.cuts = 100  # every answer dies in the middle of the shard
     with pytest.raises(RemoteError, match=r"^Could not read http://.*/train-000003\.tar at byte \d+ after 4 attempts"):
         _read_all(resolve_shards(f"{server.base}/train/train-000003.tar"))

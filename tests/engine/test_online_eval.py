@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from sslkit.checkpoint import latest_checkpoint
 from sslkit.cli import recipe_path
 from sslkit.config import ConfigError, load_config
-from sslkit.data.stream import resolve_shards
+from sslkit.data.shardset import resolve_shards
 from sslkit.embed import embed_shards
 from sslkit.engine import train
 from sslkit.evaluate.knn import knn_eval

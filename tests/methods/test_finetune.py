@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from sslkit.cli import main, recipe_path
 from sslkit.config import ConfigError, OptimConfig, load_config
 from sslkit.data.augment import normalize
-from sslkit.data.stream import resolve_shards
+from sslkit.data.shardset import resolve_shards
 from sslkit.embed import embed_shards
 from sslkit.engine import train
 from sslkit.evaluate.metrics import classification_metrics

@@ -230,7 +230,7 @@ def cluster_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _knn_top1(method: torch.nn.Module, shards: Path, cfg) -> float:
     """kNN top-1 (k = 20, cosine, weighted vote) of the test split against the training split's embeddings."""
-    from sslkit.data.stream import resolve_shards
+    from sslkit.data.shardset import resolve_shards
     from sslkit.embed import embed_shards
     from sslkit.evaluate.knn import knn_predict
 

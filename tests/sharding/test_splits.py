@@ -12,7 +12,7 @@ import scipy.io as sio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from sslkit.data.stream import resolve_shards
+from sslkit.data.shardset import resolve_shards
 
 from sslkit.cli import main
 from sslkit.config import ConfigError
