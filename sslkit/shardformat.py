@@ -94,7 +94,6 @@ def check_key(key: str) -> str:
     return key
 
 
-
 def manifest_path(path: str | Path) -> Path:
     """``path`` itself when it names a file, else ``path/manifest.json``."""
     path = Path(path)

@@ -14,7 +14,7 @@ import scipy.io as sio
 import tifffile
 from PIL import Image
 
-from sslkit.config import ConfigError
+from sslkit.errors import ConfigError, UsageError
 from sslkit.sharding.cells.annotations import nuclei_from_map
 from sslkit.sharding.cells.command import CellSource, add_parser, crop_window, cut_window, raw_class_map, read_class_map
 from sslkit.sharding.core.imaging import resize, to_uint8
@@ -362,9 +362,9 @@ def test_labelmap_tiff_png_and_type_tables(tmp_path: Path) -> None:
 
 def test_options_and_class_map_errors(tmp_path: Path) -> None:
     _consep_tile(tmp_path, "t", _image(40, 50), _consep_map(), inst_type=np.array([[1], [2], [3]]))
-    with pytest.raises(ConfigError, match="exclude each other"):
+    with pytest.raises(UsageError, match="exclude each other"):
         CellSource(fmt="consep", input=tmp_path, window=10, window_scale=2)
-    with pytest.raises(ConfigError, match="No class map named 'nope'"):
+    with pytest.raises(UsageError, match="No class map named 'nope'"):
         CellSource(fmt="consep", input=tmp_path, class_map="nope")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         CellSource(fmt="consep", input=tmp_path / "missing")

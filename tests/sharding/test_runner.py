@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from sslkit.errors import UsageError
 from sslkit.shardformat import read_manifest
 from sslkit.sharding.core.journal import JOURNAL_DIR
 from sslkit.sharding.core.runner import launch_rank, partition, run_source
@@ -194,7 +195,10 @@ def test_launch_rank_reads_the_launchers(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert launch_rank() == (1, 2, "RANK/WORLD_SIZE")
     assert launch_rank(0, 5) == (0, 5, "arguments")
-    with pytest.raises(ValueError, match="impossible"):
+    with pytest.raises(UsageError, match="impossible"):
         launch_rank(5, 5)
-    with pytest.raises(ValueError, match="both --rank and --world-size"):
+    with pytest.raises(UsageError, match="both --rank and --world-size"):
         launch_rank(1, None)
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(UsageError, match=r"^RANK='one' / WORLD_SIZE='2' are not integers; .* pass --rank"):
+        launch_rank()

@@ -402,9 +402,9 @@ def test_slide_ids_and_finding(tmp_path):
 @pytest.mark.parametrize("bad", [{"overlap": 256}, {"min_tissue": 1.5}, {"mpp": 0}, {"tile": 4},
                                  {"quality": 0}, {"mpp_override": -1.0}, {"reader": "pil"}])
 def test_bad_settings(slide, bad):
-    from sslkit.config import ConfigError
+    from sslkit.errors import UsageError
 
-    with pytest.raises(ConfigError, match="^--"):
+    with pytest.raises(UsageError, match="^--"):
         wsi.WsiSource([str(slide)], **bad)
 
 

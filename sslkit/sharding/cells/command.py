@@ -63,8 +63,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import yaml
 
-from sslkit.config import ConfigError
-from sslkit.errors import MissingInput
+from sslkit.errors import ConfigError, MissingInput, UsageError
 from sslkit.sharding.cells import annotations as ann
 from sslkit.sharding.cells import pairing
 from sslkit.sharding.core.imaging import read_image, resize, to_channels
@@ -181,7 +180,7 @@ def _packaged(spec: str) -> ClassMap:
     if (CLASSMAPS / f"{spec}.yaml").is_file():
         return read_class_map(CLASSMAPS / f"{spec}.yaml")
     known = ", ".join(sorted(p.stem for p in CLASSMAPS.glob("*.yaml")) + ["raw", "none"])
-    raise ConfigError(f"No class map named '{spec}'; give a YAML file or one of: {known}.")
+    raise UsageError(f"No class map named '{spec}'; give a YAML file or one of: {known}.")
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -260,7 +259,7 @@ class CellSource:
         self.pad, self.pad_value, self.unknown, self.channels = pad, pad_value, unknown, channels
         self.class_column, self.min_area, self.images_per_unit = class_column, min_area, images_per_unit
         if stain is not None and channels != 3:
-            raise ConfigError("--stain-normalize works on RGB images; drop it or use --channels 3.")
+            raise UsageError("--stain-normalize works on RGB images; drop it or use --channels 3.")
         self.stain = stain  # whole images are normalised before their nuclei are cut
         self.failed: list[dict[str, str]] = []
         if fmt == "pannuke":
@@ -436,7 +435,7 @@ def _check_options(fmt: str, size: int, window_scale: Optional[float], window: O
     ]
     for ok, message in checks:
         if not ok:
-            raise ConfigError(message)
+            raise UsageError(message)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -491,7 +490,7 @@ def _cmd_cells(args: argparse.Namespace) -> None:
 
     fractions, names = split_from_args(args)
     if fractions is None and args.group_regex:
-        raise ConfigError("--group-regex groups tiles for --split; add --split (e.g. 0.8,0.2) or drop it.")
+        raise UsageError("--group-regex groups tiles for --split; add --split (e.g. 0.8,0.2) or drop it.")
     source, command = source_from_args(args), shlex.join(["sslkit", *sys.argv[1:]])
     if fractions is None:
         summaries = [run_source(source, args.out, **runner_kwargs(args), command=command)]

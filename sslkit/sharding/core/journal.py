@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from sslkit.config import ConfigError
+from sslkit.errors import ConfigError
 from sslkit.shardformat import merge_image_info
 from sslkit.sharding.core.source import Sample, Unit
 from sslkit.sharding.core.writer import ShardFiles, encode_sample

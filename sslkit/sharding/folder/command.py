@@ -19,8 +19,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from sslkit.atomic import write_json
-from sslkit.config import ConfigError
-from sslkit.errors import MissingInput
+from sslkit.errors import MissingInput, UsageError
 from sslkit.sharding.core.imaging import IMAGE_EXTENSIONS, border_value, pad_to_square, read_image, resize
 from sslkit.sharding.core.source import Progress, Sample, Unit
 from sslkit.sharding.core.splits import add_split_args, default_names, list_arg, split_from_args
@@ -32,13 +31,13 @@ INVERT = ("no", "yes", "auto")
 
 def _check_options(size: int, channels: int, pad_value: int | str, unit_files: int, invert: str = "no") -> None:
     if invert not in INVERT:
-        raise ConfigError(f"--invert must be one of {', '.join(INVERT)}, got {invert!r}.")
+        raise UsageError(f"--invert must be one of {', '.join(INVERT)}, got {invert!r}.")
     if size <= 0 or unit_files <= 0:
-        raise ConfigError(f"--size ({size}) and --unit-files ({unit_files}) must be positive; fix them.")
+        raise UsageError(f"--size ({size}) and --unit-files ({unit_files}) must be positive; fix them.")
     if channels not in (1, 3):
-        raise ConfigError(f"--channels must be 1 or 3, got {channels}; pick one.")
+        raise UsageError(f"--channels must be 1 or 3, got {channels}; pick one.")
     if pad_value != "auto" and not (isinstance(pad_value, int) and 0 <= pad_value <= 255):
-        raise ConfigError(f"--pad-value must be 'auto' or 0..255, got {pad_value!r}; fix it.")
+        raise UsageError(f"--pad-value must be 'auto' or 0..255, got {pad_value!r}; fix it.")
 
 
 class FolderSource:
@@ -58,7 +57,7 @@ class FolderSource:
                  unit_files: int = 256, invert: str = "no", stain: Optional[StainNormalizer] = None) -> None:
         _check_options(size, channels, pad_value, unit_files, invert)
         if stain is not None and channels != 3:
-            raise ConfigError("--stain-normalize works on RGB images; drop it or use --channels 3.")
+            raise UsageError("--stain-normalize works on RGB images; drop it or use --channels 3.")
         self.stain = stain
         self.root, self.classes, self.failed = plan.root, plan.classes, list(plan.failed)
         self.size, self.channels, self.pad_value, self.unit_files = size, channels, pad_value, unit_files
@@ -173,7 +172,7 @@ def _cmd_folder(args: argparse.Namespace) -> None:
     split, split_names = split_from_args(args)
     pad = int(args.pad_value) if args.pad_value.isdigit() else args.pad_value
     if args.classes and args.classes_file:
-        raise ConfigError("Give --classes or --classes-file, not both.")
+        raise UsageError("Give --classes or --classes-file, not both.")
     classes = list_arg(args.classes)
     if args.classes_file:
         if not os.path.isfile(args.classes_file):

@@ -39,8 +39,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from sslkit.config import ConfigError
-from sslkit.errors import MissingInput
+from sslkit.errors import ConfigError, MissingInput, UsageError
 from sslkit.sharding.core.imaging import IMAGE_EXTENSIONS
 from sslkit.sharding.core.source import natural_key, safe_id, unique_ids
 from sslkit.sharding.core.splits import capture, check_split, compile_regex, split_groups
@@ -194,9 +193,9 @@ def plan_folder(root: str | Path, *, csv_path: Optional[str] = None, label_regex
     if not os.path.isdir(root):
         raise MissingInput(f"Image folder {root} does not exist; give the folder that holds the images.")
     if unlabeled and (label_regex or classes):
-        raise ConfigError("--unlabeled cannot be combined with --label-regex or --classes; drop one of them.")
+        raise UsageError("--unlabeled cannot be combined with --label-regex or --classes; drop one of them.")
     if classes is not None and len(set(classes)) != len(classes):
-        raise ConfigError("--classes names a class twice; list each class once.")
+        raise UsageError("--classes names a class twice; list each class once.")
     label_re, group_re = compile_regex(label_regex, "--label-regex"), compile_regex(group_regex, "--group-regex")
     notes: list[str] = []
     if csv_path is not None:
@@ -212,7 +211,7 @@ def plan_folder(root: str | Path, *, csv_path: Optional[str] = None, label_regex
                                          csv_path=csv_path)
     failed += refused_rows
     if not accepted:
-        raise ConfigError(f"No image under {root} could be labelled ({len(failed)} refused); "
+        raise UsageError(f"No image under {root} could be labelled ({len(failed)} refused); "
                           "check --label-regex, --csv or the class sub-folders.")
     counts = Counter(label for _, label, _ in accepted)
     chosen, refused = (None, {}) if unlabeled else _choose_classes(counts, classes, min_class_count)
@@ -241,7 +240,7 @@ def split_plan(plan: FolderPlan, *, fractions: Sequence[float], names: Sequence[
         parts[names[where[item[3]]]].items.append(item)
     empty = [n for n, p in parts.items() if not p.items]
     if empty:
-        raise ConfigError(f"Split {empty[0]!r} would get no images ({len(sizes)} groups in all); "
+        raise UsageError(f"Split {empty[0]!r} would get no images ({len(sizes)} groups in all); "
                           "use fewer splits or larger fractions.")
     audit = {"seed": seed, "fractions": dict(zip(names, fractions)),
              "group_source": plan.settings.get("group_source"),

@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
-from sslkit.config import ConfigError
+from sslkit.errors import UsageError
 from sslkit.sharding.core.source import Progress, Sample, Unit
 from sslkit.sharding.core.stain import StainNormalizer, add_stain_args, stain_from_args
 from sslkit.sharding.wsi.files import find_slides, slide_bytes, slide_ids
@@ -271,7 +271,7 @@ def _check_settings(*, mpp: float, tile: int, overlap: int, min_tissue: float, e
     ]
     for ok, message in checks:
         if not ok:
-            raise ConfigError(message)
+            raise UsageError(message)
 
 
 # ---------------------------------------------------------------- command line
