@@ -43,9 +43,9 @@ import numpy as np
 
 from sslkit.shardformat import read_manifest
 from sslkit.sharding.core.runner import run_source
-from sslkit.sharding.wsi.slides import TiffTiles, open_slide, slide_mpp
-from sslkit.sharding.wsi.command import WsiSource
 from sslkit.sharding.core.writer import ShardFiles, encode_image, sample_fields
+from sslkit.sharding.wsi.command import WsiSource
+from sslkit.sharding.wsi.slides import TiffTiles, open_slide, slide_mpp
 
 DEFAULT_SLIDE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
 TILE, MIN_TISSUE, QUALITY = 256, 0.5, 90
