@@ -40,7 +40,8 @@ from torchvision.datasets import ImageFolder  # noqa: E402
 
 from sslkit.config import DataConfig, ViewsConfig  # noqa: E402
 from sslkit.data.augment import BatchViews, build_views  # noqa: E402
-from sslkit.data.stream import resolve_shards, train_loader  # noqa: E402
+from sslkit.data.loaders import train_loader  # noqa: E402
+from sslkit.data.shardset import resolve_shards  # noqa: E402
 from sslkit.sharding.synthetic import make_synthetic  # noqa: E402
 
 SHARD = 500  # crops per shard

@@ -33,15 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sslkit.config import recipe_path
-from sslkit.config import load_config
+from sslkit.config import load_config, recipe_path
 from sslkit.data.augment import MEAN, STD, normalize
-from sslkit.data.stream import resolve_shards
+from sslkit.data.shardset import resolve_shards
 from sslkit.embed import embed_shards
 from sslkit.engine import train
 from sslkit.evaluate.run import evaluate_run
-from sslkit.rundir import load_trained
 from sslkit.evaluate.shifts import SHIFTS, get_shift
+from sslkit.rundir import load_trained
 
 ROWS = (("trained", None), ("random init", "random_init"), ("raw pixels", "raw_pixels"),
         ("morphology", "morphology"))

@@ -41,11 +41,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sslkit.sharding.manifest import read_manifest
-from sslkit.sharding.runner import run_source
-from sslkit.sharding.slides import TiffTiles, open_slide, slide_mpp
-from sslkit.sharding.wsi import WsiSource
-from sslkit.sharding.writer import ShardFiles, encode_image, sample_fields
+from sslkit.shardformat import read_manifest
+from sslkit.sharding.core.runner import run_source
+from sslkit.sharding.core.writer import ShardFiles, encode_image, sample_fields
+from sslkit.sharding.wsi.command import WsiSource
+from sslkit.sharding.wsi.slides import TiffTiles, open_slide, slide_mpp
 
 DEFAULT_SLIDE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
 TILE, MIN_TISSUE, QUALITY = 256, 0.5, 90
@@ -113,7 +113,7 @@ def check_same_tiles(path: str, mpp: float, reader: str, corners: list[tuple[int
     import openslide
     from openslide.deepzoom import DeepZoomGenerator
 
-    from sslkit.sharding.source import Progress
+    from sslkit.sharding.core.source import Progress
 
     src = source([path], mpp, reader)
     ours = list(src.produce(src.units()[0], skip=0, progress=Progress()))

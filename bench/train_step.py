@@ -47,8 +47,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import weakref  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
-from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 from lightly.loss import NTXentLoss  # noqa: E402
@@ -58,8 +58,12 @@ from torch import Tensor, nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
-from sslkit.config import recipe_path  # noqa: E402
-from sslkit.config import Config, apply_overrides, load_config  # noqa: E402
+from sslkit.config import (  # noqa: E402
+    Config,
+    apply_overrides,
+    load_config,
+    recipe_path,  # noqa: E402
+)
 from sslkit.data.augment import BatchViews  # noqa: E402
 from sslkit.methods import build_method  # noqa: E402
 from sslkit.models import create_backbone  # noqa: E402

@@ -31,6 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from sslkit.config import recipe_path  # noqa: E402
 from sslkit.errors import UserError  # noqa: E402
 
+
 def _cmd_shard_synthetic(args: argparse.Namespace) -> None:
     from sslkit.sharding.synthetic import make_synthetic
 
@@ -41,7 +42,7 @@ def _cmd_shard_synthetic(args: argparse.Namespace) -> None:
 
 
 def _cmd_shard_verify(args: argparse.Namespace) -> None:
-    from sslkit.sharding.manifest import verify_shards
+    from sslkit.sharding.core.verify import verify_shards
 
     report = verify_shards(args.folder)
     print(json.dumps(report, indent=2))
@@ -72,7 +73,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     from sslkit.methods.finetune import finetune_config
 
     cfg, notes = finetune_config(cfg)
-    main_process = os.environ.get("RANK", "0") == "0"  # no process group yet
+    main_process = dist.env_rank() == 0  # the launcher's rank: no process group yet
     if main_process:
         for note in notes:
             print(note)
@@ -110,7 +111,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _cmd_embed(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from sslkit.data.stream import resolve_shards
+    from sslkit.data.shardset import resolve_shards
     from sslkit.embed import embed_shards
     from sslkit.rundir import load_trained
 

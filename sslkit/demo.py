@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sslkit.config import load_config, recipe_path, run_dir
-from sslkit.sharding.manifest import read_manifest
+from sslkit.shardformat import read_manifest
 
 # The demo's two splits: how many crops each holds and the seed that draws them.
 DEMO_SPLITS = {"train": {"num_samples": 20000, "seed": 0}, "eval": {"num_samples": 4000, "seed": 1}}

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from sslkit import dist
 from sslkit.data.augment import to_pixels
-from sslkit.data.stream import ShardSet, eval_loader
+from sslkit.data.loaders import eval_loader
+from sslkit.data.shardset import ShardSet
 
 
 @torch.no_grad()

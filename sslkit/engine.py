@@ -23,10 +23,11 @@ import logging
 import os
 import resource
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
@@ -34,11 +35,12 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from sslkit import dist
 from sslkit.checkpoint import check_writable, load_checkpoint, resolve_resume, save_checkpoint
 from sslkit.config import Config, ConfigError, git_sha, run_dir, to_dict, to_yaml
-from sslkit import dist
 from sslkit.data.augment import build_views
-from sslkit.data.stream import ShardSet, resolve_shards, train_loader
+from sslkit.data.loaders import train_loader
+from sslkit.data.shardset import ShardSet, resolve_shards
 from sslkit.errors import RunStopped
 from sslkit.methods import build_method, method_class
 from sslkit.optim import build_lr_schedule, build_optimizer, set_lr

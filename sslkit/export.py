@@ -28,9 +28,10 @@ above and must give the method's embeddings on random images.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import timm
 import torch
@@ -38,13 +39,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import Tensor, nn
 
+import sslkit.models  # noqa: F401 -- registers preact_resnet18 and the dcae_*_encoder models with timm
 from sslkit.atomic import replacing
 from sslkit.config import Config, ConfigError
 from sslkit.data.augment import normalize
-from sslkit.methods import Exported, Method
-import sslkit.models  # noqa: F401 -- registers preact_resnet18 and the dcae_*_encoder models with timm
-from sslkit.rundir import load_trained
 from sslkit.errors import MissingInput
+from sslkit.methods import Exported, Method
+from sslkit.rundir import load_trained
 
 FORMAT = "sslkit-backbone/1"
 # Metadata values that are JSON (the others are plain strings).

@@ -18,8 +18,9 @@ import json
 import logging
 import numbers
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from accelerate import Accelerator
 

@@ -13,7 +13,6 @@ import os
 import sys
 
 import pytest
-
 from processes import SESSION, describe, kill_all, live_descendants, marked, new_mark, wait_until_gone
 
 _MARK = pytest.StashKey[str]()

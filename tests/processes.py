@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 import psutil
 

@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from sslkit.config import recipe_path
-from sslkit.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
+from sslkit.config import ConfigError, apply_overrides, from_dict, load_config, recipe_path, to_dict
 
 
 def test_overrides_are_typed():

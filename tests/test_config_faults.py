@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sslkit.config import recipe_path
-from sslkit.config import ConfigError, load_config
+from sslkit.config import ConfigError, load_config, recipe_path
 
 REPO = Path(__file__).resolve().parents[1]
 

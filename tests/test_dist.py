@@ -1,5 +1,10 @@
-"""dist.replica_digest: what data parallelism must keep identical across ranks, and nothing else."""
+"""sslkit.dist: what data parallelism must keep identical across ranks (replica_digest), and where a process
+learns its rank before a process group exists (the launcher's environment)."""
 
+import subprocess
+import sys
+
+import pytest
 import torch
 from torch import nn
 
@@ -39,6 +44,61 @@ def test_one_process_gathers_trivially():
     x = torch.arange(6.0).view(3, 2)
     assert torch.equal(dist.gather_no_grad(x), x)
     assert dist.gather_objects("a") == ["a"]
+
+
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+                "PMI_RANK", "PMI_SIZE")
+
+
+def _clear_launcher_env(monkeypatch):
+    for var in LAUNCHER_ENV:
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_launch_rank_takes_the_first_launcher_whose_pair_is_set(monkeypatch):
+    _clear_launcher_env(monkeypatch)
+    assert dist.launch_rank() is None
+    monkeypatch.setenv("PMI_RANK", "5")  # half a pair counts for nothing
+    assert dist.launch_rank() is None
+    monkeypatch.setenv("PMI_SIZE", "8")
+    assert dist.launch_rank() == (5, 8, "PMI_RANK/PMI_SIZE")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "2")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "3")
+    assert dist.launch_rank() == (2, 3, "OMPI_COMM_WORLD_RANK/OMPI_COMM_WORLD_SIZE")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert dist.launch_rank() == (3, 4, "SLURM_PROCID/SLURM_NTASKS")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert dist.launch_rank() == (1, 2, "RANK/WORLD_SIZE")
+    assert dist.launch_rank({"PMI_RANK": "0", "PMI_SIZE": "1"}) == (0, 1, "PMI_RANK/PMI_SIZE")  # a given mapping
+    assert dist.launch_rank(variables=(("SLURM_PROCID", "SLURM_NTASKS"),)) == (3, 4, "SLURM_PROCID/SLURM_NTASKS")
+
+
+def test_launch_rank_refuses_values_that_are_not_integers(monkeypatch):
+    _clear_launcher_env(monkeypatch)
+    monkeypatch.setenv("RANK", "one")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"^RANK='one' / WORLD_SIZE='2' are not integers$"):
+        dist.launch_rank()
+
+
+def test_env_rank_and_world_size_read_torchrun_and_accelerate(monkeypatch):
+    _clear_launcher_env(monkeypatch)
+    monkeypatch.setenv("SLURM_PROCID", "3")  # one Slurm task may start several processes: not their rank
+    assert (dist.env_rank(), dist.env_world_size()) == (0, 1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert (dist.env_rank(), dist.env_world_size()) == (3, 4)
+    assert (dist.rank(), dist.world_size(), dist.is_distributed()) == (0, 1, False)  # no process group here
+
+
+def test_importing_dist_loads_no_torch():
+    """``sslkit shard`` reads its rank through sslkit.dist and must stay free of torch (700 MB a process)."""
+    code = ("import sys; from sslkit import dist; assert dist.launch_rank({}) is None and dist.rank() == 0; "
+            "assert dist.is_main_process(); print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_ddp_keywords_are_ones_this_torch_takes_without_a_deprecation():

@@ -14,14 +14,13 @@ from safetensors.torch import load_file
 from timm.data import create_transform, resolve_data_config
 
 import sslkit.export as export
-from sslkit.config import recipe_path
-from sslkit.config import ConfigError, load_config
+from sslkit.config import ConfigError, load_config, recipe_path
 from sslkit.data.augment import build_eval_transform, normalize
 from sslkit.engine import train
-from sslkit.rundir import load_trained
 from sslkit.export import describe, export_run, load_backbone, read_info
 from sslkit.methods import build_method
 from sslkit.methods.finetune import finetune_config
+from sslkit.rundir import load_trained
 from sslkit.sharding.synthetic import make_synthetic
 
 # As tests/engine/conftest.py: a few steps take seconds. No loader workers (see test_finetune.py).

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from chromium import needs_chromium, render_and_check
 from PIL import Image
 
-from chromium import needs_chromium, render_and_check
 from sslkit.cli import main
 from sslkit.report import write_report
 

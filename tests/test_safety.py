@@ -29,9 +29,9 @@ from PIL import Image
 
 from sslkit.checkpoint import latest_checkpoint
 from sslkit.cli import main
-from sslkit.config import recipe_path
-from sslkit.config import ConfigError, load_config
-from sslkit.data.stream import eval_loader, resolve_shards
+from sslkit.config import ConfigError, load_config, recipe_path
+from sslkit.data.loaders import eval_loader
+from sslkit.data.shardset import resolve_shards
 from sslkit.engine import train
 from sslkit.sharding.synthetic import make_synthetic
 
@@ -147,9 +147,9 @@ def test_tampered_checkpoint_file_runs_no_code(trained, shards, tmp_path, name, 
 
 
 def test_export_finetune_init_and_evaluation_read_safetensors_only(trained, tmp_path, monkeypatch):
-    from sslkit.rundir import load_trained
     from sslkit.export import export_run, load_backbone
     from sslkit.methods.finetune import pretrained_backbone_state
+    from sslkit.rundir import load_trained
 
     run = _copy(trained, tmp_path)
     calls = _spy_loads(monkeypatch)

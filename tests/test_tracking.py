@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sslkit import tracking
 from sslkit.checkpoint import latest_checkpoint, read_state
-from sslkit.config import recipe_path
-from sslkit.config import load_config
+from sslkit.config import load_config, recipe_path
 from sslkit.engine import train
 from sslkit.sharding.synthetic import make_synthetic
-from sslkit import tracking
 from sslkit.tracking import log_evaluation, numeric_leaves
 
 pytest.importorskip("wandb")

@@ -35,7 +35,8 @@ Two back-ends, chosen by ``cfg.backend``:
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

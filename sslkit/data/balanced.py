@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 logger = logging.getLogger(__name__)
 MAX_SAMPLES_WITHOUT_BATCH = 200_000

@@ -29,12 +29,13 @@ label counts as uncertain, unless ``composite`` names the class each composite t
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
-from sslkit.sharding.imaging import centre_on
+from sslkit.sharding.core.imaging import centre_on
 
 ROLES = ("I", "T", "O", "TO")
 TABLES = ("middle", "light", "heavy", "none")

@@ -27,7 +27,8 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Callable, Optional, Protocol
+from collections.abc import Callable
+from typing import Any, Optional, Protocol
 
 from webdataset.gopen import gopen
 

@@ -8,13 +8,14 @@ skipped with a warning naming it and why: the metrics are already on disk by the
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from sslkit.config import Config
-from sslkit.data.stream import ShardSet
+from sslkit.data.shardset import ShardSet
 from sslkit.embed import load_crops
 from sslkit.evaluate import gallery, plots
 from sslkit.methods import Method

@@ -8,8 +8,9 @@ per cluster, magnified without smoothing so 32-pixel crops stay readable.
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure

@@ -19,8 +19,9 @@ The model to explain maps normalised images to logits. From a run with a classif
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -21,7 +21,8 @@ import torch
 from sslkit import dist
 from sslkit.config import Config, ConfigError
 from sslkit.data.augment import normalize, to_pixels
-from sslkit.data.stream import eval_loader, resolve_shards
+from sslkit.data.loaders import eval_loader
+from sslkit.data.shardset import resolve_shards
 from sslkit.evaluate.scores import score_embeddings
 
 

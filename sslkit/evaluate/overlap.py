@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from sslkit.data.stream import ShardSet, resolve_shards
+from sslkit.data.shardset import ShardSet, resolve_shards
 
 # Kinds whose sources are not files: their shards' bytes alone tell whether two sets are the same.
 _NOT_FILES = ("synthetic",)

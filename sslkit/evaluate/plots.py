@@ -15,8 +15,9 @@ import json
 import math
 import textwrap
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib import colormaps

@@ -28,14 +28,13 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from sslkit.atomic import replacing
 from sslkit import dist
+from sslkit.atomic import replacing, write_json
 from sslkit.config import Config, ConfigError
-from sslkit.data.stream import ShardSet, resolve_shards
+from sslkit.data.shardset import ShardSet, resolve_shards
 from sslkit.embed import embed_shards
 from sslkit.evaluate.metrics import classification_metrics
 from sslkit.rundir import load_trained
-from sslkit.sharding.manifest import write_json
 
 PROBE_KEYS = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc")
 

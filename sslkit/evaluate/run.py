@@ -10,25 +10,25 @@ all to the run's tracker.
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from accelerate.utils import set_seed
 
 from sslkit import dist
+from sslkit.atomic import write_json
 from sslkit.config import Config, ConfigError, EvalConfig, apply_overrides
 from sslkit.data.augment import to_pixels
-from sslkit.data.stream import ShardSet, resolve_shards
+from sslkit.data.shardset import ShardSet, resolve_shards
 from sslkit.embed import embed_shards
 from sslkit.evaluate.morphology import morphology_features, standardize
 from sslkit.evaluate.overlap import training_overlap
-from sslkit.evaluate.scores import score_embeddings
 from sslkit.evaluate.probe import PROBE_KEYS, classify_shards, cv_probe, linear_probe
+from sslkit.evaluate.scores import score_embeddings
 from sslkit.methods import Method, build_method
-from sslkit.sharding.manifest import write_json
 from sslkit.rundir import eval_shards, load_trained
 
 Embedder = Callable[[torch.Tensor], torch.Tensor]
@@ -84,7 +84,7 @@ def _embedders(cfg: Config, method: Method, device: str) -> dict[str, Embedder]:
 def _launched_device() -> str:
     """Under ``accelerate launch``/torchrun, join the process group (each rank then embeds its share)
     and use this rank's device; alone, the GPU if there is one."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_distributed():
+    if dist.env_world_size() > 1 and not dist.is_distributed():
         from accelerate import PartialState
 
         return str(PartialState(cpu=not torch.cuda.is_available()).device)

@@ -18,7 +18,7 @@ change seen between chromosome (and slide) preparations of different laboratorie
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from sslkit.config import Config, ConfigError
 from sslkit.data.augment import MEAN, STD
 from sslkit.methods.base import Exported, Method, StepOutput, register
-from sslkit.models.autoencoders import Autoencoder as Net, create_autoencoder, timm_encoder
+from sslkit.models.autoencoders import Autoencoder as Net
+from sslkit.models.autoencoders import create_autoencoder, timm_encoder
 
 
 class AutoencoderMethod(Method):

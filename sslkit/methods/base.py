@@ -41,14 +41,16 @@ it with ``@register(name, cls)``; see ``tests/methods/test_contract.py`` for a c
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
 from sslkit.config import Config
 from sslkit.data.augment import MEAN, STD, BatchViews
-from sslkit.methods.registry import add as _add, entry as _entry
+from sslkit.methods.registry import add as _add
+from sslkit.methods.registry import entry as _entry
 
 
 class StepOutput(NamedTuple):

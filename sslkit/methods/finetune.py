@@ -32,8 +32,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from sslkit.config import Config, ConfigError, apply_overrides, validate
-from sslkit.errors import MissingInput
 from sslkit.data.augment import BatchViews, normalize
+from sslkit.errors import MissingInput
 from sslkit.methods.base import Method, StepOutput, register
 from sslkit.models import create_backbone
 
@@ -91,7 +91,7 @@ class Finetune(Method):
             self.backbone.requires_grad_(False)
             self.backbone.eval()
 
-    def train(self, mode: bool = True) -> "Finetune":
+    def train(self, mode: bool = True) -> Finetune:
         """A linear probe keeps the frozen backbone in eval mode (BatchNorm statistics fixed)."""
         super().train(mode)
         if self.frozen:
@@ -216,7 +216,7 @@ def finetune_config(cfg: Config) -> tuple[Config, list[str]]:
     if not cfg.eval.shards:
         raise ConfigError("Config key 'eval.shards' is not set; fine-tuning reports test metrics, so point it at "
                           "held-out labelled shards (e.g. eval.shards=shards/clusters/test).")
-    from sslkit.data.stream import resolve_shards
+    from sslkit.data.shardset import resolve_shards
 
     train_classes = resolve_shards(cfg.data.shards, manifest=cfg.data.manifest).classes
     try:

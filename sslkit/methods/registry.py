@@ -10,7 +10,8 @@ is loaded.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from sslkit.errors import ConfigError
 

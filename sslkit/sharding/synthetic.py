@@ -29,15 +29,16 @@ same seed gives byte-identical shards::
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
 from tqdm.auto import tqdm
 
-from sslkit.sharding.source import Progress, Sample, Unit
-from sslkit.sharding.writer import ShardSetWriter
+from sslkit.sharding.core.source import Progress, Sample, Unit
+from sslkit.sharding.core.writer import ShardSetWriter
 
 CLASSES = ["epithelial", "inflammatory", "spindle", "misc"]
 GENERATOR_VERSION = 1
@@ -360,7 +361,7 @@ def make_synthetic(
 
 
 class SyntheticSource:
-    """The demo crops as a ``Source`` for ``sslkit.sharding.runner``: units of ``chunk`` consecutive indices.
+    """The demo crops as a ``Source`` for ``sslkit.sharding.core.runner``: units of ``chunk`` consecutive indices.
 
     Same crops, keys and labels as ``make_synthetic`` (``{prefix}-{index:07d}``, class =
     index % 4), but sharded in parallel, over ranks and resumably.

@@ -7,8 +7,7 @@ from itertools import combinations_with_replacement
 import numpy as np
 import pytest
 
-from sslkit.data.compose import (ROLES, bounding_box, compose, foreground, lookup, overlay, shift_ranges,
-                                 translate)
+from sslkit.data.compose import ROLES, bounding_box, compose, foreground, lookup, overlay, shift_ranges, translate
 
 # The SupCAM paper's composite-label tables (docs/methods.md, SupCAM), written out pair by pair: (touching, overlapping); None = uncertain.
 MIDDLE = {("I", "I"): ("T", "O"), ("I", "T"): ("T", None), ("I", "O"): ("TO", "O"), ("I", "TO"): ("TO", None),
@@ -128,7 +127,7 @@ def test_a_type_the_dataset_lacks_counts_as_uncertain() -> None:
 def test_real_karyogram_crops_compose_on_their_white_background() -> None:
     from pathlib import Path
 
-    from sslkit.sharding.imaging import read_image
+    from sslkit.sharding.core.imaging import read_image
 
     root = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "chromosome-clusters" / "images"
     if not root.is_dir():
@@ -161,7 +160,7 @@ def test_real_karyogram_crops_compose_on_their_white_background() -> None:
 
 def composed_any(single: list, cluster: list) -> bool:
     """At least one of these pairs composes within 10 tries (a touching placement exists)."""
-    from sslkit.sharding.imaging import read_image
+    from sslkit.sharding.core.imaging import read_image
 
     rng = np.random.default_rng(4)
     return any(compose(read_image(a, channels=1), read_image(b, channels=1), label_p=0, label_c=1,

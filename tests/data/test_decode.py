@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from sslkit.data.augment import build_decode_transform
-from sslkit.data.stream import _Decode, _pil_uint8, _Skips
+from sslkit.data.tarread import Decode, Skips, _pil_uint8
 
 SIZE = 16
 
@@ -75,8 +75,8 @@ def test_decode_stage_matches_pil_for_every_kind_of_image() -> None:
     broken = broken[:60] + bytes(len(broken) - 60)  # header intact, image data zeroed
     samples = [{"__key__": f"k{i}", "__url__": "shard.tar", "png": data, "cls": b"1"}
                for i, data in enumerate(images + [broken])]
-    skips = _Skips()
-    out = list(_Decode(label_key="cls", skips=skips, uint8=(SIZE, 3))(iter(samples)))
+    skips = Skips()
+    out = list(Decode(label_key="cls", skips=skips, uint8=(SIZE, 3))(iter(samples)))
     assert [s["key"] for s in out] == [f"k{i}" for i in range(len(images))]
     assert skips.take() == 1
     for sample, data in zip(out, images):
@@ -86,5 +86,5 @@ def test_decode_stage_matches_pil_for_every_kind_of_image() -> None:
 
 def test_decode_stage_keeps_pil_images_without_uint8() -> None:
     # the PIL back-end (views in the workers) still gets PIL images
-    out = list(_Decode(label_key="cls", skips=_Skips())(iter([{"__key__": "a", "png": _encode(_rgb(9))}])))
+    out = list(Decode(label_key="cls", skips=Skips())(iter([{"__key__": "a", "png": _encode(_rgb(9))}])))
     assert isinstance(out[0]["image"], Image.Image) and out[0]["label"] == -1

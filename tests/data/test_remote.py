@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine.conftest import TINY
 
-from sslkit.config import recipe_path
-from sslkit.config import load_config
+from sslkit.config import load_config, recipe_path
+from sslkit.data.loaders import eval_loader
 from sslkit.data.remote import RemoteError, RemoteNotFound, open_shard
-from sslkit.data.stream import eval_loader, resolve_shards
+from sslkit.data.shardset import resolve_shards
 from sslkit.engine import train
 from sslkit.sharding.synthetic import make_synthetic
-
-from engine.conftest import TINY
 
 PATTERN = "train/train-{000000..000003}.tar"
 
@@ -204,7 +203,7 @@ def test_unreadable_remote_shard_stops_the_loader_instead_of_counting_corrupt(se
         _read_all(missing)
     assert str(err.value).startswith(f"{server.base}/train/train-000004.tar answered HTTP 404")  # webdataset's
     # appended args were dropped: the message is the reader's one sentence.
-    monkeypatch.setattr("sslkit.data.stream.open_shard", functools.partial(open_shard, backoff=0))
+    monkeypatch.setattr("sslkit.data.tarread.open_shard", functools.partial(open_shard, backoff=0))
     server.cuts = 100  # every answer dies in the middle of the shard
     with pytest.raises(RemoteError, match=r"^Could not read http://.*/train-000003\.tar at byte \d+ after 4 attempts"):
         _read_all(resolve_shards(f"{server.base}/train/train-000003.tar"))

@@ -17,7 +17,8 @@ from PIL import Image
 
 from sslkit.config import BalancedConfig, DataConfig
 from sslkit.data.augment import build_views
-from sslkit.data.stream import ShardSet, eval_loader, resolve_shards, train_loader
+from sslkit.data.loaders import eval_loader, train_loader
+from sslkit.data.shardset import ShardSet, resolve_shards
 
 SIZE = 16
 REPO = Path(__file__).resolve().parents[2]
@@ -197,7 +198,8 @@ import json, sys
 import torch.distributed as dist
 from sslkit.config import BalancedConfig, DataConfig
 from sslkit.data.augment import build_views
-from sslkit.data.stream import eval_loader, resolve_shards, train_loader
+from sslkit.data.loaders import eval_loader, train_loader
+from sslkit.data.shardset import resolve_shards
 
 rank, init, folder, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
@@ -298,7 +300,8 @@ BALANCED_RANK_SCRIPT = r"""
 import json, sys
 import torch.distributed as dist
 from sslkit.config import BalancedConfig, DataConfig
-from sslkit.data.stream import resolve_shards, train_loader
+from sslkit.data.loaders import train_loader
+from sslkit.data.shardset import resolve_shards
 
 rank, init, folder, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)

@@ -6,8 +6,7 @@ import pytest
 from safetensors.torch import load_file
 
 from sslkit.checkpoint import latest_checkpoint
-from sslkit.config import recipe_path
-from sslkit.config import load_config
+from sslkit.config import load_config, recipe_path
 from sslkit.engine import train
 
 from .conftest import TINY

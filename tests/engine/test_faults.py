@@ -12,8 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sslkit.checkpoint import CheckpointWriteError, complete_checkpoints, latest_checkpoint
-from sslkit.config import recipe_path
-from sslkit.config import load_config
+from sslkit.config import load_config, recipe_path
 from sslkit.engine import RunStopped, train
 from sslkit.methods.ccrl import CCRL
 

@@ -9,9 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from sslkit.checkpoint import latest_checkpoint
-from sslkit.config import recipe_path
-from sslkit.config import ConfigError, load_config
-from sslkit.data.stream import resolve_shards
+from sslkit.config import ConfigError, load_config, recipe_path
+from sslkit.data.shardset import resolve_shards
 from sslkit.embed import embed_shards
 from sslkit.engine import train
 from sslkit.evaluate.knn import knn_eval

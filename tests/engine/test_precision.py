@@ -5,8 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from sslkit.checkpoint import latest_checkpoint
-from sslkit.config import recipe_path
-from sslkit.config import ConfigError, load_config
+from sslkit.config import ConfigError, load_config, recipe_path
 from sslkit.engine import train
 from sslkit.methods import build_method
 

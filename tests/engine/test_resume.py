@@ -7,8 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from sslkit.checkpoint import complete_checkpoints, latest_checkpoint
-from sslkit.config import recipe_path
-from sslkit.config import load_config
+from sslkit.config import load_config, recipe_path
 from sslkit.engine import train
 
 from .conftest import TINY

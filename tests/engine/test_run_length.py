@@ -5,8 +5,8 @@ import json
 
 import yaml
 
-from sslkit.cli import main
 from sslkit.checkpoint import latest_checkpoint
+from sslkit.cli import main
 
 from .conftest import TINY
 

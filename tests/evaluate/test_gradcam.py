@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from sslkit.evaluate.gradcam import (default_layer, explain, gradcam_figure, gradcam_maps, influential_box,
-                                     pick_examples)
+from sslkit.evaluate.gradcam import default_layer, explain, gradcam_figure, gradcam_maps, influential_box, pick_examples
 from sslkit.evaluate.plots import DPI
 from sslkit.models import create_backbone
 

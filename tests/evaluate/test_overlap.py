@@ -8,10 +8,10 @@ import numpy as np
 import scipy.io as sio
 from PIL import Image
 
-from sslkit.data.stream import resolve_shards
+from sslkit.data.shardset import resolve_shards
 from sslkit.evaluate.overlap import training_overlap
-from sslkit.sharding.cells import CellSource
-from sslkit.sharding.runner import run_source
+from sslkit.sharding.cells.command import CellSource
+from sslkit.sharding.core.runner import run_source
 from sslkit.sharding.synthetic import make_synthetic
 
 

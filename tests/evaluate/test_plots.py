@@ -8,10 +8,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sslkit.evaluate.metrics import hungarian_map
 from sslkit.evaluate.gallery import cluster_gallery, gallery_picks
-from sslkit.evaluate.plots import (DPI, cluster_confusion, cluster_order, confusion_plot, embedding_map, project,
-                                   read_metrics, stratified_subsample, training_curves)
+from sslkit.evaluate.metrics import hungarian_map
+from sslkit.evaluate.plots import (
+    DPI,
+    cluster_confusion,
+    cluster_order,
+    confusion_plot,
+    embedding_map,
+    project,
+    read_metrics,
+    stratified_subsample,
+    training_curves,
+)
 
 CLASSES = ["epithelial", "inflammatory", "spindle"]
 

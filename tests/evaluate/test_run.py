@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from chromium import needs_chromium, render_and_check
 from PIL import Image
 from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score
 
-from chromium import needs_chromium, render_and_check
 from sslkit.cli import main
 from sslkit.config import ConfigError, load_config, recipe_path
 from sslkit.engine import train

@@ -22,8 +22,11 @@ from fuzz.fuzzing import FUZZ, run_within
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sslkit.data.stream import eval_loader, resolve_shards
-from sslkit.sharding.manifest import ManifestError, class_names, parse_manifest, read_manifest, verify_shards
+from sslkit.data.loaders import eval_loader
+from sslkit.data.shardset import resolve_shards
+from sslkit.errors import ManifestError
+from sslkit.shardformat import class_names, parse_manifest, read_manifest
+from sslkit.sharding.core.verify import verify_shards
 from sslkit.sharding.synthetic import make_synthetic
 
 SIZE, PER_SHARD = 16, 4

@@ -4,7 +4,7 @@ the documented error -- never another exception, never a hang, never silently sh
 One valid 6-sample shard is cut, overwritten, spliced or replaced by random bytes, then read through
 ``resolve_shards`` + ``eval_loader`` (every batch) and ``train_loader`` (a few batches of the endless
 resampled stream), with and without its manifest (without one, ``resolve_shards`` counts tar headers).
-The documented error (sslkit/data/stream.py): corrupt data is skipped and counted; only
+The documented error (sslkit/data/tarread.py): corrupt data is skipped and counted; only
 ``MAX_FAILURES_IN_A_ROW`` failures in a row raise RuntimeError naming ``sslkit shard verify``.
 """
 
@@ -22,8 +22,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sslkit.config import DataConfig
-from sslkit.data import stream
-from sslkit.data.stream import eval_loader, resolve_shards, train_loader
+from sslkit.data import shardset, tarread
+from sslkit.data.loaders import eval_loader, train_loader
+from sslkit.data.shardset import resolve_shards
 from sslkit.sharding.synthetic import make_synthetic
 
 SIZE, SAMPLES, EVAL_BATCH, TRAIN_BATCH, TRAIN_STEPS = 16, 6, 4, 2, 3
@@ -36,7 +37,7 @@ FAILURES_IN_A_ROW = 64
 @pytest.fixture(scope="module", autouse=True)
 def fewer_failures_in_a_row():
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(stream, "MAX_FAILURES_IN_A_ROW", FAILURES_IN_A_ROW)
+        patch.setattr(tarread, "MAX_FAILURES_IN_A_ROW", FAILURES_IN_A_ROW)
         yield
 
 
@@ -72,7 +73,7 @@ class _Warnings(logging.Handler):
 def _read(blob: bytes, base: dict, *, manifest: bool, train: bool) -> tuple[list[dict], list[str]]:
     """Batches read from a folder holding ``blob`` as the shard, and the warnings logged meanwhile."""
     warnings = _Warnings()
-    logger = logging.getLogger(stream.__name__)
+    logger = logging.getLogger("sslkit.data")  # shardset counts damaged shards, tarread skips samples
     logger.addHandler(warnings)
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -284,7 +285,7 @@ def test_intact_shard_reads_whole(base):
 def test_resolve_counts_headers_of_a_damaged_shard(base, tmp_path, caplog):
     """Without a manifest, a shard cut mid-way is counted up to the damage, with a warning naming it."""
     (tmp_path / SHARD).write_bytes(base["tar"][:base["headers"][7]])  # samples 0, 1 and sample 2's image
-    with caplog.at_level(logging.WARNING, logger=stream.__name__):
+    with caplog.at_level(logging.WARNING, logger=shardset.__name__):
         shards = resolve_shards(str(tmp_path))
     assert shards.samples_per_shard == [3]
     assert any(SHARD in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)

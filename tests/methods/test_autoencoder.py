@@ -7,15 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from two_process import compare
 
 from sslkit.config import ConfigError, load_config
 from sslkit.engine import train
 from sslkit.evaluate.run import evaluate_run
 from sslkit.methods import build_method
-from sslkit.sharding.cells import CellSource
-from sslkit.sharding.runner import run_source
-
-from two_process import compare
+from sslkit.sharding.cells.command import CellSource
+from sslkit.sharding.core.runner import run_source
 
 # No BatchNorm (its statistics depend on how the batch is split), tiny conv widths.
 OVERRIDES = ["method.name=autoencoder", "method.arch=conv", "method.ae_norm=false", "data.size=16",

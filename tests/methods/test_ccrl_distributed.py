@@ -1,7 +1,6 @@
 """CCRL on two real gloo processes equals one process on the whole batch."""
 
 import torch
-
 from two_process import TINY_BACKBONE, compare
 
 # Norm-free heads, like the GroupNorm backbone, do not depend on the split across ranks.

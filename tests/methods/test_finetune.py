@@ -10,22 +10,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from two_process import TINY_BACKBONE, compare
 
 from sslkit.cli import main
-from sslkit.config import recipe_path
-from sslkit.config import ConfigError, OptimConfig, load_config
+from sslkit.config import ConfigError, OptimConfig, load_config, recipe_path
 from sslkit.data.augment import normalize
-from sslkit.data.stream import resolve_shards
+from sslkit.data.shardset import resolve_shards
 from sslkit.embed import embed_shards
 from sslkit.engine import train
 from sslkit.evaluate.metrics import classification_metrics
-from sslkit.rundir import load_trained
 from sslkit.methods import build_method
 from sslkit.methods.finetune import finetune_config
 from sslkit.optim import build_lr_schedule, build_optimizer
+from sslkit.rundir import load_trained
 from sslkit.sharding.synthetic import make_synthetic
-
-from two_process import TINY_BACKBONE, compare
 
 # As tests/engine/conftest.py: a CCRL model small enough that a few steps take seconds.
 TINY = [

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from two_process import TINY_BACKBONE, compare
 
 from sslkit.config import ConfigError, load_config
 from sslkit.data.augment import normalize
 from sslkit.methods import build_method
-from two_process import TINY_BACKBONE, compare
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 GBAND = DATA / "chromosome-gband-24class.tar.gz"
@@ -194,7 +194,7 @@ def test_short_run_on_gband_chromosomes_beats_random_init(tmp_path: Path) -> Non
         pytest.skip(f"{GBAND.name} is not in ../shared/data")
     from sslkit.engine import train
     from sslkit.evaluate.run import evaluate_run
-    from sslkit.sharding.folder import shard_folder
+    from sslkit.sharding.folder.command import shard_folder
 
     src_train, src_test = _extract(GBAND, tmp_path / "src", train=16, test=8)
     for name, src in (("train", src_train), ("test", src_test)):

@@ -5,14 +5,13 @@ import json
 import torch
 from lightly.loss import NTXentLoss
 from torch import nn
+from two_process import TINY_BACKBONE, compare
 
 from sslkit.config import load_config
 from sslkit.engine import train
 from sslkit.evaluate.run import evaluate_run
 from sslkit.methods import build_method
 from sslkit.sharding.synthetic import make_synthetic
-
-from two_process import TINY_BACKBONE, compare
 
 # GroupNorm backbone and a norm-free head: the two runs can agree to float precision, so
 # the only way they differ is a wrong gradient through the cross-rank gather.

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from two_process import TINY_BACKBONE, compare
 
 from sslkit.config import load_config
 from sslkit.methods import build_method
 from sslkit.methods.supcam import CompositeInputs
-
-from two_process import TINY_BACKBONE, compare
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTERS = ROOT.parent / "shared" / "data" / "chromosome-clusters" / "images"
@@ -230,7 +229,7 @@ def cluster_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _knn_top1(method: torch.nn.Module, shards: Path, cfg) -> float:
     """kNN top-1 (k = 20, cosine, weighted vote) of the test split against the training split's embeddings."""
-    from sslkit.data.stream import resolve_shards
+    from sslkit.data.shardset import resolve_shards
     from sslkit.embed import embed_shards
     from sslkit.evaluate.knn import knn_predict
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Iterable
+from collections.abc import Iterable
 
-from sslkit.sharding.source import Progress, Sample, Unit, UnitError
+from sslkit.sharding.core.source import Progress, Sample, Unit, UnitError
 from sslkit.sharding.synthetic import SyntheticSource
 
 

@@ -14,12 +14,12 @@ import scipy.io as sio
 import tifffile
 from PIL import Image
 
-from sslkit.config import ConfigError
-from sslkit.sharding.annotations import nuclei_from_map
-from sslkit.sharding.cells import CellSource, add_parser, crop_window, cut_window, raw_class_map, read_class_map
-from sslkit.sharding.imaging import resize, to_uint8
-from sslkit.sharding.runner import run_source
-from sslkit.sharding.source import Progress, UnitError
+from sslkit.errors import ConfigError, UsageError
+from sslkit.sharding.cells.annotations import nuclei_from_map
+from sslkit.sharding.cells.command import CellSource, add_parser, crop_window, cut_window, raw_class_map, read_class_map
+from sslkit.sharding.core.imaging import resize, to_uint8
+from sslkit.sharding.core.runner import run_source
+from sslkit.sharding.core.source import Progress, UnitError
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -302,7 +302,7 @@ def test_nucls_without_a_type_column_writes_unlabelled_crops(tmp_path: Path,
     _save_png(tmp_path / "rgb" / "t.png", _image(30, 30))
     (tmp_path / "csv").mkdir()
     (tmp_path / "csv" / "t.csv").write_text("xmin,ymin,xmax,ymax\n1,1,9,9\n10,10,20,20\n")
-    with caplog.at_level("WARNING", logger="sslkit.sharding.cells"):
+    with caplog.at_level("WARNING", logger="sslkit.sharding.cells.command"):
         source = CellSource(fmt="nucls", input=tmp_path, size=8)
     assert source.class_map.name == "none" and source.classes is None
     assert "No nucleus types" in caplog.text and "csv/t.csv" in caplog.text and "--class-column" in caplog.text
@@ -362,9 +362,9 @@ def test_labelmap_tiff_png_and_type_tables(tmp_path: Path) -> None:
 
 def test_options_and_class_map_errors(tmp_path: Path) -> None:
     _consep_tile(tmp_path, "t", _image(40, 50), _consep_map(), inst_type=np.array([[1], [2], [3]]))
-    with pytest.raises(ConfigError, match="exclude each other"):
+    with pytest.raises(UsageError, match="exclude each other"):
         CellSource(fmt="consep", input=tmp_path, window=10, window_scale=2)
-    with pytest.raises(ConfigError, match="No class map named 'nope'"):
+    with pytest.raises(UsageError, match="No class map named 'nope'"):
         CellSource(fmt="consep", input=tmp_path, class_map="nope")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         CellSource(fmt="consep", input=tmp_path / "missing")
@@ -386,7 +386,7 @@ def test_raw_class_map_orders_numbers_then_names_naturally() -> None:
 
 
 def test_packaged_class_maps() -> None:
-    from sslkit.sharding.cells import CLASSMAPS
+    from sslkit.sharding.cells.command import CLASSMAPS
 
     maps = {p.stem: read_class_map(p) for p in CLASSMAPS.glob("*.yaml")}
     assert maps["consep7"].classes == maps["consep4"].classes

@@ -16,12 +16,11 @@ import pytest
 from PIL import Image
 
 from sslkit.cli import main
-from sslkit.config import ConfigError
-from sslkit.sharding.folder import FolderSource, add_parser, shard_folder
-from sslkit.sharding.folder_plan import (assign_keys, natural_key, plan_folder, read_csv_list, report_lines,
-                                         split_groups, split_plan)
-from sslkit.sharding.imaging import border_value, pad_to_square, resize
-from sslkit.sharding.source import Progress
+from sslkit.errors import UsageError
+from sslkit.sharding.core.imaging import border_value, pad_to_square, resize
+from sslkit.sharding.core.source import Progress, natural_key
+from sslkit.sharding.folder.command import FolderSource, add_parser, shard_folder
+from sslkit.sharding.folder.plan import assign_keys, plan_folder, read_csv_list, report_lines, split_groups, split_plan
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 CHROMOSOMES = DATA / "chromosome-gband-24class.tar.gz"
@@ -138,9 +137,9 @@ def test_regex_labels_and_groups(tmp_path: Path) -> None:
     assert Counter((i[2], i[3]) for i in plan.items) == {("chromosome", "case1"): 3, ("cluster", "case1"): 1,
                                                         ("chromosome", "case2"): 3, ("cluster", "case2"): 1}
     assert len(plan.failed) == 1 and "--label-regex" in plan.failed[0]["reason"]
-    with pytest.raises(ConfigError, match="--group-regex"):
+    with pytest.raises(UsageError, match="--group-regex"):
         plan_folder(tmp_path, group_regex="case(")
-    with pytest.raises(ConfigError, match="No image"):
+    with pytest.raises(UsageError, match="No image"):
         plan_folder(tmp_path, label_regex="nothing-matches")
 
 
@@ -178,9 +177,9 @@ def test_split_plan_by_group(tmp_path: Path) -> None:
     again, audit2 = split_plan(plan_folder(tmp_path, group_regex=r"/(p\d+)_"), fractions=[0.6, 0.2, 0.2],
                                names=["tr", "va", "te"], seed=0)
     assert audit2 == audit and {n: p.items for n, p in again.items()} == {n: p.items for n, p in parts.items()}
-    with pytest.raises(ConfigError, match="add up to 1"):
+    with pytest.raises(UsageError, match="add up to 1"):
         split_plan(plan, fractions=[0.6, 0.2], names=["a", "b"])
-    with pytest.raises(ConfigError, match="no images"):
+    with pytest.raises(UsageError, match="no images"):
         split_plan(plan, fractions=[0.98, 0.01, 0.01], names=["a", "b", "c"])
 
 
@@ -364,7 +363,7 @@ def test_cli_writes_shards_and_reports_unexpected(tmp_path: Path, capsys: pytest
                          (["--classes", "a,a"], "twice"), (["--size", "0"], "--size")):
         bad = parser.parse_args(["folder", str(tmp_path / "in"), "--out", str(tmp_path / "o2"), "--size", "6",
                                  *flags])
-        with pytest.raises(ConfigError, match=match):
+        with pytest.raises(UsageError, match=match):
             bad.fn(bad)
     assert not (tmp_path / "o2").exists()
     args = parser.parse_args(["folder", str(tmp_path / "in"), "--out", str(tmp_path / "u"), "--size", "6",
@@ -386,7 +385,7 @@ def test_rerun_with_another_seed_leaves_splits_json(tmp_path: Path) -> None:
     shard_folder(tmp_path / "in", tmp_path / "out", seed=1, **kwargs)
     before = (tmp_path / "out" / "splits.json").read_bytes()
     assert json.loads(before)["seed"] == 1 and sorted(json.loads(before)["images"]) == ["train", "val"]
-    with pytest.raises(ConfigError, match="holds shards made with other settings"):
+    with pytest.raises(UsageError, match="holds shards made with other settings"):
         shard_folder(tmp_path / "in", tmp_path / "out", seed=2, **kwargs)
     assert (tmp_path / "out" / "splits.json").read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["splits.json", "train", "val"]

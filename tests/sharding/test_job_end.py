@@ -21,10 +21,10 @@ import pytest
 import scipy.io as sio
 import tifffile
 from PIL import Image
-
 from processes import describe, kill_all, marked, marked_env, new_mark, wait_until_gone
-from sslkit.sharding.journal import JOURNAL_DIR
-from sslkit.sharding.runner import FAILED_INPUTS_EXIT
+
+from sslkit.sharding.core.journal import JOURNAL_DIR
+from sslkit.sharding.core.runner import FAILED_INPUTS_EXIT
 
 REPO = Path(__file__).resolve().parents[2]
 CONSEP = REPO.parent / "shared" / "data" / "consep-tiles" / "Train"

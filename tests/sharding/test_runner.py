@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from sslkit.sharding.journal import JOURNAL_DIR
-from sslkit.sharding.manifest import read_manifest, verify_shards
-from sslkit.sharding.runner import launch_rank, partition, run_source
-from sslkit.sharding.source import Unit
+from sslkit.errors import UsageError
+from sslkit.shardformat import read_manifest
+from sslkit.sharding.core.journal import JOURNAL_DIR
+from sslkit.sharding.core.runner import launch_rank, partition, run_source
+from sslkit.sharding.core.source import Unit
+from sslkit.sharding.core.verify import verify_shards
 from sslkit.sharding.synthetic import SyntheticSource
 
 sys.path.insert(0, str(Path(__file__).parent))  # spawned workers import the test sources by name
@@ -60,7 +62,7 @@ def test_rerun_of_a_finished_job_does_nothing_and_keeps_the_manifest(tmp_path: P
 
 _JOB = """
 import sys
-from sslkit.sharding.runner import run_source
+from sslkit.sharding.core.runner import run_source
 from sslkit.sharding.synthetic import SyntheticSource
 run_source(SyntheticSource(num_samples=int(sys.argv[2]), chunk=50, seed=7), sys.argv[1],
            workers=int(sys.argv[3]), shard_size=40, progress=False)
@@ -193,7 +195,10 @@ def test_launch_rank_reads_the_launchers(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert launch_rank() == (1, 2, "RANK/WORLD_SIZE")
     assert launch_rank(0, 5) == (0, 5, "arguments")
-    with pytest.raises(ValueError, match="impossible"):
+    with pytest.raises(UsageError, match="impossible"):
         launch_rank(5, 5)
-    with pytest.raises(ValueError, match="both --rank and --world-size"):
+    with pytest.raises(UsageError, match="both --rank and --world-size"):
         launch_rank(1, None)
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(UsageError, match=r"^RANK='one' / WORLD_SIZE='2' are not integers; .* pass --rank"):
+        launch_rank()

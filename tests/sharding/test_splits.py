@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from sslkit.cli import main
-from sslkit.config import ConfigError
-from sslkit.data.stream import resolve_shards
+from sslkit.data.shardset import resolve_shards
+from sslkit.errors import UsageError
 from sslkit.evaluate.overlap import training_overlap
-from sslkit.sharding.source import Unit
-from sslkit.sharding.splits import assign_units, unit_groups
+from sslkit.sharding.core.source import Unit
+from sslkit.sharding.core.splits import assign_units, unit_groups
 
 CONSEP = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "consep-tiles" / "Train"
 
@@ -33,7 +33,7 @@ def test_every_unit_lands_once_and_no_group_in_two_splits(groups, fractions, see
     names = [f"s{i}" for i in range(len(fractions))]
     try:
         keep = assign_units(groups, fractions=fractions, names=names, seed=seed)
-    except ConfigError as err:  # too few groups for the splits: said, never an empty split
+    except UsageError as err:  # too few groups for the splits: said, never an empty split
         assert "would get no units" in str(err) and len(set(groups.values())) >= 1
         return
     assert sorted(u for ids in keep.values() for u in ids) == sorted(groups)
@@ -60,9 +60,9 @@ def test_unit_groups_from_a_regex_on_the_relative_path(tmp_path):
     assert set(unit_groups(units, root=tmp_path, group_regex=r"^Images/(?P<group>train_\d)").values()) == {
         "train_0", "train_1"}
     no_match = r"--group-regex 'test_\(\\d\+\)' does not match 'Images/train_0_000.png'; every input needs a group"
-    with pytest.raises(ConfigError, match=no_match):
+    with pytest.raises(UsageError, match=no_match):
         unit_groups(units, root=tmp_path, group_regex=r"test_(\d+)")
-    with pytest.raises(ConfigError, match="is not a valid regular expression"):
+    with pytest.raises(UsageError, match="is not a valid regular expression"):
         unit_groups(units, root=tmp_path, group_regex="(")
 
 

@@ -13,8 +13,8 @@ from PIL import Image
 from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
 
 from sslkit.cli import main
-from sslkit.config import ConfigError
-from sslkit.sharding.stain import StainNormalizer
+from sslkit.errors import ConfigError
+from sslkit.sharding.core.stain import StainNormalizer
 
 REFERENCE_VECTORS = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])  # H, E (Ruifrok & Johnston)
 OTHER_LAB = np.array([[0.35, 0.80, 0.48], [0.30, 0.85, 0.43]])  # a bluer haematoxylin, a duller eosin

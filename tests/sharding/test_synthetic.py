@@ -13,7 +13,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_mutual_info_score
 from sklearn.preprocessing import StandardScaler
 
-from sslkit.sharding.manifest import verify_shards
+from sslkit.sharding.core.verify import verify_shards
 from sslkit.sharding.synthetic import CLASSES, make_synthetic, render_batch, render_crop, sample_rng
 
 _H = np.array([0.5626, 0.7201, 0.4062])

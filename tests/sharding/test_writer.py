@@ -12,8 +12,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from sslkit.sharding.manifest import FORMAT, class_names, read_manifest, sha256_file, verify_shards
-from sslkit.sharding.writer import ShardFiles, ShardSetWriter, encode_image, encode_png
+from sslkit.shardformat import FORMAT, class_names, read_manifest
+from sslkit.sharding.core.verify import sha256_file, verify_shards
+from sslkit.sharding.core.writer import ShardFiles, ShardSetWriter, encode_image, encode_png
 
 CLASSES = ["a", "b", "c"]
 

@@ -18,8 +18,10 @@ from PIL import Image
 openslide = pytest.importorskip("openslide")
 pytest.importorskip("tiffslide")
 
-from sslkit.sharding import slide_files, slides, tissue, wsi  # noqa: E402
-from sslkit.sharding.source import Progress, UnitError  # noqa: E402
+from sslkit.sharding.core.source import Progress, UnitError  # noqa: E402
+from sslkit.sharding.wsi import command as wsi  # noqa: E402
+from sslkit.sharding.wsi import files as slide_files  # noqa: E402
+from sslkit.sharding.wsi import slides, tissue  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 CMU = DATA / "slides" / "CMU-1-Small-Region.svs"
@@ -400,9 +402,9 @@ def test_slide_ids_and_finding(tmp_path):
 @pytest.mark.parametrize("bad", [{"overlap": 256}, {"min_tissue": 1.5}, {"mpp": 0}, {"tile": 4},
                                  {"quality": 0}, {"mpp_override": -1.0}, {"reader": "pil"}])
 def test_bad_settings(slide, bad):
-    from sslkit.config import ConfigError
+    from sslkit.errors import UsageError
 
-    with pytest.raises(ConfigError, match="^--"):
+    with pytest.raises(UsageError, match="^--"):
         wsi.WsiSource([str(slide)], **bad)
 
 
@@ -410,7 +412,7 @@ def test_bad_settings(slide, bad):
 
 
 def read_shards(out: Path) -> dict:
-    from sslkit.sharding.manifest import read_manifest
+    from sslkit.shardformat import read_manifest
 
     samples: dict = {}
     for shard in read_manifest(out)["shards"]:
@@ -422,7 +424,7 @@ def read_shards(out: Path) -> dict:
 
 
 def test_run_source_png_and_jpeg_round_trip(slide, tmp_path):
-    from sslkit.sharding.runner import run_source
+    from sslkit.sharding.core.runner import run_source
 
     bad = tmp_path / "broken.svs"
     bad.write_bytes(b"II*\x00" + b"\x00" * 100)
@@ -482,7 +484,7 @@ def test_add_parser_on_a_fresh_parser(slide, tmp_path):
 
 @pytest.mark.skipif(not CMU.is_file(), reason="shared data not present")
 def test_cmu_small_region(tmp_path):
-    from sslkit.sharding.runner import run_source
+    from sslkit.sharding.core.runner import run_source
 
     source = wsi.WsiSource([str(CMU)], mpp=0.499, tile=256, min_tissue=0.5, encode="jpeg", quality=90,
                            mask_dir=str(tmp_path / "masks"))
@@ -544,8 +546,8 @@ def test_a_kind_of_slide_is_checked_against_openslide_once_per_process(tmp_path,
 
 
 def test_two_ranks_from_the_environment_shard_disjoint_slides(tmp_path, monkeypatch):
-    from sslkit.sharding.manifest import verify_shards
-    from sslkit.sharding.runner import run_source
+    from sslkit.sharding.core.runner import run_source
+    from sslkit.sharding.core.verify import verify_shards
 
     img = layout()
     paths = [str(write_slide(tmp_path / f"slide{i}.tif", img[:, : W0 - 128 * i])) for i in range(5)]

@@ -22,13 +22,14 @@ import ctypes
 import math
 import sys
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
-from sslkit.sharding.imaging import resize, to_channels
-from sslkit.sharding.source import UnitError
+from sslkit.sharding.core.imaging import resize, to_channels
+from sslkit.sharding.core.source import UnitError
 
 READERS = ("auto", "openslide", "tiffslide")  # see open_slide
 MPP_TOLERANCE = 0.02  # a level within 2 % of the target um/px is read without resizing

@@ -7,7 +7,7 @@
    with the least work so far, so ranks finish together). Rank and world size come from the
    arguments, else from ``RANK``/``WORLD_SIZE`` (torchrun, Accelerate), ``SLURM_PROCID``/
    ``SLURM_NTASKS``, or Open MPI's variables.
-2. Units already recorded as done in the journal (``sslkit.sharding.journal``) are skipped;
+2. Units already recorded as done in the journal (``sslkit.sharding.core.journal``) are skipped;
    a unit cut short is restarted where its final samples end; failed units are retried.
 3. Worker processes (one per slot, from a fork server) pull units one at a time and write
    their own shards; a worker that dies (a crashing decoder, the OOM killer) fails the unit it
@@ -27,42 +27,35 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
-from sslkit.config import ConfigError
-from sslkit.sharding.journal import JOURNAL_DIR, JobState, load_state, stale_files
-from sslkit.sharding.manifest import MANIFEST_NAME, build_manifest, merge_image_info, write_json, write_manifest
-from sslkit.sharding.pool import Display, Pool
-from sslkit.sharding.source import Source, Unit
-
-_RANK_ENV = (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"),
-             ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"))
-
+from sslkit import dist
+from sslkit.atomic import write_json
+from sslkit.errors import UsageError
+from sslkit.shardformat import MANIFEST_NAME, build_manifest, merge_image_info, write_manifest
+from sslkit.sharding.core.journal import JOURNAL_DIR, JobState, load_state, stale_files
+from sslkit.sharding.core.pool import Display, Pool
+from sslkit.sharding.core.source import Source, Unit
 
 # ---------------------------------------------------------------- ranks and shares
 
 
 def launch_rank(rank: Optional[int] = None, world_size: Optional[int] = None) -> tuple[int, int, str]:
-    """(rank, world size, where they came from): the arguments, else the launcher's environment, else 0 of 1."""
+    """(rank, world size, where they came from): the arguments, else the launcher's environment
+    (``sslkit.dist.launch_rank``), else 0 of 1."""
     origin = "arguments"
     if rank is None and world_size is None:
-        rank, world_size, origin = 0, 1, "default"
-        for rank_var, size_var in _RANK_ENV:
-            if rank_var in os.environ and size_var in os.environ:
-                try:
-                    rank, world_size = int(os.environ[rank_var]), int(os.environ[size_var])
-                except ValueError:
-                    raise ConfigError(f"{rank_var}={os.environ[rank_var]!r} / {size_var}={os.environ[size_var]!r} "
-                                     "are not integers; fix the launcher's environment or pass --rank and "
-                                     "--world-size.") from None
-                origin = f"{rank_var}/{size_var}"
-                break
+        try:
+            rank, world_size, origin = dist.launch_rank() or (0, 1, "default")
+        except ValueError as err:
+            raise UsageError(f"{err}; fix the launcher's environment or pass --rank and --world-size.") from None
     if rank is None or world_size is None:
-        raise ConfigError("Give both --rank and --world-size, or neither (then the launcher's environment is used).")
+        raise UsageError("Give both --rank and --world-size, or neither (then the launcher's environment is used).")
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ConfigError(f"Rank {rank} of world size {world_size} is impossible; ranks run from 0 to world size - 1.")
+        raise UsageError(f"Rank {rank} of world size {world_size} is impossible; ranks run from 0 to world size - 1.")
     return rank, world_size, origin
 
 
@@ -97,7 +90,7 @@ def _rank_lock(out_dir: Path, rank: int) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConfigError(f"Another `sslkit shard` process is writing rank {rank} of {out_dir}; wait for it to "
+            raise UsageError(f"Another `sslkit shard` process is writing rank {rank} of {out_dir}; wait for it to "
                              "finish, or give this job another --out folder.") from None
         yield
 
@@ -116,7 +109,7 @@ def _check_plan(out_dir: Path, plan: dict[str, Any]) -> None:
     plan = json.loads(json.dumps(plan))  # tuples -> lists, as stored
     if recorded != plan:
         diff = _first_difference(recorded, plan)
-        raise ConfigError(f"{out_dir} holds shards made with other settings ({diff}); shard into a new --out "
+        raise UsageError(f"{out_dir} holds shards made with other settings ({diff}); shard into a new --out "
                          "folder, or delete this one to start over.")
 
 
@@ -147,9 +140,9 @@ def run_source(source: Source, out_dir: str | Path, *, workers: Optional[int] = 
     """
     start = time.monotonic()
     if shard_size < 1:
-        raise ConfigError(f"--shard-size must be at least 1 sample per shard, got {shard_size}.")
+        raise UsageError(f"--shard-size must be at least 1 sample per shard, got {shard_size}.")
     if workers is not None and workers < 0:
-        raise ConfigError(f"--workers must be 0 (in this process) or more, got {workers}.")
+        raise UsageError(f"--workers must be 0 (in this process) or more, got {workers}.")
     rank, world_size, origin = launch_rank(rank, world_size)
     out = Path(out_dir)
     (out / JOURNAL_DIR).mkdir(parents=True, exist_ok=True)
@@ -209,7 +202,7 @@ def _check_unique(units: list[Unit]) -> None:
     seen: set[str] = set()
     for unit in units:
         if unit.id in seen:
-            raise ConfigError(f"Two inputs map to the same unit id {unit.id!r} (one is {unit.path}); rename one.")
+            raise UsageError(f"Two inputs map to the same unit id {unit.id!r} (one is {unit.path}); rename one.")
         seen.add(unit.id)
 
 

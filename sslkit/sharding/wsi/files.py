@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sslkit.sharding.source import safe_id, unique_ids
 from sslkit.errors import MissingInput
+from sslkit.sharding.core.source import safe_id, unique_ids
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif")
 

@@ -7,7 +7,7 @@ open the file or is not installed), finds its resolution, picks a pyramid level,
 tissue mask from a low-resolution overview and yields the tiles with enough tissue. With
 ``--reader auto`` (the default) the stored tiles of tiled TIFF-family slides are decoded
 directly (``slides.TiffTiles``), else by TiffSlide, once a sample is checked to decode like
-OpenSlide; OpenSlide's metadata stays in charge (``sslkit.sharding.slides``).
+OpenSlide; OpenSlide's metadata stays in charge (``sslkit.sharding.wsi.slides``).
 
 - Resolution: ``openslide.mpp-x/-y`` (``tiffslide.mpp-x/-y``). Without it, the objective
   power, assuming mpp = 10 / power (20x -> 0.5 um/px, 40x -> 0.25): a warning, and
@@ -41,20 +41,39 @@ import math
 import shlex
 import sys
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 
-from sslkit.config import ConfigError
-from sslkit.sharding.slide_files import find_slides, slide_bytes, slide_ids
-from sslkit.sharding.slides import (BLOCK_PX, MPP_TOLERANCE, READERS, Geometry, Slide, choose_level, open_slide,
-                                    read_overview, read_target, slide_mpp)
-from sslkit.sharding.source import Progress, Sample, Unit
-from sslkit.sharding.stain import StainNormalizer, add_stain_args, stain_from_args
-from sslkit.sharding.tissue import (HOLE_UM2, SAT_HIGH, SAT_LOW, SPECK_UM2, box_fractions, outline_boxes, save_image,
-                                    tissue_mask)
+from sslkit.errors import UsageError
+from sslkit.sharding.core.source import Progress, Sample, Unit
+from sslkit.sharding.core.stain import StainNormalizer, add_stain_args, stain_from_args
+from sslkit.sharding.wsi.files import find_slides, slide_bytes, slide_ids
+from sslkit.sharding.wsi.slides import (
+    BLOCK_PX,
+    MPP_TOLERANCE,
+    READERS,
+    Geometry,
+    Slide,
+    choose_level,
+    open_slide,
+    read_overview,
+    read_target,
+    slide_mpp,
+)
+from sslkit.sharding.wsi.tissue import (
+    HOLE_UM2,
+    SAT_HIGH,
+    SAT_LOW,
+    SPECK_UM2,
+    box_fractions,
+    outline_boxes,
+    save_image,
+    tissue_mask,
+)
 
 MASK_TILE_PX = 16  # overview pixels along a tile side, at least MASK_MIN_MPP um each
 MASK_MIN_MPP, MASK_MAX_SIDE = 2.0, 4096
@@ -187,7 +206,7 @@ class WsiSource:
         its own, so no skipped tile is read): one read per tile where the slide's decoded tiles
         are cached and nothing is resized (``per_tile_reads``), else the reads ``read_spans`` picks.
 
-        Keys are ``<slide>_<x>_<y>`` (slide ids are safe: ``slide_files.slide_ids``), x, y in level-0 pixels.
+        Keys are ``<slide>_<x>_<y>`` (slide ids are safe: ``files.slide_ids``), x, y in level-0 pixels.
         """
         geom, t = plan.geometry, self.tile
         per_tile = slide.per_tile_reads and geom.scale == (1.0, 1.0)
@@ -271,7 +290,7 @@ def _check_settings(*, mpp: float, tile: int, overlap: int, min_tissue: float, e
     ]
     for ok, message in checks:
         if not ok:
-            raise ConfigError(message)
+            raise UsageError(message)
 
 
 # ---------------------------------------------------------------- command line
@@ -284,7 +303,7 @@ OUT/masks/<slide>.png is each slide's tissue mask, OUT/masks/<slide>-tiles.jpg i
 
 
 def _cmd_wsi(args: argparse.Namespace) -> None:
-    from sslkit.sharding.runner import exit_on_failures, run_source, runner_kwargs
+    from sslkit.sharding.core.runner import exit_on_failures, run_source, runner_kwargs
 
     source = WsiSource(args.slides, mpp=args.mpp, tile=args.tile, overlap=args.overlap,
                        min_tissue=args.min_tissue, encode=args.encode, quality=args.quality,
@@ -296,7 +315,7 @@ def _cmd_wsi(args: argparse.Namespace) -> None:
 
 def add_parser(shard_sub: Any) -> argparse.ArgumentParser:
     """Add ``sslkit shard wsi`` to the ``sslkit shard`` sub-parsers."""
-    from sslkit.sharding.runner import add_runner_args
+    from sslkit.sharding.core.runner import add_runner_args
 
     p = shard_sub.add_parser("wsi", help="whole-slide images -> tissue tiles at a target um/px",
                              description=__doc__.split("\n\n")[2], epilog=_EPILOG,

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-
-from sslkit.config import ConfigError
-from sslkit.sharding.manifest import merge_image_info
-from sslkit.sharding.source import Sample, Unit
-from sslkit.sharding.writer import ShardFiles, encode_sample
+from sslkit.errors import ConfigError
+from sslkit.shardformat import merge_image_info
+from sslkit.sharding.core.source import Sample, Unit
+from sslkit.sharding.core.writer import ShardFiles, encode_sample
 
 JOURNAL_DIR = ".sslkit-shard"
 _SHARD_NAME = re.compile(r"(?P<stem>.+-r\d{3,}-w\d{2,})-(?P<index>\d{6,})\.tar")

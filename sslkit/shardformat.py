@@ -1,8 +1,20 @@
-"""The ``manifest.json`` beside a shard set: building, reading, and checking shards against it.
+"""The shard format: what a shard set is on disk, shared by the writers and the readers.
 
-The manifest is the contract between the shard writers (``sslkit.sharding``) and the
-readers (``sslkit.data``): readers take shard names and the sample count from it
-instead of scanning tars. Layout (``FORMAT``)::
+Writers (``sslkit.sharding``) make shard sets; readers (``sslkit.data``, evaluation, the demo)
+take shard names and the sample count from the manifest instead of scanning tars. This
+module imports neither, so both can depend on it.
+
+- ``manifest.json`` beside the shards: building (``build_manifest``), writing
+  (``write_manifest``), reading and checking (``read_manifest``, ``parse_manifest``).
+- Tar members: a sample is the members ``<key>.<ext>`` that share a key (``split_member``);
+  keys hold no '.' or '/' (``check_key``); the image is the member with one of
+  ``IMAGE_FIELDS``, the label ``<key>.cls``, the meta dict ``<key>.json``.
+- ``StrictTarInfo``: damage inside a tar is an error, never a silent end of the archive.
+
+Re-hashing and re-counting shards against their manifest (``sslkit shard verify``) is the
+writers' business: ``sslkit.sharding.core.verify``.
+
+Manifest layout (``FORMAT``)::
 
     {"format": "sslkit-shards/2", "kind": "wsi", "created_by": "<command>", "sslkit_version": "0.1.0",
      "num_samples": 4000,
@@ -18,12 +30,10 @@ and returned in this layout.
 
     manifest = read_manifest("shards/demo/train")   # the folder or the file
     names = class_names(manifest)                   # label index -> name, or None
-    report = verify_shards("shards/demo/train")     # report["ok"] is False on any problem
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import re
@@ -66,13 +76,22 @@ class StrictTarInfo(tarfile.TarInfo):
             raise tarfile.SubsequentHeaderError(f"{what} at byte {tar.offset}") from None
 
 
-def sha256_file(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (shards can be larger than memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
+IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp", "tif", "tiff")  # extensions a reader takes as a sample's image
+_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: <key>.<ext>, key up to the first '.'
+
+
+def split_member(name: str) -> tuple[Optional[str], Optional[str]]:
+    """(key, extension) of a tar member named ``<key>.<ext>``, as webdataset groups members (the key
+    ends at the first '.' of the last path part); (None, None) for a name without an extension."""
+    match = _MEMBER.match(name)
+    return (match.group(1), match.group(2)) if match else (None, None)
+
+
+def check_key(key: str) -> str:
+    """``key`` when it can name a sample's members (non-empty, no '.' or '/'), else ValueError."""
+    if not isinstance(key, str) or not key or "." in key or "/" in key:
+        raise ValueError(f"Sample key {key!r} must be a non-empty string without '.' or '/'.")
+    return key
 
 
 def manifest_path(path: str | Path) -> Path:
@@ -193,7 +212,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     """Load and check a shard manifest; ``path`` is the manifest file or its folder.
 
     Raises:
-        FileNotFoundError: no manifest there.
+        MissingInput (a FileNotFoundError): no manifest there.
         ManifestError (a ValueError): the file is not a valid sslkit manifest.
     """
     file = manifest_path(path)
@@ -209,61 +228,6 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return parse_manifest(manifest, str(file))
 
 
-def count_tar_samples(path: str | Path) -> int:
-    """Number of distinct WebDataset keys (``<key>.<ext>`` members) in a tar."""
-    keys = set()
-    with tarfile.open(path, mode="r|*", tarinfo=StrictTarInfo) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            directory, _, base = member.name.rpartition("/")
-            keys.add((directory, base.split(".", 1)[0]))
-    return len(keys)
-
-
-def _check_shard(file: Path, entry: dict[str, Any]) -> str | None:
-    """Why ``file`` does not match its manifest entry, or None when it does."""
-    size = file.stat().st_size
-    if "bytes" in entry and size != entry["bytes"]:
-        return f"{size} bytes on disk, manifest says {entry['bytes']}"
-    if "sha256" in entry and sha256_file(file) != entry["sha256"]:
-        return "sha256 differs from the manifest"
-    try:
-        samples = count_tar_samples(file)
-    except (tarfile.TarError, OSError, EOFError) as err:
-        return f"unreadable tar ({err})"
-    if samples != entry["samples"]:
-        return f"{samples} samples in the tar, manifest says {entry['samples']}"
-    return None
-
-
-def verify_shards(folder: str | Path) -> dict[str, Any]:
-    """Re-hash and re-count every shard listed in ``folder``'s manifest.
-
-    Returns ``{"ok", "folder", "checked", "missing": [name], "mismatched":
-    [{"name", "reason"}], "extra": [name]}``; ``extra`` lists ``*.tar`` and ``*.tmp``
-    files in the folder that the manifest does not name. ``ok`` is True only when all
-    three lists are empty.
-    """
-    file = manifest_path(folder)
-    manifest = read_manifest(file)
-    root = file.parent
-    missing: list[str] = []
-    mismatched: list[dict[str, str]] = []
-    for entry in manifest["shards"]:
-        shard = root / entry["name"]
-        if not shard.is_file():
-            missing.append(entry["name"])
-        elif (reason := _check_shard(shard, entry)) is not None:
-            mismatched.append({"name": entry["name"], "reason": reason})
-    listed = {entry["name"] for entry in manifest["shards"]}
-    on_disk = {p.name for pattern in ("*.tar", "*.tmp") for p in root.glob(pattern)}
-    extra = sorted(on_disk - listed)
-    return {
-        "ok": not (missing or mismatched or extra),
-        "folder": str(root),
-        "checked": len(manifest["shards"]),
-        "missing": missing,
-        "mismatched": mismatched,
-        "extra": extra,
-    }
+__all__ = ["FORMAT", "FORMATS", "MANIFEST_NAME", "IMAGE_FIELDS", "StrictTarInfo", "split_member", "check_key",
+           "manifest_path", "merge_image_info", "build_manifest", "write_manifest", "class_names",
+           "parse_manifest", "read_manifest"]

@@ -42,7 +42,7 @@ for a box its centre less 0.5), ``area``, ``raw_type``, ``class``, ``window`` [l
 side]; PanNuke adds ``image_index``, ``channel`` and ``tissue`` (when types.npy is there).
 Instance ids are map ids, or row/object indices (from 0) for boxes.
 
-Splits (``--split 0.8,0.2``, ``sslkit.sharding.splits``) go by group, never by nucleus or tile:
+Splits (``--split 0.8,0.2``, ``sslkit.sharding.core.splits``) go by group, never by nucleus or tile:
 ``--group-regex`` names the group (source image, patient, slide) of each tile from its path below
 --input, so that train and test never share an image; ``OUT/<split>/`` per split, ``OUT/splits.json``.
     sslkit shard cells --format consep --input CoNSeP/Train --out shards/consep --split 0.8,0.2 \\
@@ -56,25 +56,24 @@ import logging
 import math
 import shlex
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import yaml
 
-from sslkit.config import ConfigError
-from sslkit.sharding import annotations as ann
-from sslkit.sharding import pairing
-from sslkit.sharding.folder_plan import natural_key
-from sslkit.sharding.imaging import read_image, resize, to_channels
-from sslkit.sharding.source import Progress, Sample, Unit, UnitError, safe_id, unique_ids
-from sslkit.sharding.splits import add_split_args, shard_split, split_from_args
-from sslkit.sharding.stain import StainNormalizer, add_stain_args, stain_from_args
-from sslkit.errors import MissingInput
+import sslkit.sharding.cells.annotations as ann
+import sslkit.sharding.cells.pairing as pairing
+from sslkit.errors import ConfigError, MissingInput, UsageError
+from sslkit.sharding.core.imaging import read_image, resize, to_channels
+from sslkit.sharding.core.source import Progress, Sample, Unit, UnitError, natural_key, safe_id, unique_ids
+from sslkit.sharding.core.splits import add_split_args, shard_split, split_from_args
+from sslkit.sharding.core.stain import StainNormalizer, add_stain_args, stain_from_args
 
 log = logging.getLogger(__name__)
-CLASSMAPS = Path(__file__).resolve().parents[1] / "configs" / "classmaps"
+CLASSMAPS = Path(__file__).resolve().parents[2] / "configs" / "classmaps"
 FORMATS = ("consep", "pannuke", "nucls", "voc", "labelmap")
 PAD_MODES = ("reflect", "constant", "edge", "symmetric")
 _WINDOW_SCALE = {"consep": 2.0, "pannuke": 2.0, "labelmap": 2.0, "nucls": 1.0, "voc": 1.0}
@@ -182,7 +181,7 @@ def _packaged(spec: str) -> ClassMap:
     if (CLASSMAPS / f"{spec}.yaml").is_file():
         return read_class_map(CLASSMAPS / f"{spec}.yaml")
     known = ", ".join(sorted(p.stem for p in CLASSMAPS.glob("*.yaml")) + ["raw", "none"])
-    raise ConfigError(f"No class map named '{spec}'; give a YAML file or one of: {known}.")
+    raise UsageError(f"No class map named '{spec}'; give a YAML file or one of: {known}.")
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -261,7 +260,7 @@ class CellSource:
         self.pad, self.pad_value, self.unknown, self.channels = pad, pad_value, unknown, channels
         self.class_column, self.min_area, self.images_per_unit = class_column, min_area, images_per_unit
         if stain is not None and channels != 3:
-            raise ConfigError("--stain-normalize works on RGB images; drop it or use --channels 3.")
+            raise UsageError("--stain-normalize works on RGB images; drop it or use --channels 3.")
         self.stain = stain  # whole images are normalised before their nuclei are cut
         self.failed: list[dict[str, str]] = []
         if fmt == "pannuke":
@@ -437,14 +436,14 @@ def _check_options(fmt: str, size: int, window_scale: Optional[float], window: O
     ]
     for ok, message in checks:
         if not ok:
-            raise ConfigError(message)
+            raise UsageError(message)
 
 
 # ----------------------------------------------------------------------------- command line
 
 def add_parser(shard_sub: Any) -> argparse.ArgumentParser:
     """Add ``sslkit shard cells`` to the ``sslkit shard`` sub-parsers."""
-    from sslkit.sharding.runner import add_runner_args
+    from sslkit.sharding.core.runner import add_runner_args
 
     p = shard_sub.add_parser("cells", help="one crop per nucleus from instance maps or boxes",
                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -488,11 +487,11 @@ def source_from_args(args: argparse.Namespace) -> CellSource:
 
 
 def _cmd_cells(args: argparse.Namespace) -> None:
-    from sslkit.sharding.runner import exit_on_failures, run_source, runner_kwargs
+    from sslkit.sharding.core.runner import exit_on_failures, run_source, runner_kwargs
 
     fractions, names = split_from_args(args)
     if fractions is None and args.group_regex:
-        raise ConfigError("--group-regex groups tiles for --split; add --split (e.g. 0.8,0.2) or drop it.")
+        raise UsageError("--group-regex groups tiles for --split; add --split (e.g. 0.8,0.2) or drop it.")
     source, command = source_from_args(args), shlex.join(["sslkit", *sys.argv[1:]])
     if fractions is None:
         summaries = [run_source(source, args.out, **runner_kwargs(args), command=command)]

@@ -2,7 +2,7 @@
 
 A *source* (a set of slides, tiles with instance maps, an image folder) is cut into
 *units*: pieces that one worker shards as a whole (a slide, a tile and its annotation,
-a run of image files). ``sslkit.sharding.runner`` partitions units over ranks, hands
+a run of image files). ``sslkit.sharding.core.runner`` partitions units over ranks, hands
 them to worker processes, writes what they yield into shards and records in a journal
 which units are final, so a re-run skips them.
 
@@ -26,8 +26,9 @@ already in final shards). With ``handles_skip = False`` the runner drops them it
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import numpy as np
 
@@ -55,6 +56,15 @@ def unique_ids(ids: list[str]) -> list[str]:
             used.add(out[i])
         first.add(name)
     return out
+
+
+_NATURAL = re.compile(r"(\d+)")
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key that orders digit runs by value: 'clase2' < 'clase10', 'a9b' < 'a10a'."""
+    parts = _NATURAL.split(text)
+    return tuple((1, int(p), "") if i % 2 else (0, 0, p.lower()) for i, p in enumerate(parts)), text
 
 
 class UnitError(Exception):

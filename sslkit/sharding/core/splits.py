@@ -19,14 +19,15 @@ import bisect
 import hashlib
 import re
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
-from sslkit.config import ConfigError
-from sslkit.sharding.manifest import write_json
-from sslkit.sharding.source import Progress, Sample, Source, Unit
+from sslkit.atomic import write_json
+from sslkit.errors import UsageError
+from sslkit.sharding.core.source import Progress, Sample, Source, Unit
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -44,12 +45,12 @@ def split_groups(sizes: dict[str, int], fractions: Sequence[float], *, seed: int
 
 
 def check_split(fractions: Sequence[float], names: Sequence[str]) -> None:
-    """Raise ConfigError unless ``fractions`` are positive and add up to 1, with one distinct safe name each."""
+    """Raise UsageError unless ``fractions`` are positive and add up to 1, with one distinct safe name each."""
     if len(names) != len(fractions) or len(set(names)) != len(names) or not all(_NAME.match(n) for n in names):
-        raise ConfigError(f"--split-names {','.join(names)} must be {len(fractions)} distinct names of "
+        raise UsageError(f"--split-names {','.join(names)} must be {len(fractions)} distinct names of "
                           "letters, digits, '-' or '_', one per --split fraction.")
     if any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise ConfigError(f"--split {','.join(map(str, fractions))} must be positive fractions that add up "
+        raise UsageError(f"--split {','.join(map(str, fractions))} must be positive fractions that add up "
                           "to 1, e.g. 0.8,0.1,0.1.")
 
 
@@ -76,12 +77,12 @@ def split_from_args(args: argparse.Namespace) -> tuple[Optional[list[float]], Op
     """(fractions, names) from ``--split`` and ``--split-names``; (None, None) without ``--split``."""
     if args.split is None:
         if args.split_names:
-            raise ConfigError("--split-names needs --split (the fractions); add it or drop --split-names.")
+            raise UsageError("--split-names needs --split (the fractions); add it or drop --split-names.")
         return None, None
     try:
         fractions = [float(f) for f in list_arg(args.split)]
     except ValueError:
-        raise ConfigError(f"--split {args.split} must be comma-separated fractions such as 0.8,0.1,0.1.") from None
+        raise UsageError(f"--split {args.split} must be comma-separated fractions such as 0.8,0.1,0.1.") from None
     names = list_arg(args.split_names) or default_names(len(fractions))
     check_split(fractions, names)
     return fractions, names
@@ -99,7 +100,7 @@ def compile_regex(pattern: Optional[str], flag: str) -> Optional[re.Pattern]:
     try:
         return None if pattern is None else re.compile(pattern)
     except re.error as exc:
-        raise ConfigError(f"{flag} {pattern!r} is not a valid regular expression ({exc}); fix the pattern.") from None
+        raise UsageError(f"{flag} {pattern!r} is not a valid regular expression ({exc}); fix the pattern.") from None
 
 
 # ---------------------------------------------------------------- splitting a source's units
@@ -141,7 +142,7 @@ def unit_groups(units: list[Unit], *, root: Optional[Path], group_regex: Optiona
         rel = path.relative_to(root).as_posix() if root is not None and path.is_relative_to(root) else unit.path
         group = unit.id if regex is None else capture(regex, rel)
         if group is None:
-            raise ConfigError(f"--group-regex '{group_regex}' does not match '{rel}'; every input needs a group "
+            raise UsageError(f"--group-regex '{group_regex}' does not match '{rel}'; every input needs a group "
                               "(the patient, slide or source image it belongs to): fix the pattern.")
         groups[unit.id] = group
     return groups
@@ -150,7 +151,7 @@ def unit_groups(units: list[Unit], *, root: Optional[Path], group_regex: Optiona
 def assign_units(groups: dict[str, str], *, fractions: Sequence[float], names: Sequence[str], seed: int = 0,
                  noun: str = "unit") -> dict[str, set[str]]:
     """Split name -> the unit ids in it, whole groups at a time (``groups``: unit id -> group); a split
-    that would be empty is a ConfigError."""
+    that would be empty is a UsageError."""
     check_split(fractions, names)
     sizes = Counter(groups.values())
     where = split_groups(sizes, fractions, seed=seed)
@@ -159,7 +160,7 @@ def assign_units(groups: dict[str, str], *, fractions: Sequence[float], names: S
         keep[names[where[group]]].add(unit_id)
     empty = [name for name in names if not keep[name]]
     if empty:
-        raise ConfigError(f"Split {empty[0]!r} would get no {noun}s ({len(sizes)} groups in all); use fewer splits, "
+        raise UsageError(f"Split {empty[0]!r} would get no {noun}s ({len(sizes)} groups in all); use fewer splits, "
                           "larger fractions or a --group-regex that makes more groups.")
     return keep
 
@@ -169,7 +170,7 @@ def shard_split(source: Source, out: str | Path, *, fractions: Sequence[float], 
     """Shard ``source`` into ``OUT/<name>`` per split, by group; returns {out folder: run_source summary}.
 
     ``OUT/splits.json`` is written after every split ran, so a refused run leaves it as it was."""
-    from sslkit.sharding.runner import run_source
+    from sslkit.sharding.core.runner import run_source
 
     out, units, noun = Path(out), source.units(), getattr(source, "unit_noun", "unit")
     groups = unit_groups(units, root=getattr(source, "root", None), group_regex=group_regex)

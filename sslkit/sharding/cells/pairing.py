@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from sslkit.sharding.imaging import IMAGE_EXTENSIONS
 from sslkit.errors import MissingInput
+from sslkit.sharding.core.imaging import IMAGE_EXTENSIONS
 
 # Suffixes that label files often carry beyond the image's stem (a_label.png for a.png).
 _LABEL_SUFFIX = re.compile(r"[_-](labels?|masks?|inst(ances?)?|instance_?map|ann(otations?)?|types?)$", re.I)
@@ -39,7 +39,7 @@ def find_groups(root: Path, image_dirs: tuple[str, ...], ann_dirs: tuple[str, ..
 
 
 def _files(folder: Path, exts: tuple[str, ...]) -> list[Path]:
-    # Not folder_plan.walk_images: that skips hidden folders, follows symlinked ones, lists
+    # Not folder.plan.walk_images: that skips hidden folders, follows symlinked ones, lists
     # broken links and sorts by string ('a-b' before 'a/x'), which would change the pairs.
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in exts and p.is_file()
                   and not p.name.startswith("."))

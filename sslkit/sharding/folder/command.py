@@ -1,6 +1,6 @@
 """Image folders as shards: labels from class folders, a CSV or a regex; group-wise splits.
 
-How files, labels, groups, classes and splits are worked out: ``sslkit.sharding.folder_plan``.
+How files, labels, groups, classes and splits are worked out: ``sslkit.sharding.folder.plan``.
 Images are padded to a square on the background (``--pad-value auto``: the median of the
 border pixels) and resized to ``--size``, never stretched. A unit is a run of
 ``--unit-files`` consecutive files (path order, or CSV order).
@@ -13,33 +13,32 @@ import hashlib
 import os
 import shlex
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
-from sslkit.config import ConfigError
-from sslkit.sharding.folder_plan import FolderPlan, Item, plan_folder, report_lines, split_plan
-from sslkit.sharding.splits import add_split_args, default_names, list_arg, split_from_args
-from sslkit.sharding.stain import StainNormalizer, add_stain_args, stain_from_args
-from sslkit.sharding.imaging import IMAGE_EXTENSIONS, border_value, pad_to_square, read_image, resize
-from sslkit.sharding.manifest import write_json
-from sslkit.sharding.source import Progress, Sample, Unit
-from sslkit.errors import MissingInput
-
+from sslkit.atomic import write_json
+from sslkit.errors import MissingInput, UsageError
+from sslkit.sharding.core.imaging import IMAGE_EXTENSIONS, border_value, pad_to_square, read_image, resize
+from sslkit.sharding.core.source import Progress, Sample, Unit
+from sslkit.sharding.core.splits import add_split_args, default_names, list_arg, split_from_args
+from sslkit.sharding.core.stain import StainNormalizer, add_stain_args, stain_from_args
+from sslkit.sharding.folder.plan import FolderPlan, Item, plan_folder, report_lines, split_plan
 
 INVERT = ("no", "yes", "auto")
 
 
 def _check_options(size: int, channels: int, pad_value: int | str, unit_files: int, invert: str = "no") -> None:
     if invert not in INVERT:
-        raise ConfigError(f"--invert must be one of {', '.join(INVERT)}, got {invert!r}.")
+        raise UsageError(f"--invert must be one of {', '.join(INVERT)}, got {invert!r}.")
     if size <= 0 or unit_files <= 0:
-        raise ConfigError(f"--size ({size}) and --unit-files ({unit_files}) must be positive; fix them.")
+        raise UsageError(f"--size ({size}) and --unit-files ({unit_files}) must be positive; fix them.")
     if channels not in (1, 3):
-        raise ConfigError(f"--channels must be 1 or 3, got {channels}; pick one.")
+        raise UsageError(f"--channels must be 1 or 3, got {channels}; pick one.")
     if pad_value != "auto" and not (isinstance(pad_value, int) and 0 <= pad_value <= 255):
-        raise ConfigError(f"--pad-value must be 'auto' or 0..255, got {pad_value!r}; fix it.")
+        raise UsageError(f"--pad-value must be 'auto' or 0..255, got {pad_value!r}; fix it.")
 
 
 class FolderSource:
@@ -59,7 +58,7 @@ class FolderSource:
                  unit_files: int = 256, invert: str = "no", stain: Optional[StainNormalizer] = None) -> None:
         _check_options(size, channels, pad_value, unit_files, invert)
         if stain is not None and channels != 3:
-            raise ConfigError("--stain-normalize works on RGB images; drop it or use --channels 3.")
+            raise UsageError("--stain-normalize works on RGB images; drop it or use --channels 3.")
         self.stain = stain
         self.root, self.classes, self.failed = plan.root, plan.classes, list(plan.failed)
         self.size, self.channels, self.pad_value, self.unit_files = size, channels, pad_value, unit_files
@@ -147,7 +146,7 @@ def shard_folder(root: str | Path, out: str | Path, *, size: int, channels: int 
     ``OUT/splits.json`` is written only after every split's ``run_source`` has accepted the
     folder's recorded settings and run, so a refused run (another ``seed``) leaves it as it was.
     """
-    from sslkit.sharding.runner import run_source
+    from sslkit.sharding.core.runner import run_source
 
     _check_options(size, channels, pad_value, unit_files, invert)
     plan = plan_folder(root, csv_path=csv_path, label_regex=label_regex, group_regex=group_regex,
@@ -169,12 +168,12 @@ def shard_folder(root: str | Path, out: str | Path, *, size: int, channels: int 
 
 
 def _cmd_folder(args: argparse.Namespace) -> None:
-    from sslkit.sharding.runner import exit_on_failures, runner_kwargs
+    from sslkit.sharding.core.runner import exit_on_failures, runner_kwargs
 
     split, split_names = split_from_args(args)
     pad = int(args.pad_value) if args.pad_value.isdigit() else args.pad_value
     if args.classes and args.classes_file:
-        raise ConfigError("Give --classes or --classes-file, not both.")
+        raise UsageError("Give --classes or --classes-file, not both.")
     classes = list_arg(args.classes)
     if args.classes_file:
         if not os.path.isfile(args.classes_file):
@@ -202,7 +201,7 @@ _EPILOG = """examples:
 
 def add_parser(shard_sub: Any) -> argparse.ArgumentParser:
     """Add ``sslkit shard folder`` to the ``sslkit shard`` sub-parsers."""
-    from sslkit.sharding.runner import add_runner_args
+    from sslkit.sharding.core.runner import add_runner_args
 
     p = shard_sub.add_parser("folder", help="image folders: class sub-folders, a CSV or regex labels, "
                              "group-wise splits", description=__doc__, epilog=_EPILOG,

@@ -70,7 +70,7 @@ def save_image(image: np.ndarray, path: Path) -> None:
     """Write ``image`` atomically as PNG, or JPEG (quality 90) when ``path`` ends in .jpg."""
     from PIL import Image
 
-    from sslkit.sharding.writer import encode_image
+    from sslkit.sharding.core.writer import encode_image
 
     with replacing(path) as tmp:
         if path.suffix.lower() in (".jpg", ".jpeg"):

@@ -21,15 +21,23 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from tqdm.auto import tqdm
 
-from sslkit.sharding.journal import (Journal, JobState, SlotWriter, journal_path, read_journal, slot_stem,
-                                     stale_files)
-from sslkit.sharding.source import Progress, Source, Unit, UnitError
+from sslkit.sharding.core.journal import (
+    JobState,
+    Journal,
+    SlotWriter,
+    journal_path,
+    read_journal,
+    slot_stem,
+    stale_files,
+)
+from sslkit.sharding.core.source import Progress, Source, Unit, UnitError
 
 _ADVANCE_EVERY_S = 0.2
 _POLL_S = 0.2
@@ -147,7 +155,7 @@ def _context(source: Source) -> Any:
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["sslkit.sharding.pool", type(source).__module__,
+    ctx.set_forkserver_preload(["sslkit.sharding.core.pool", type(source).__module__,
                                 *getattr(source, "preload", ())])
     return ctx
 

@@ -1,6 +1,6 @@
 """Planning an image-folder import: which files, which labels and groups, which split.
 
-Nothing is decoded here; ``sslkit.sharding.folder`` turns a plan into shards.
+Nothing is decoded here; ``sslkit.sharding.folder.command`` turns a plan into shards.
 
     sslkit shard folder data/chromosomes --out shards/chrom --size 64 --channels 1 \\
         --label-regex 'clase(\\d+)' --group-regex '^([^/]+)/' --split 0.8,0.1,0.1
@@ -22,7 +22,7 @@ tiny balanced folder has no strays). Images of unexpected or stray labels,
 paths the regexes do not match and CSV rows naming missing files are not written; they
 are printed and listed under the manifest's ``failed`` (of the first split).
 
-Splits go by group, never by image (``sslkit.sharding.splits``): ``OUT/<split>/`` is a
+Splits go by group, never by image (``sslkit.sharding.core.splits``): ``OUT/<split>/`` is a
 complete shard set per split; ``OUT/splits.json`` holds fractions, counts and the group ->
 split map.
 """
@@ -33,26 +33,19 @@ import csv
 import os
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
-from sslkit.config import ConfigError
-from sslkit.sharding.imaging import IMAGE_EXTENSIONS
-from sslkit.sharding.source import safe_id, unique_ids
-from sslkit.sharding.splits import capture, check_split, compile_regex, split_groups
-from sslkit.errors import MissingInput
+from sslkit.errors import ConfigError, MissingInput, UsageError
+from sslkit.sharding.core.imaging import IMAGE_EXTENSIONS
+from sslkit.sharding.core.source import natural_key, safe_id, unique_ids
+from sslkit.sharding.core.splits import capture, check_split, compile_regex, split_groups
 
 Item = tuple[str, str, str, str]  # (relative path, sample key, label name or "", group)
-_NATURAL = re.compile(r"(\d+)")
-
-
-def natural_key(text: str) -> tuple:
-    """Sort key that orders digit runs by value: 'clase2' < 'clase10', 'a9b' < 'a10a'."""
-    parts = _NATURAL.split(text)
-    return tuple((1, int(p), "") if i % 2 else (0, 0, p.lower()) for i, p in enumerate(parts)), text
 
 
 @dataclass
@@ -201,9 +194,9 @@ def plan_folder(root: str | Path, *, csv_path: Optional[str] = None, label_regex
     if not os.path.isdir(root):
         raise MissingInput(f"Image folder {root} does not exist; give the folder that holds the images.")
     if unlabeled and (label_regex or classes):
-        raise ConfigError("--unlabeled cannot be combined with --label-regex or --classes; drop one of them.")
+        raise UsageError("--unlabeled cannot be combined with --label-regex or --classes; drop one of them.")
     if classes is not None and len(set(classes)) != len(classes):
-        raise ConfigError("--classes names a class twice; list each class once.")
+        raise UsageError("--classes names a class twice; list each class once.")
     label_re, group_re = compile_regex(label_regex, "--label-regex"), compile_regex(group_regex, "--group-regex")
     notes: list[str] = []
     if csv_path is not None:
@@ -219,7 +212,7 @@ def plan_folder(root: str | Path, *, csv_path: Optional[str] = None, label_regex
                                          csv_path=csv_path)
     failed += refused_rows
     if not accepted:
-        raise ConfigError(f"No image under {root} could be labelled ({len(failed)} refused); "
+        raise UsageError(f"No image under {root} could be labelled ({len(failed)} refused); "
                           "check --label-regex, --csv or the class sub-folders.")
     counts = Counter(label for _, label, _ in accepted)
     chosen, refused = (None, {}) if unlabeled else _choose_classes(counts, classes, min_class_count)
@@ -248,7 +241,7 @@ def split_plan(plan: FolderPlan, *, fractions: Sequence[float], names: Sequence[
         parts[names[where[item[3]]]].items.append(item)
     empty = [n for n, p in parts.items() if not p.items]
     if empty:
-        raise ConfigError(f"Split {empty[0]!r} would get no images ({len(sizes)} groups in all); "
+        raise UsageError(f"Split {empty[0]!r} would get no images ({len(sizes)} groups in all); "
                           "use fewer splits or larger fractions.")
     audit = {"seed": seed, "fractions": dict(zip(names, fractions)),
              "group_source": plan.settings.get("group_source"),

@@ -19,8 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from sslkit.config import ConfigError
-from sslkit.errors import MissingInput
+from sslkit.errors import ConfigError, MissingInput, UsageError
 
 METHODS = ("none", "macenko")
 _IO, _BETA = 240, 0.15  # transmitted light and the optical density below which a pixel is background
@@ -39,7 +38,7 @@ class StainNormalizer:
     def __init__(self, reference: str | Path) -> None:
         from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
 
-        from sslkit.sharding.imaging import read_image
+        from sslkit.sharding.core.imaging import read_image
 
         path = Path(reference)
         if not path.is_file():
@@ -83,15 +82,15 @@ def add_stain_args(parser: argparse.ArgumentParser) -> None:
 
 
 def stain_from_args(args: argparse.Namespace, *, channels: int = 3) -> Optional[StainNormalizer]:
-    """The normaliser the flags ask for, or None; a flag without the other is a ConfigError."""
+    """The normaliser the flags ask for, or None; a flag without the other is a UsageError."""
     if args.stain_normalize == "none":
         if args.stain_reference:
-            raise ConfigError("--stain-reference needs --stain-normalize macenko; add it or drop the reference.")
+            raise UsageError("--stain-reference needs --stain-normalize macenko; add it or drop the reference.")
         return None
     if not args.stain_reference:
-        raise ConfigError("--stain-normalize macenko needs --stain-reference IMG, the image to normalise to.")
+        raise UsageError("--stain-normalize macenko needs --stain-reference IMG, the image to normalise to.")
     if channels != 3:
-        raise ConfigError("--stain-normalize works on RGB images; drop it or use --channels 3.")
+        raise UsageError("--stain-normalize works on RGB images; drop it or use --channels 3.")
     return StainNormalizer(args.stain_reference)
 
 

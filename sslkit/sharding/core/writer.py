@@ -22,7 +22,7 @@ holds a shard set replaces it: the old manifest is removed at once, and old
 ``{prefix}-*.tar`` files that the new set did not overwrite are removed on close. On an
 exception inside ``with`` the partial shard is removed, finished shards are kept, and no
 manifest is written (so readers refuse the folder). Parallel, resumable jobs over many
-inputs use ``ShardFiles`` through ``sslkit.sharding.runner``.
+inputs use ``ShardFiles`` through ``sslkit.sharding.core.runner``.
 """
 
 from __future__ import annotations
@@ -35,13 +35,14 @@ import re
 import shlex
 import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
 
-from sslkit.sharding.manifest import build_manifest, merge_image_info, write_manifest
+from sslkit.shardformat import build_manifest, check_key, merge_image_info, write_manifest
 
 ENCODINGS = {"png": "png", "jpeg": "jpg", "jpg": "jpg"}  # --encode value -> tar member extension
 
@@ -102,12 +103,6 @@ def image_info(image: np.ndarray, fmt: str) -> dict[str, Any]:
     """The manifest's ``image`` block for one sample."""
     return {"height": image.shape[0], "width": image.shape[1],
             "channels": image.shape[2] if image.ndim == 3 else 1, "format": ENCODINGS[fmt]}
-
-
-def check_key(key: str) -> str:
-    if not isinstance(key, str) or not key or "." in key or "/" in key:
-        raise ValueError(f"Sample key {key!r} must be a non-empty string without '.' or '/'.")
-    return key
 
 
 def sample_fields(image_ext: str, image_bytes: bytes, *, label: Optional[int] = None,
@@ -319,7 +314,7 @@ class ShardSetWriter:
         """Drop the shard in progress (its .tmp file); finished shards stay, no manifest is written."""
         self._files.abort()
 
-    def __enter__(self) -> "ShardSetWriter":
+    def __enter__(self) -> ShardSetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:

@@ -12,19 +12,21 @@ in pixel indices, the mean column and row of the nucleus' pixels (as HoVer-Net's
 ``inst_centroid``); for a box the box centre ``((x0 + x1) / 2, (y0 + y1) / 2)`` in the same
 continuous coordinates as the bbox, which is half a pixel more than the mean pixel index.
 
-Which image goes with which annotation file is ``sslkit.sharding.pairing``'s business.
+Which image goes with which annotation file is ``sslkit.sharding.cells.pairing``'s business.
 """
 
 from __future__ import annotations
 
 import csv
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import numpy as np
 from scipy import ndimage
+
 
 @dataclass(frozen=True)
 class Nucleus:
