@@ -15,7 +15,7 @@ else
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: demo test install browser clean-demo
+.PHONY: demo test lint install browser clean-demo
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ browser:
 
 test: $(STAMP) browser
 	$(VENV)/bin/pytest
+
+# ruff, configured in pyproject.toml ([tool.ruff]); CI runs it before the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check sslkit tests bench
 
 clean-demo:
 	rm -rf runs/demo shards/demo

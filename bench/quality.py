@@ -79,7 +79,8 @@ def shifted_accuracy(run_dir: Path, test: str, shifts: list[str]) -> dict[str, f
     for name in ("none", *shifts):
         shift = get_shift(name)
         with torch.no_grad():
-            probs, labels, _ = embed_shards(lambda x: method.predict(normalize(shift(x * STD + MEAN))), shards,
+            probs, labels, _ = embed_shards(lambda x, shift=shift: method.predict(normalize(shift(x * STD + MEAN))),
+                                            shards,
                                             size=cfg.data.size, channels=cfg.data.channels, workers=0,
                                             desc=f"predict ({name})")
         scores[name] = float((probs.argmax(1) == labels).mean())

@@ -186,7 +186,8 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
     from sslkit.demo import DEMO_SPLITS
 
     pre = sub.add_parser("pretrain", help="pretrain a method on shards",
-                         epilog="example: sslkit pretrain configs/ccrl.yaml data.shards=shards/consep train.max_steps=1000")
+                         epilog="example: sslkit pretrain configs/ccrl.yaml data.shards=shards/consep "
+                                "train.max_steps=1000")
     pre.add_argument("config", help="YAML file or recipe name (demo, ccrl)")
     pre.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     pre.set_defaults(fn=_cmd_pretrain)
@@ -211,7 +212,8 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
 
 def _add_run_parsers(sub: argparse._SubParsersAction) -> None:
     """The commands that read a run directory: evaluate, report, export, embed."""
-    ev = sub.add_parser("evaluate", help="k-means, kNN and linear probe of a run's embeddings, with baselines and plots",
+    ev = sub.add_parser("evaluate",
+                        help="k-means, kNN and linear probe of a run's embeddings, with baselines and plots",
                         epilog="examples: sslkit evaluate runs/demo eval.encoder=query\n"
                                "          sslkit evaluate runs/scl --shards shards/gband --split val",
                         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -52,7 +52,8 @@ class BalancedConfig:
 
 @dataclass
 class ViewsConfig:
-    recipe: str = "local_global"  # local_global (CCRL) | global_global (neither crops) | local_local (both crop: SimCLR)
+    # local_global (CCRL) | global_global (neither crops) | local_local (both crop: SimCLR)
+    recipe: str = "local_global"
     local: str = "query"  # which branch gets the random resized crop: query | key
     backend: str = "tensor"  # tensor: whole batches on the training device | pil: per image in the workers
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
@@ -163,7 +164,8 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 500
     keep_ckpts: int = 2
-    eval_every: int = 0  # online evaluation (kNN, k-means AMI/ARI on eval.online_samples held-out crops) every N steps; 0: off
+    # online evaluation (kNN, k-means AMI/ARI on eval.online_samples held-out crops) every N steps; 0: off
+    eval_every: int = 0
     threads: int = 0  # torch intra-op threads per process; 0 leaves torch's default
 
 
@@ -177,7 +179,8 @@ class EvalConfig:
     k: Optional[int] = None  # k-means clusters; default: number of classes
     restarts: int = 5
     niter: int = 50
-    kmeans_max_train: Optional[int] = 100_000  # k-means trains on a seeded sample this large (at least 256 per cluster), then assigns all; null: all points
+    # k-means trains on a seeded sample this large (at least 256 per cluster), then assigns all; null: all points
+    kmeans_max_train: Optional[int] = 100_000
     knn_k: int = 20
     knn_tau: float = 0.07
     batch_size: int = 512
@@ -197,7 +200,8 @@ class FinetuneConfig:
     init: Optional[str] = None  # pretrained backbone: a run directory or a .safetensors backbone file
     label_smoothing: float = 0.0  # cross-entropy label smoothing (SupCAM: 0.1)
     freeze_backbone: bool = False  # true: a linear probe on frozen features
-    views: str = "rotate"  # training augmentation: rotate (SupCAM: RandomRotate only) | views (data.views, one branch) | none
+    # training augmentation: rotate (SupCAM: RandomRotate only) | views (data.views, one branch) | none
+    views: str = "rotate"
 
 
 @dataclass
@@ -727,4 +731,5 @@ def git_sha() -> Optional[str]:
         return None
 
 
-__all__ = ["Config", "ConfigError", "load_config", "recipe_path", "apply_overrides", "to_yaml", "to_dict", "from_dict", "run_dir", "git_sha", "MISSING"]
+__all__ = ["Config", "ConfigError", "load_config", "recipe_path", "apply_overrides", "to_yaml", "to_dict", "from_dict",
+           "run_dir", "git_sha", "MISSING"]

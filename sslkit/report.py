@@ -44,12 +44,16 @@ PAPERS: dict[str, list[tuple[str, dict[str, float]]]] = {
 }
 
 _CSS = """
-body{font:15px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:1200px;color:#1b1b1b;padding:0 1rem}
+body{font:15px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:1200px;
+  color:#1b1b1b;padding:0 1rem}
 h1{font-size:1.6rem;margin-bottom:.2rem} h2{margin-top:2.2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
-.sub{color:#555} table{border-collapse:collapse;margin:.6rem 0} th,td{padding:.3rem .6rem;border-bottom:1px solid #e5e5e5;text-align:right}
-th:first-child,td:first-child{text-align:left} thead th{background:#f4f4f4;text-align:center} tr.paper td{color:#5a5a5a;font-style:italic}
+.sub{color:#555} table{border-collapse:collapse;margin:.6rem 0}
+th,td{padding:.3rem .6rem;border-bottom:1px solid #e5e5e5;text-align:right}
+th:first-child,td:first-child{text-align:left} thead th{background:#f4f4f4;text-align:center}
+tr.paper td{color:#5a5a5a;font-style:italic}
 tr.ours td{font-weight:600} figure{margin:1.2rem 0} figure img{max-width:100%;border:1px solid #e5e5e5}
-figcaption{color:#444;font-size:.92rem;margin-top:.3rem} pre{background:#f7f7f7;padding:.8rem;overflow:auto;font-size:.85rem}
+figcaption{color:#444;font-size:.92rem;margin-top:.3rem}
+pre{background:#f7f7f7;padding:.8rem;overflow:auto;font-size:.85rem}
 .note{color:#555;font-size:.92rem}
 """
 

@@ -100,7 +100,8 @@ def blur_kernel(cfg: ViewsConfig, size: int) -> int:
     if cfg.blur_kernel == 0:
         return max(3, (size // 10) | 1)
     if cfg.blur_kernel < 3 or cfg.blur_kernel % 2 == 0:
-        raise ValueError(f"data.views.blur_kernel is {cfg.blur_kernel}; use an odd size of at least 3, or 0 for the default.")
+        raise ValueError(f"data.views.blur_kernel is {cfg.blur_kernel}; use an odd size of at least 3, or 0 for "
+                         "the default.")
     return cfg.blur_kernel
 
 

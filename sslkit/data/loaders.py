@@ -155,7 +155,8 @@ def train_loader(
     ``len(loader) == steps_per_epoch``.
     """
     if steps_per_epoch < 1:
-        raise ValueError(f"steps_per_epoch is {steps_per_epoch}; pass at least 1 (lower data.batch_size or add samples).")
+        raise ValueError(f"steps_per_epoch is {steps_per_epoch}; pass at least 1 (lower data.batch_size or add "
+                         "samples).")
     rank = dist.rank()
     skips = Skips()
     stream = _ResampledStream(shards.urls, seed=seed, epoch=epoch, rank=rank, workers=cfg.workers)
@@ -201,9 +202,9 @@ def eval_loader(
 
     Shards are split by rank (``urls[rank::world_size]``), then by worker; each worker's last
     batch may be partial, and a rank with fewer shards yields fewer batches (gather with
-    sizes). ``rank``/``world_size`` default to ``sslkit.dist``'s (the process group's, else 0 of 1). ``max_samples`` keeps the
-    first samples in shard order when per-shard counts are known, else an even share per
-    rank and worker. Batches: ``{"image": (B,C,H,W), "label": (B,) long, "key": list[str],
+    sizes). ``rank``/``world_size`` default to ``sslkit.dist``'s (the process group's, else 0 of
+    1). ``max_samples`` keeps the first samples in shard order when per-shard counts are known,
+    else an even share per rank and worker. Batches: ``{"image": (B,C,H,W), "label": (B,) long, "key": list[str],
     "corrupt": () long}``.
     """
     rank, world_size = (rank if rank is not None else dist.rank()), (world_size or dist.world_size())

@@ -153,7 +153,8 @@ class _Resumable(io.RawIOBase):
                 self.failures += 1
                 if self.failures > self.retries:
                     raise RemoteError(f"Could not read {self.url} at byte {self.offset} after {self.failures} "
-                                      f"attempts ({err}); check the server, network or command, or raise data.retries.")
+                                      f"attempts ({err}); check the server, network or command, or raise "
+                                      "data.retries.") from err
                 delay = self.backoff * 2 ** (self.failures - 1)
                 logger.warning("Reading %s failed at byte %d (%s); retry %d of %d in %.1f s.", self.url,
                                self.offset, err, self.failures, self.retries, delay)

@@ -155,7 +155,8 @@ def _samples_per_shard(urls: list[str], manifest: Optional[dict]) -> Optional[li
 
 
 def stored_channels(manifest: Optional[dict], channels: int) -> int:
-    """Channels of the shard set's crops: the manifest's when it gives one for all, else ``channels`` (data.channels)."""
+    """Channels of the shard set's crops: the manifest's when it gives one for all, else ``channels``
+    (data.channels)."""
     stored = ((manifest or {}).get("image") or {}).get("channels")
     return stored if stored in (1, 3) else channels
 

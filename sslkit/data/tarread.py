@@ -94,11 +94,11 @@ class Decode:
     grayscale crop in a set of ``channels``=3 (or a colour one where it is 1; ``channels`` is the
     set's, from its manifest, else data.channels), or a crop whose size differs from ``stored``
     (the manifest's, when all crops of the set share one). Other colour modes (RGBA, palette,
-    CMYK) are converted, and so is a whole set into the model's data.channels. With ``uint8=(size, channels)`` (the tensor back-end)
-    "image" is the (C, size, size) uint8 tensor that ``BatchViews`` takes: crops already of that
-    size and mode straight from PIL's pixels (``_pil_uint8``), others through
-    ``build_decode_transform`` -- the same pixels either way; an image that fails either path
-    counts as corrupt."""
+    CMYK) are converted, and so is a whole set into the model's data.channels. With
+    ``uint8=(size, channels)`` (the tensor back-end) "image" is the (C, size, size) uint8 tensor
+    that ``BatchViews`` takes: crops already of that size and mode straight from PIL's pixels
+    (``_pil_uint8``), others through ``build_decode_transform`` -- the same pixels either way; an
+    image that fails either path counts as corrupt."""
 
     def __init__(self, *, label_key: str, skips: Skips, uint8: Optional[tuple[int, int]] = None,
                  channels: Optional[int] = None, stored: Optional[tuple[int, int]] = None) -> None:

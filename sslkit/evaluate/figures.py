@@ -111,7 +111,7 @@ def make_figures(run_dir: Path, cfg: Config, test: ShardSet, kept: dict[str, Any
         name = entry["name"]
         try:
             drawn = draw(run_dir / "eval" / entry["file"])
-        except Exception as err:  # a figure must never cost the metrics already written
+        except Exception as err:  # noqa: BLE001 -- a figure must never cost the metrics already written
             log.warning("Figure '%s' was not drawn: %s", name, err)
             print(f"sslkit: figure '{name}' was not drawn ({type(err).__name__}: {err}).")
             continue

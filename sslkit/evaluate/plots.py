@@ -338,7 +338,7 @@ def training_curves(metrics_jsonl: str | Path, out: str | Path) -> Path | None:
     styles = _style(len(ONLINE))
     for i, (title, keys) in enumerate(panels):
         ax = fig.add_subplot(nrows, ncols, i + 1)
-        for j, (key, label) in enumerate(keys):
+        for key, label in keys:
             online = key in dict(ONLINE)
             colour = styles[[k for k, _ in ONLINE].index(key)][0] if online else "#1f77b4"
             _line(ax, series[key], label=label if online else None, smooth=key == "loss", color=colour)

@@ -138,7 +138,8 @@ def evaluate_run(run_dir: str | Path, *, shards: Optional[str] = None, split: Op
     return results
 
 
-_LABELS = {"trained": "{} encoder", "random_init": "random init", "raw_pixels": "raw pixels", "morphology": "morphology"}
+_LABELS = {"trained": "{} encoder", "random_init": "random init", "raw_pixels": "raw pixels",
+           "morphology": "morphology"}
 
 
 class _Scoring:
@@ -204,7 +205,8 @@ def _write(out: Path, results: dict[str, Any], kept: dict[str, Any]) -> None:
 
 def format_table(results: dict[str, Any]) -> str:
     """One text table: the trained encoder and the baselines, clustering, kNN and probe side by side."""
-    momentum = results.get("momentum_encoder", results.get("method") in ("CCRL", "SUPCAM"))  # older metrics.json: by name
+    # metrics.json of older versions has no momentum_encoder: the methods that had one, by name
+    momentum = results.get("momentum_encoder", results.get("method") in ("CCRL", "SUPCAM"))
     name = results.get("method", "trained")
     rows = [(f"{name} ({results['encoder']} encoder)" if momentum else name, results)]
     for key, label in (("random_init", "random-init backbone"), ("raw_pixels", "raw pixels"),
@@ -225,7 +227,8 @@ def format_table(results: dict[str, Any]) -> str:
             cells += f"{res['probe']['accuracy']:11.3f}" if "probe" in res else " " * 11
         lines.append(label.ljust(width) + cells)
     if probe:
-        lines.append(f"linear probe: {results['probe']['protocol']} ({results['probe']['train_samples']} training crops)")
+        probe_block = results["probe"]
+        lines.append(f"linear probe: {probe_block['protocol']} ({probe_block['train_samples']} training crops)")
     seen = results.get("seen_in_training")
     if seen:
         verdict = {"all": "SEEN in training", "partly": "PARTLY SEEN in training", "no": "unseen in training",

@@ -42,7 +42,8 @@ def blur(sigma: float) -> Shift:
 
     def apply(x: Tensor) -> Tensor:
         if kernel > min(x.shape[-2:]):
-            raise ValueError(f"A blur of sigma {sigma} needs images of at least {kernel} pixels; got {tuple(x.shape[-2:])}.")
+            raise ValueError(f"A blur of sigma {sigma} needs images of at least {kernel} pixels; "
+                             f"got {tuple(x.shape[-2:])}.")
         return gaussian_blur(x, torch.full((x.shape[0],), sigma, device=x.device), kernel).clamp(0, 1)
 
     return apply

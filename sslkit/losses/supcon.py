@@ -3,7 +3,8 @@
 For an anchor q and its positives K_p (keys with q's label) and negatives K_N (the others):
 
     denominator="all"        L = -1/|K_p| sum_{p in K_p} log( e^{q.k_p/tau} / sum_{j not excluded} e^{q.k_j/tau} )
-    denominator="negatives"  L = -1/|K_p| sum_{p in K_p} log( e^{q.k_p/tau} / (e^{q.k_p/tau} + sum_{K_N} e^{q.k_i/tau}) )
+    denominator="negatives"  L = -1/|K_p| sum_{p in K_p}
+                                   log( e^{q.k_p/tau} / (e^{q.k_p/tau} + sum_{K_N} e^{q.k_i/tau}) )
 
 "all" is SupCon's L_out (pytorch-metric-learning's ``SupConLoss``); "negatives" is SupCAM's
 L_SC, where other positives never compete with each other. SimCLR's

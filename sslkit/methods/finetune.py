@@ -182,7 +182,8 @@ def load_pretrained_weights(backbone: nn.Module, init: str, *, model_desc: str) 
     except RuntimeError as err:
         first = str(err).split("\n\t")[1].strip() if "\n\t" in str(err) else str(err).splitlines()[0]
         raise ConfigError(f"The weights in finetune.init '{init}' do not fit {model_desc} ({first}); set "
-                          f"model.backbone, model.backbone_kwargs and model.in_chans to the pretrained network.") from None
+                          "model.backbone, model.backbone_kwargs and model.in_chans to the pretrained "
+                          "network.") from None
 
 
 def _pretrained_model(init: str) -> dict[str, Any]:
@@ -239,7 +240,8 @@ def finetune_config(cfg: Config) -> tuple[Config, list[str]]:
                 notes.append(f"model.{key}={theirs} from {cfg.finetune.init} (was {ours}).")
             setattr(cfg.model, key, copy.deepcopy(theirs))
         if cfg.data.channels != cfg.model.in_chans:  # the images must be what the backbone was built for
-            notes.append(f"data.channels={cfg.model.in_chans} to match the pretrained network (was {cfg.data.channels}).")
+            notes.append(f"data.channels={cfg.model.in_chans} to match the pretrained network "
+                         f"(was {cfg.data.channels}).")
             cfg.data.channels = cfg.model.in_chans
         if cfg.data.size != pretrained["size"]:
             notes.append(f"Note: data.size is {cfg.data.size} but {cfg.finetune.init} was pretrained at "

@@ -9,7 +9,8 @@ import pytest
 
 from sslkit.data.compose import ROLES, bounding_box, compose, foreground, lookup, overlay, shift_ranges, translate
 
-# The SupCAM paper's composite-label tables (docs/methods.md, SupCAM), written out pair by pair: (touching, overlapping); None = uncertain.
+# The SupCAM paper's composite-label tables (docs/methods.md, SupCAM), written out pair by pair:
+# (touching, overlapping); None = uncertain.
 MIDDLE = {("I", "I"): ("T", "O"), ("I", "T"): ("T", None), ("I", "O"): ("TO", "O"), ("I", "TO"): ("TO", None),
           ("T", "T"): ("T", None), ("T", "O"): ("TO", None), ("T", "TO"): ("TO", None),
           ("O", "O"): ("TO", "O"), ("O", "TO"): ("TO", None), ("TO", "TO"): ("TO", None)}

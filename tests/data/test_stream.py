@@ -172,7 +172,8 @@ def test_eval_max_samples_keeps_the_first_samples(tmp_path: Path) -> None:
     shards = resolve_shards(str(tmp_path))
     seen = []
     for rank in range(2):
-        loader = eval_loader(shards, size=SIZE, channels=3, batch_size=4, workers=2, rank=rank, world_size=2, max_samples=25)
+        loader = eval_loader(shards, size=SIZE, channels=3, batch_size=4, workers=2, rank=rank, world_size=2,
+                             max_samples=25)
         for batch in loader:
             assert batch["image"].shape[1:] == (3, SIZE, SIZE)
             seen += batch["key"]

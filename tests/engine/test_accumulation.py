@@ -52,7 +52,8 @@ def test_accumulated_gradients_equal_the_whole_batch_ones():
     def run(batches):
         method = _method()
         method.in_batch_negatives = False
-        method.queue.push(torch.nn.functional.normalize(torch.randn(32, 8, generator=torch.Generator().manual_seed(9)), dim=1))
+        keys = torch.randn(32, 8, generator=torch.Generator().manual_seed(9))
+        method.queue.push(torch.nn.functional.normalize(keys, dim=1))
         for b in batches:
             (method(b).loss / len(batches)).backward()
         return {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}

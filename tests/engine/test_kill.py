@@ -120,14 +120,15 @@ def test_sigkill_anywhere_then_resume_equals_straight_run(tiny_shards, tmp_path)
         before = int(read_state(latest_checkpoint(root))["step"]) if latest_checkpoint(root) else 0
         proc, launches = _launch(cmd, log), launches + 1
         seen = len(_logged_steps(killed_run))
-        started = lambda: len(_logged_steps(killed_run)) > seen  # noqa: E731 -- this launch trained a step
+        started = lambda seen=seen: len(_logged_steps(killed_run)) > seen  # noqa: E731 -- this launch trained a step
         mode, k = plan.pop(0) if plan else (None, 0)
         if mode == "step":  # right after step k was logged (its checkpoint is being written or is next)
             k = max(k, before + 1)
-            hit = _run_until(proc, lambda: k in _logged_steps(killed_run)[seen:])
+            hit = _run_until(proc, lambda k=k, seen=seen: k in _logged_steps(killed_run)[seen:])
         elif mode == "save":  # while step k's checkpoint is being written
             k = before + rng.randint(2, 3)
-            hit = _run_until(proc, lambda: k in _logged_steps(killed_run)[seen:] and _saving(root, k - 1))
+            hit = _run_until(proc, lambda k=k, seen=seen: (k in _logged_steps(killed_run)[seen:]
+                                                           and _saving(root, k - 1)))
         elif mode == "clock":  # whatever the process is doing then
             hit = _run_until(proc, started)
             time.sleep(rng.uniform(0.1, 0.4))

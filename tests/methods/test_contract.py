@@ -58,7 +58,8 @@ class Toy(Method):
 @register("toy", Toy)
 def build_toy(cfg) -> Toy:
     m = cfg.model
-    return Toy(backbone=create_backbone(m.backbone, in_chans=m.in_chans, **m.backbone_kwargs), inputs=TwoViewInputs(cfg))
+    backbone = create_backbone(m.backbone, in_chans=m.in_chans, **m.backbone_kwargs)
+    return Toy(backbone=backbone, inputs=TwoViewInputs(cfg))
 
 
 def test_the_registry_names_the_builtins_and_the_method_registered_here():

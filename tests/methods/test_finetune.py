@@ -138,7 +138,8 @@ def test_loss_is_label_smoothed_cross_entropy(pretrained, smoothing):
 
 def test_recipes_and_the_step_schedule():
     sup = load_config(recipe_path("supcam-finetune"))
-    assert (sup.optim.name, sup.optim.lr, sup.optim.momentum, sup.data.batch_size, sup.train.epochs) == ("sgd", 0.01, 0.9, 16, 15)
+    assert (sup.optim.name, sup.optim.lr, sup.optim.momentum) == ("sgd", 0.01, 0.9)
+    assert (sup.data.batch_size, sup.train.epochs) == (16, 15)
     assert (sup.finetune.label_smoothing, sup.finetune.views, sup.method.name) == (0.1, "rotate", "finetune")
     per = 522 // 16  # the chromosome-clusters training split: 32 steps per epoch
     lrs = build_lr_schedule(sup.optim, total_steps=sup.train.epochs * per, steps_per_epoch=per)

@@ -109,7 +109,8 @@ def compare(case_path: str | Path, tmp_path: Path, *, rtol: float = 1e-4, atol: 
     for rank in ranks:
         # The mean of the two half-batch losses is the whole-batch loss, and the DDP-averaged
         # gradients are the whole-batch gradients (tolerance: float32 round-off).
-        assert torch.allclose(rank["loss0_mean"], ref["loss0"], rtol=1e-5, atol=1e-6), (rank["loss0_mean"], ref["loss0"])
+        assert torch.allclose(rank["loss0_mean"], ref["loss0"], rtol=1e-5, atol=1e-6), \
+            (rank["loss0_mean"], ref["loss0"])
         assert rank["grads0"].keys() == ref["grads0"].keys()
         assert ref["grads0"], "no parameter received a gradient"
         for name, grad in ref["grads0"].items():

@@ -131,7 +131,8 @@ def test_a_failing_unit_is_recorded_and_not_duplicated_on_rerun(tmp_path: Path) 
     assert first["units_done"] == 3 and first["units_failed"] == 1
     manifest = first["manifest"]
     assert manifest["num_samples"] == 155  # the 5 crops before the damage are kept
-    assert manifest["failed"] == [{"source": "synthetic[50:100]", "reason": "synthetic[50:100] is damaged after 5 crops"}]
+    assert manifest["failed"] == [{"source": "synthetic[50:100]",
+                                   "reason": "synthetic[50:100] is damaged after 5 crops"}]
     assert [s["samples"] for s in manifest["sources"]] == [50, 5, 50, 50]
     again = run_source(source, tmp_path, workers=0, shard_size=1000, progress=False)  # retried from crop 5
     assert again["units_before"] == 3 and again["units_failed"] == 1 and again["samples"] == 0

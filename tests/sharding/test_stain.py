@@ -125,8 +125,9 @@ def test_folder_and_slide_tiles_record_what_was_normalised(tmp_path, reference):
     (tmp_path / "slides").mkdir()
     with tifffile.TiffWriter(tmp_path / "slides" / "s.tif") as tif:
         for i, k in enumerate((1, 4)):
-            tif.write(slide[::k, ::k], tile=(128, 128), photometric="rgb", compression="zlib", subfiletype=1 if i else 0,
-                      resolution=(1e4 / (0.5 * k),) * 2, resolutionunit="CENTIMETER", metadata=None)
+            tif.write(slide[::k, ::k], tile=(128, 128), photometric="rgb", compression="zlib",
+                      subfiletype=1 if i else 0, resolution=(1e4 / (0.5 * k),) * 2, resolutionunit="CENTIMETER",
+                      metadata=None)
     main(["shard", "wsi", str(tmp_path / "slides"), "--out", str(tmp_path / "wsi"), "--mpp", "0.5", "--tile", "128",
           "--workers", "0", "--no-progress", "--stain-normalize", "macenko", "--stain-reference", str(reference)])
     manifest = json.loads((tmp_path / "wsi" / "manifest.json").read_text())

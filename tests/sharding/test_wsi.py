@@ -376,7 +376,8 @@ def test_slide_ids_and_finding(tmp_path):
         (tmp_path / name).write_bytes(b"0" * 10)
     found, failed = slide_files.find_slides([str(tmp_path / "c"), str(tmp_path / "a" / "x.svs")])
     assert [Path(p).name for p in found] == ["y z.ndpi", "x.svs"] and failed == []
-    assert [Path(p).name for p in slide_files.find_slides([str(tmp_path / "c")], recursive=True)[0]] == ["w.svs", "y z.ndpi"]
+    found = slide_files.find_slides([str(tmp_path / "c")], recursive=True)[0]
+    assert [Path(p).name for p in found] == ["w.svs", "y z.ndpi"]
     (tmp_path / "list.txt").write_text("# slides\na/x.svs\nb/x.svs\n\nb/x.tif\nmissing.svs\na/x.svs\n")
     found, failed = slide_files.find_slides([f"@{tmp_path / 'list.txt'}"])
     assert len(found) == 3 and [f["source"] for f in failed] == [str(tmp_path / "missing.svs")]
@@ -496,7 +497,7 @@ def test_cmu_small_region(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         samples = read_shards(tmp_path)
-    for key, fields in list(samples.items())[:10]:
+    for fields in list(samples.values())[:10]:
         meta = json.loads(fields["json"])
         tile = handle.read_region((meta["x"], meta["y"]), 0, (256, 256)).convert("RGB")
         buffer = io.BytesIO()

@@ -166,7 +166,7 @@ def read_consep(path: Path) -> tuple[np.ndarray, Optional[dict[int, int]], Optio
 
     try:
         mat = loadmat(path)
-    except Exception as err:  # scipy raises several kinds for corrupt or HDF5 (v7.3) files
+    except Exception as err:  # noqa: BLE001 -- scipy raises several kinds for corrupt or HDF5 (v7.3) files
         raise ValueError(f"{path} does not load as a MATLAB file ({err}); save it with scipy.io.savemat "
                          "or MATLAB -v7.") from None
     if "inst_map" not in mat:
@@ -193,8 +193,8 @@ def consep_codes(path: Path) -> set[int]:
 
     try:
         mat = loadmat(path, variable_names=["inst_type", "type_map"])
-    except Exception:
-        return set()  # reported when the tile itself is sharded
+    except Exception:  # noqa: BLE001 -- any unreadable file: reported when the tile itself is sharded
+        return set()
     values = mat.get("inst_type")
     if values is None or not np.size(values):
         values = mat.get("type_map", np.zeros(0))
@@ -217,7 +217,7 @@ def read_label_image(path: Path) -> np.ndarray:
 
             with Image.open(path) as img:
                 array = np.asarray(img.convert("RGB") if img.mode in ("P", "PA") else img)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- imaging libraries raise many kinds for a damaged file
         raise ValueError(f"{path} does not decode as a label image ({err}); save instance ids as a PNG/TIFF.") from None
     if array.ndim == 3 and array.shape[0] == 1:
         array = array[0]

@@ -118,7 +118,7 @@ def read_class_map(path: Path) -> ClassMap:
     if not isinstance(classes, dict) or not classes:
         raise ConfigError(f"Class map {path} has no 'classes' mapping; write 'classes: {{name: [raw types]}}'.")
     lookup: dict[str, int] = {}
-    for index, (name, raws) in enumerate(classes.items()):
+    for index, raws in enumerate(classes.values()):
         for raw in raws if isinstance(raws, list) else [raws]:
             key = type_key(raw)
             if key in lookup and lookup[key] != index:
@@ -266,7 +266,8 @@ class CellSource:
         if fmt == "pannuke":
             self._plan, self._plan_failed = pairing.find_pannuke(self.root)
         else:
-            self._plan, self._plan_failed = pairing.plan_tiles(fmt, self.root, images=images, labels=labels, types=types)
+            self._plan, self._plan_failed = pairing.plan_tiles(fmt, self.root, images=images, labels=labels,
+                                                               types=types)
         if not self._plan:
             raise MissingInput(f"No {fmt} images with annotations found under {input}; see "
                                     "'sslkit shard cells --help' for the layout each format expects.")
@@ -308,7 +309,7 @@ class CellSource:
         p = unit.payload
         try:
             image = read_image(p["image"], channels=self.channels)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 -- decoders raise many kinds for a damaged file
             raise UnitError(f"{p['image']} does not decode as an image ({err}); re-export or remove it.") from None
         if self.stain is not None:
             image, normalised = self.stain(image)
