@@ -39,8 +39,8 @@ def embed_shards(
             images = images.contiguous(memory_format=torch.channels_last)
         feats.append(fn(images).float().cpu().numpy())
         labels.append(batch["label"].numpy())
-        keys.extend(batch["key"])
-        bar.update(len(batch["key"]))
+        keys.extend(batch["id"])
+        bar.update(len(batch["id"]))
     bar.close()
     parts = dist.gather_objects((feats, labels, keys))
     all_feats = np.concatenate([f for p in parts for f in p[0]]).astype(np.float32)
@@ -61,7 +61,7 @@ def load_crops(shards: ShardSet, keys: list[str] | set[str], *, size: int, chann
     loader = eval_loader(shards, size=size, channels=channels, batch_size=256, workers=workers, rank=0,
                          world_size=1, max_samples=max_samples)
     for batch in loader:
-        for image, key in zip(batch["image"], batch["key"]):
+        for image, key in zip(batch["image"], batch["id"]):
             if key in wanted:
                 found[key] = to_pixels(image).permute(1, 2, 0).numpy()
         if len(found) == len(wanted):

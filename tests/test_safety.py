@@ -391,7 +391,7 @@ def test_pickled_members_of_a_shard_are_never_unpickled(tmp_path):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     (batch,) = list(eval_loader(resolve_shards(str(folder)), size=32, channels=3, batch_size=4, workers=0))
-    assert batch["label"].tolist() == [1] and batch["key"] == ["a"]  # the sample was read...
+    assert batch["label"].tolist() == [1] and batch["id"] == ["a"]  # the sample was read...
     assert not marker.exists()  # ...and its pickled members left alone (no webdataset autodecode)
 
 

@@ -44,7 +44,7 @@ class BalancedBatches:
                 unlabelled += 1
                 if unlabelled == 1:
                     logger.warning("Balanced batches skip samples without a label (the first: %s).",
-                                   sample.get("key", "?"))
+                                   sample.get("id", "?"))
                 continue
             kept = buffers.setdefault(label, [])
             if len(kept) < self.buffer:

@@ -66,7 +66,7 @@ def _images(src: Iterator[dict]) -> Iterator[dict]:
 
 def _transform(src: Iterator[dict], transform: Callable) -> Iterator[dict]:
     for sample in src:
-        yield {"image": transform(sample["image"]), "label": sample["label"], "key": sample["key"]}
+        yield {"image": transform(sample["image"]), "label": sample["label"], "id": sample["id"]}
 
 
 class _Collate:
@@ -166,7 +166,7 @@ def train_loader(
         wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=stream.rng),  # same, mixed across shards
         Decode(label_key=cfg.labels, skips=skips, channels=stored_channels(shards.manifest, cfg.channels),
                 stored=stored_shape(shards.manifest),
-                # {"image": PIL, "label": int, "key": str}; corrupt or out-of-place crops skipped
+                # {"image": PIL, "label": int, "id": str}; corrupt or out-of-place crops skipped
                 uint8=None if views is not None else (cfg.size, cfg.channels)),  # or "image": (C,size,size) uint8
         wds.pipelinefilter(_views)(views) if views is not None  # {"query": (C,H,W), "key": (C,H,W), "label": int}
         else _images,  # or {"image": (C,size,size) uint8, "label": int}
@@ -204,7 +204,7 @@ def eval_loader(
     batch may be partial, and a rank with fewer shards yields fewer batches (gather with
     sizes). ``rank``/``world_size`` default to ``sslkit.dist``'s (the process group's, else 0 of
     1). ``max_samples`` keeps the first samples in shard order when per-shard counts are known,
-    else an even share per rank and worker. Batches: ``{"image": (B,C,H,W), "label": (B,) long, "key": list[str],
+    else an even share per rank and worker. Batches: ``{"image": (B,C,H,W), "label": (B,) long, "id": list[str],
     "corrupt": () long}``.
     """
     rank, world_size = (rank if rank is not None else dist.rank()), (world_size or dist.world_size())
@@ -228,7 +228,7 @@ def eval_loader(
         *limit,  # same, only the first max_samples
         Decode(label_key=label_key, skips=skips, channels=stored_channels(shards.manifest, channels),
                 stored=stored_shape(shards.manifest)),
-        # {"image": PIL, "label": int, "key": str}
+        # {"image": PIL, "label": int, "id": str}
         wds.pipelinefilter(_transform)(build_eval_transform(size=size, channels=channels)),  # "image": (C,H,W)
         wds.batched(batch_size, collation_fn=_Collate(skips), partial=True),  # (B,C,H,W), (B,), list[str], ()
     )

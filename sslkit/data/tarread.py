@@ -88,7 +88,7 @@ _GRAY_MODES = ("1", "L", "LA", "I", "F", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 class Decode:
-    """Stage: raw samples -> {"image": PIL, "label": int, "key": str}; corrupt ones skipped and counted.
+    """Stage: raw samples -> {"image": PIL, "label": int, "id": str}; corrupt ones skipped and counted.
 
     Besides bytes that do not decode, a crop whose kind contradicts the set counts as corrupt: a
     grayscale crop in a set of ``channels``=3 (or a colour one where it is 1; ``channels`` is the
@@ -126,7 +126,7 @@ class Decode:
                 self.skips.skip(sample.get("__url__"), sample.get("__key__"), why)
                 continue
             self.skips.ok()
-            yield {"image": image, "label": label, "key": sample["__key__"]}
+            yield {"image": image, "label": label, "id": sample["__key__"]}
 
     def _image(self, data: bytes) -> Any:
         image = Image.open(io.BytesIO(data))

@@ -66,7 +66,7 @@ class CompositeInputs:
         composites, composite_labels, composed = self.compose(images, labels, candidates, np.random.default_rng(seed))
         x, g = self.views.unit(images), self.views.unit(composites)
         batch["query"] = normalize(self.views.branch(x, local=True, generator=generator))  # (B, C, H, W)
-        batch["key"] = normalize(self.views.branch(x, local=True, generator=generator))  # replaces the sample ids
+        batch["key"] = normalize(self.views.branch(x, local=True, generator=generator))  # the key view
         batch["composite"] = normalize(self.views.branch(g, local=True, generator=generator))
         batch["composite_label"], batch["composed"] = composite_labels, composed
         return batch

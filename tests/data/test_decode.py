@@ -77,7 +77,7 @@ def test_decode_stage_matches_pil_for_every_kind_of_image() -> None:
                for i, data in enumerate(images + [broken])]
     skips = Skips()
     out = list(Decode(label_key="cls", skips=skips, uint8=(SIZE, 3))(iter(samples)))
-    assert [s["key"] for s in out] == [f"k{i}" for i in range(len(images))]
+    assert [s["id"] for s in out] == [f"k{i}" for i in range(len(images))]
     assert skips.take() == 1
     for sample, data in zip(out, images):
         assert sample["label"] == 1 and sample["image"].shape == (3, SIZE, SIZE)

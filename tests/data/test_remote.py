@@ -184,7 +184,7 @@ def test_remote_manifest_beside_or_given(server) -> None:
 
 def _read_all(shards) -> tuple[list[str], torch.Tensor, int]:
     batches = list(eval_loader(shards, size=32, channels=3, batch_size=32, workers=0))
-    keys = [k for b in batches for k in b["key"]]
+    keys = [k for b in batches for k in b["id"]]
     return keys, torch.cat([b["image"] for b in batches]), sum(int(b["corrupt"]) for b in batches)
 
 

@@ -114,7 +114,7 @@ def test_train_batches_are_full_dicts(tmp_path: Path) -> None:
     batches = list(loader)
     assert len(loader) == 5 and len(batches) == 5
     for batch in batches:
-        assert batch["query"].shape == batch["key"].shape == (4, 3, SIZE, SIZE)
+        assert batch["query"].shape == batch["id"].shape == (4, 3, SIZE, SIZE)
         assert batch["query"].dtype == torch.float32
         assert batch["label"].shape == (4,) and batch["label"].dtype == torch.long
         assert batch["corrupt"].shape == () and batch["corrupt"].dtype == torch.long
@@ -176,11 +176,11 @@ def test_eval_max_samples_keeps_the_first_samples(tmp_path: Path) -> None:
                              max_samples=25)
         for batch in loader:
             assert batch["image"].shape[1:] == (3, SIZE, SIZE)
-            seen += batch["key"]
+            seen += batch["id"]
     assert sorted(seen) == sorted(keys[:25])
     unknown = ShardSet(shards.urls, None, None, None)  # no per-shard counts: even share per rank and worker
     seen = [k for r in range(2) for b in eval_loader(unknown, size=SIZE, channels=3, batch_size=4, workers=2,
-                                                     rank=r, world_size=2, max_samples=25) for k in b["key"]]
+                                                     rank=r, world_size=2, max_samples=25) for k in b["id"]]
     assert len(seen) == len(set(seen)) == 25
 
 
@@ -210,7 +210,7 @@ shards = resolve_shards(folder)
 loader = train_loader(shards, cfg, views=build_views(cfg.views, size=16, channels=3), seed=0, steps_per_epoch=5)
 passes = [[int(b["query"].shape[0]) for b in loader] for _ in range(2)]
 first = float(next(iter(loader))["query"].sum())  # pass 2: must differ between ranks
-keys = [k for b in eval_loader(shards, size=16, channels=3, batch_size=3, workers=2) for k in b["key"]]
+keys = [k for b in eval_loader(shards, size=16, channels=3, batch_size=3, workers=2) for k in b["id"]]
 json.dump({"world": dist.get_world_size(), "passes": passes, "first": first, "keys": keys}, open(out, "w"))
 dist.barrier()
 dist.destroy_process_group()
@@ -272,10 +272,10 @@ def test_balanced_stage_rules(caplog: pytest.LogCaptureFixture, monkeypatch: pyt
     from sslkit.data import balanced as bal
 
     stage = bal.BalancedBatches(classes=2, per_class=2, buffer=3, rng=random.Random(0), collate=lambda s: s)
-    stream = [{"label": c, "key": f"{i}-{j}"} for i in range(10) for j, c in enumerate((0, 0, 0, 1, -1))]
+    stream = [{"label": c, "id": f"{i}-{j}"} for i in range(10) for j, c in enumerate((0, 0, 0, 1, -1))]
     batches = list(stage(iter(stream)))
     assert batches and all([s["label"] for s in b] == [0, 1, 0, 1] for b in batches)
-    assert len({s["key"] for b in batches for s in b}) == 4 * len(batches)  # no sample twice
+    assert len({s["id"] for b in batches for s in b}) == 4 * len(batches)  # no sample twice
     assert "skip samples without a label" in caplog.text
     monkeypatch.setattr(bal, "MAX_SAMPLES_WITHOUT_BATCH", 50)
     lonely = bal.BalancedBatches(classes=3, per_class=2, buffer=4, rng=random.Random(0), collate=lambda s: s)

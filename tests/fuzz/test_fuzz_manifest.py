@@ -101,7 +101,7 @@ def _check(manifest, text: bytes, shard_set: dict) -> None:
     want = [s["name"] for s in parsed["shards"]] or sorted(NAMES)  # no shards listed: the folder's tars
     assert [os.path.normpath(n) for n in names] == [os.path.normpath(n) for n in want]
     assert shards.classes == class_names(parsed)
-    assert sum(len(b["key"]) + int(b["corrupt"]) for b in batches) == PER_SHARD * len(want)
+    assert sum(len(b["id"]) + int(b["corrupt"]) for b in batches) == PER_SHARD * len(want)
     for batch in batches:
         assert batch["image"].shape[1:] == (3, SIZE, SIZE) and batch["image"].dtype == torch.float32
 
@@ -142,7 +142,7 @@ def test_valid_manifest_reads_as_before(shard_set):
     assert parse_manifest(copy.deepcopy(manifest), WHERE) == manifest
     shards, names, batches = _resolve(_dumps(manifest), shard_set)
     assert names == list(NAMES) and shards.num_samples == 2 * PER_SHARD and shards.samples_per_shard == [4, 4]
-    assert sum(len(b["key"]) for b in batches) == 2 * PER_SHARD and all(int(b["corrupt"]) == 0 for b in batches)
+    assert sum(len(b["id"]) for b in batches) == 2 * PER_SHARD and all(int(b["corrupt"]) == 0 for b in batches)
     _check(manifest, _dumps(manifest), shard_set)
 
 

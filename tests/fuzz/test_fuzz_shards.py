@@ -50,7 +50,7 @@ def base(tmp_path_factory):
         headers = [member.offset for member in tar]
     batches = eval_loader(resolve_shards(str(folder)), size=SIZE, channels=3, batch_size=EVAL_BATCH, workers=0)
     originals = {key: (int(label), image) for batch in batches
-                 for key, label, image in zip(batch["key"], batch["label"], batch["image"])}
+                 for key, label, image in zip(batch["id"], batch["label"], batch["image"])}
     assert len(originals) == SAMPLES and set(label for label, _ in originals.values()) == {0, 1, 2, 3}
     return _Base(tar=(folder / SHARD).read_bytes(), manifest=(folder / "manifest.json").read_text(),
                  headers=headers, originals=originals)
@@ -105,7 +105,7 @@ def _check_eval(batches: list[dict], warnings: list[str], base: dict, *, exact: 
     """Well-formed batches; ``exact``: every sample is an original one, unchanged. Returns the sample count."""
     samples, corrupt = 0, 0
     for batch in batches:
-        images, labels, keys = batch["image"], batch["label"], batch["key"]
+        images, labels, keys = batch["image"], batch["label"], batch["id"]
         n = len(keys)
         assert 1 <= n <= EVAL_BATCH and images.shape == (n, 3, SIZE, SIZE) and images.dtype == torch.float32
         assert torch.isfinite(images).all() and images.abs().max() <= 1.0  # ((x / 255) - 0.5) / 0.5

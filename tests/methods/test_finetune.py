@@ -160,7 +160,7 @@ def test_prepare_rotation_only_and_labels(pretrained):
     plain = normalize(images.float() / 255)
     for mode, extra in (("none", []), ("rotate", ["data.views.rotation=0"])):
         method = build_method(_cfg(root, "finetune.init=null", f"finetune.views={mode}", *extra))
-        batch = method.prepare({"image": images, "label": label, "key": ["a"] * 4}, g)
+        batch = method.prepare({"image": images, "label": label, "id": ["a"] * 4}, g)
         assert set(batch) == {"input", "label"} and torch.equal(batch["label"], label)
         assert torch.allclose(batch["input"], plain, atol=1e-5), mode  # no crop, flip, jitter or blur
     # Rotation alone keeps a flat image flat; the pretraining views (jitter, p = 0.8) do not.

@@ -124,7 +124,7 @@ def _inputs(*extra: str, channels: int = 1) -> CompositeInputs:
 @pytest.mark.parametrize("channels", [1, 3])
 def test_prepare_makes_three_normalised_views_and_labels(channels: int) -> None:
     images, labels = _bars(6, channels=channels), torch.tensor([0, 1, 2, 3, 0, 1])
-    batch = {"image": images, "label": labels, "key": ["a"] * 6}  # "key": the sample ids, replaced by a view
+    batch = {"image": images, "label": labels, "id": ["a"] * 6}  # as the loader yields it: sample ids under "id"
     out = _inputs(channels=channels)(batch, torch.Generator().manual_seed(0))
     assert "image" not in out and torch.equal(out["label"], labels)
     for name in ("query", "key", "composite"):

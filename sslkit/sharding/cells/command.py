@@ -266,7 +266,7 @@ class CellSource:
         if fmt == "pannuke":
             self._plan, self._plan_failed = pairing.find_pannuke(self.root)
         else:
-            self._plan, self._plan_failed = pairing.plan_tiles(fmt, self.root, images=images, labels=labels,
+            self._plan, self._plan_failed = pairing.pair_tiles(fmt, self.root, images=images, labels=labels,
                                                                types=types)
         if not self._plan:
             raise MissingInput(f"No {fmt} images with annotations found under {input}; see "

@@ -106,7 +106,7 @@ LAYOUTS = {
 _TYPE_DIRS = ("types", "type", "classes", "csv")
 
 
-def plan_tiles(fmt: str, root: Path, *, images: Optional[str] = None, labels: Optional[str] = None,
+def pair_tiles(fmt: str, root: Path, *, images: Optional[str] = None, labels: Optional[str] = None,
                types: Optional[str] = None) -> tuple[list[tuple[str, str, str, Optional[str]]], list[dict]]:
     """``[(relative stem, image, annotation, type table or None)]`` of a tile format, and the failures.
 
