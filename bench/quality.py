@@ -71,7 +71,7 @@ def shifted_accuracy(run_dir: Path, test: str, shifts: list[str]) -> dict[str, f
     """Top-1 accuracy of the run's classifier head on ``test``, unshifted ("none") and under each
     simulated acquisition shift (``sslkit.evaluate.shifts``)."""
     cfg, method, _ = load_trained(run_dir)
-    if not hasattr(method, "predict"):
+    if not method.has_classifier:
         raise SystemExit(f"--shifts scores a classifier head, and method '{cfg.method.name}' has none; "
                          "use it with scl or a fine-tuned run.")
     shards = resolve_shards(test)

@@ -202,10 +202,10 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="make demo shards, pretrain CCRL, evaluate against baselines",
                           epilog="example: sslkit demo train.max_steps=100")
     demo.add_argument("--shards", default="shards/demo", help="demo shard folder (created on first use)")
-    demo.add_argument("--num-train", type=int,
-                      help=f"training crops to generate (default {DEMO_SPLITS['train']['num_samples']})")
-    demo.add_argument("--num-eval", type=int,
-                      help=f"held-out crops to generate (default {DEMO_SPLITS['eval']['num_samples']})")
+    num_train, num_eval = DEMO_SPLITS["train"]["num_samples"], DEMO_SPLITS["eval"]["num_samples"]
+    demo.add_argument("--num-train", type=int, default=num_train,
+                      help=f"training crops to generate (default {num_train})")
+    demo.add_argument("--num-eval", type=int, default=num_eval, help=f"held-out crops to generate (default {num_eval})")
     demo.add_argument("overrides", nargs="*", help="dotted key=value overrides of configs/demo.yaml")
     demo.set_defaults(fn=_cmd_demo)
 

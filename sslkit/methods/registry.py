@@ -15,15 +15,8 @@ from typing import Any, NamedTuple
 
 from sslkit.errors import ConfigError
 
-# name -> the module whose import registers it
-BUILTIN = {
-    "ccrl": "sslkit.methods.ccrl",
-    "supcam": "sslkit.methods.supcam",
-    "scl": "sslkit.methods.scl",
-    "simclr": "sslkit.methods.simclr",
-    "autoencoder": "sslkit.methods.autoencoder",
-    "finetune": "sslkit.methods.finetune",
-}
+# The built-in methods: each registers itself when its module sslkit.methods.<name> is imported.
+BUILTIN = ("ccrl", "supcam", "scl", "simclr", "autoencoder", "finetune")
 
 
 class Entry(NamedTuple):
@@ -51,7 +44,7 @@ def add(name: str, cls: type, build: Callable[[Any], Any]) -> None:
 def entry(name: str) -> Entry:
     """The class and builder of ``name``, importing a built-in method's module on first use."""
     if name not in _ENTRIES and name in BUILTIN:
-        importlib.import_module(BUILTIN[name])  # registers itself
+        importlib.import_module(f"sslkit.methods.{name}")  # registers itself
     if name not in _ENTRIES:
         raise ConfigError(f"Config key 'method.name' is '{name}'; choose one of {', '.join(names())}.")
     return _ENTRIES[name]
