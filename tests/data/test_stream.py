@@ -114,7 +114,7 @@ def test_train_batches_are_full_dicts(tmp_path: Path) -> None:
     batches = list(loader)
     assert len(loader) == 5 and len(batches) == 5
     for batch in batches:
-        assert batch["query"].shape == batch["id"].shape == (4, 3, SIZE, SIZE)
+        assert batch["query"].shape == batch["key"].shape == (4, 3, SIZE, SIZE)
         assert batch["query"].dtype == torch.float32
         assert batch["label"].shape == (4,) and batch["label"].dtype == torch.long
         assert batch["corrupt"].shape == () and batch["corrupt"].dtype == torch.long
