@@ -42,6 +42,7 @@ from sslkit.data.augment import build_views
 from sslkit.data.loaders import train_loader
 from sslkit.data.shardset import ShardSet, resolve_shards
 from sslkit.errors import RunStopped
+from sslkit.health import embedding_health
 from sslkit.methods import build_method, method_class
 from sslkit.optim import build_lr_schedule, build_optimizer, set_lr
 from sslkit.tracking import RunLogger, tracker_backend
@@ -301,12 +302,14 @@ def _optimizer_step(s: _Session, batches: Iterator[dict[str, Any]], make_inputs:
 
 def _log_step(s: _Session, out: Any, grad_norm: torch.Tensor, meter: _Meter, guard: _Guard,
               progress: tqdm) -> None:
-    """Loss (mean over ranks), learning rate, gradient norm, throughput and data faults of this step."""
+    """Loss (mean over ranks), learning rate, gradient norm, throughput, data faults and the health/
+    signals of this step (from this rank's batch: sslkit.health)."""
     cfg, step = s.cfg, s.step
     pairs_per_step = cfg.train.grad_accum * cfg.data.batch_size * s.accelerator.num_processes
     loss = s.accelerator.reduce(out.loss.detach(), reduction="mean").item()
     logs = {**{k: float(v) for k, v in out.logs.items()}, "loss": loss, "lr": float(s.lrs[step - 1]),
-            "grad_norm": float(grad_norm), **meter.read(pairs_per_step=pairs_per_step), **guard.data_logs()}
+            "grad_norm": float(grad_norm), **meter.read(pairs_per_step=pairs_per_step), **guard.data_logs(),
+            **(embedding_health(*out.views) if out.views is not None else {}), **s.method.health()}
     s.tracker.log(logs, step=step)
     progress.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{logs['pairs_per_s']:.0f}")
     meter.reset()

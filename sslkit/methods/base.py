@@ -23,8 +23,11 @@ Hooks:
 - ``prepare(batch, generator) -> batch``: the loader's batch, on the training device, turned
   into this method's inputs (views, composites), every random number drawn from ``generator``
   so a resumed run repeats a straight one.
-- ``forward(batch) -> StepOutput(loss, logs)``: one training step's loss. The engine calls
-  the (possibly DDP-wrapped) module, so gradient synchronisation works.
+- ``forward(batch) -> StepOutput(loss, logs, views)``: one training step's loss. The engine calls
+  the (possibly DDP-wrapped) module, so gradient synchronisation works. ``views`` (optional):
+  the step's embeddings, from which the engine logs the ``health/`` signals.
+- ``health() -> dict``: the method's own health signals (a momentum method: how far its key
+  encoder is from the query encoder, how full its queue is).
 - ``after_optimizer_step(step)``: momentum update and queue push, after ``optimizer.step()``.
 - ``skip_step()``: forget what ``forward`` staged for ``after_optimizer_step``; called
   instead of it when the engine skips a step with a non-finite loss or gradient.
@@ -56,6 +59,9 @@ from sslkit.methods.registry import entry as _entry
 class StepOutput(NamedTuple):
     loss: Tensor
     logs: dict[str, Tensor]
+    # this rank's (B, D) embeddings of the step and, for two-view methods, of their positives: the
+    # engine computes the health/ signals (sslkit.health) from them at logging steps; None: none
+    views: Optional[tuple[Tensor, Optional[Tensor]]] = None
 
 
 class Exported(NamedTuple):
@@ -99,6 +105,10 @@ class Method(nn.Module):
 
     def skip_step(self) -> None:
         """Nothing staged by default."""
+
+    def health(self) -> dict[str, float]:
+        """The method's own ``health/`` signals, logged with the embedding ones (none by default)."""
+        return {}
 
     def encoder_module(self, encoder: str = "query") -> nn.Module:
         """The module that ``embed(..., encoder=encoder, features="backbone")`` runs."""

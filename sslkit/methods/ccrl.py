@@ -63,7 +63,8 @@ class CCRL(MomentumContrast):
         self.stage(keys, dist.gather_no_grad(labels))
         with torch.no_grad():
             pos_sim = (F.normalize(q.float(), dim=1) * k).sum(dim=1).mean()
-        return StepOutput(loss, {"loss": loss.detach(), "pos_sim": pos_sim, "queue_filled": self.queue.filled.float()})
+        return StepOutput(loss, {"loss": loss.detach(), "pos_sim": pos_sim, "queue_filled": self.queue.filled.float()},
+                          views=(q.detach(), k))
 
 
 @register("ccrl", CCRL)

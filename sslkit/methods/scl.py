@@ -102,8 +102,10 @@ class SCL(Method):
         loss = self.con_weight * l_con + self.cls_weight * l_cls
         with torch.no_grad():
             acc = (logits.argmax(-1) == groups).float().mean()
+        d = e.shape[-1]  # anchors: the B1 blocks; positives: the B2 blocks (same classes, other samples)
         return StepOutput(loss, {"loss": loss.detach(), "l_con": l_con.detach(), "l_cls": l_cls.detach(),
-                                 "t": t.detach(), "acc": acc})
+                                 "t": t.detach(), "acc": acc},
+                          views=(e[:, 0].reshape(-1, d).detach(), e[:, 1].reshape(-1, d).detach()))
 
     def after_optimizer_step(self, step: int) -> None:
         """Nothing to do: no momentum encoder, no queue."""

@@ -53,7 +53,7 @@ class SimCLR(Method):
             loss = nt_xent(dist.gather_with_grad(z1), dist.gather_with_grad(z2), tau=self.tau)
         with torch.no_grad():
             pos_sim = F.cosine_similarity(z1, z2, dim=1).mean()
-        return StepOutput(loss, {"loss": loss.detach(), "pos_sim": pos_sim})
+        return StepOutput(loss, {"loss": loss.detach(), "pos_sim": pos_sim}, views=(z1.detach(), z2.detach()))
 
     def after_optimizer_step(self, step: int) -> None:
         """Nothing to update outside the optimizer."""

@@ -146,7 +146,7 @@ class SupCAM(MomentumContrast):
                 "pos_sim": (q.detach() * k_pos).sum(dim=1).mean(), "queue_filled": self.queue.filled.float()}
         if "composed" in batch:
             logs["composed"] = batch["composed"].float().mean()
-        return StepOutput(loss, logs)
+        return StepOutput(loss, logs, views=(q.detach(), k_pos))
 
 
 @register("supcam", SupCAM)
