@@ -109,22 +109,17 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_embed(args: argparse.Namespace) -> None:
-    import numpy as np
-
     from sslkit.data.shardset import resolve_shards
-    from sslkit.embed import embed_shards
-    from sslkit.rundir import load_trained
+    from sslkit.embed import embed_shards, save_embeddings
+    from sslkit.rundir import eval_shards, load_trained
 
     cfg, method, _ = load_trained(Path(args.run_dir))
-    shards = resolve_shards(args.shards or cfg.eval.shards or cfg.data.shards)
+    shards = resolve_shards(eval_shards(cfg, shards=args.shards))
     fn = lambda x: method.embed(x, encoder=args.encoder, features=args.features)  # noqa: E731
     feats, labels, keys = embed_shards(fn, shards, size=cfg.data.size, channels=cfg.data.channels,
                                        batch_size=cfg.eval.batch_size, workers=cfg.data.workers)
     out = Path(args.out or Path(args.run_dir) / "embeddings")
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "embeddings.npy", feats)
-    np.save(out / "labels.npy", labels)
-    (out / "keys.txt").write_text("\n".join(keys) + "\n")
+    save_embeddings(out, feats, labels, keys)
     print(f"Wrote {feats.shape[0]} x {feats.shape[1]} embeddings to {out}.")
 
 
@@ -246,12 +241,6 @@ def _add_run_parsers(sub: argparse._SubParsersAction) -> None:
     emb.set_defaults(fn=_cmd_embed)
 
 
-def _user_error(err: BaseException) -> bool:
-    """Whether ``err`` is a mistake or a fault of the user's inputs (a ``UserError``), which the CLI prints
-    as one line; any other exception is a bug and keeps its traceback."""
-    return isinstance(err, UserError)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The command line, with ``key=value`` overrides taken wherever they stand among the options.
 
@@ -292,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.fn(args)
     except Exception as err:  # noqa: BLE001 -- user errors: one line, no traceback; anything else is a bug
-        if args.debug or not _user_error(err):
+        if args.debug or not isinstance(err, UserError):  # a bug: keep its traceback
             raise
         message = " ".join(str(err).splitlines())
         print(f"sslkit: error: {message}", file=sys.stderr)

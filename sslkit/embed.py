@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sslkit import dist
+from sslkit.atomic import replacing, write_text
 from sslkit.data.augment import to_pixels
 from sslkit.data.loaders import eval_loader
 from sslkit.data.shardset import ShardSet
@@ -48,6 +50,16 @@ def embed_shards(
     all_keys = [k for p in parts for k in p[2]]
     order = np.argsort(np.asarray(all_keys), kind="stable")
     return all_feats[order], all_labels[order], [all_keys[i] for i in order]
+
+
+def save_embeddings(out: Path, feats: np.ndarray, labels: np.ndarray, keys: list[str],
+                    **arrays: np.ndarray) -> None:
+    """``embeddings.npy``, ``labels.npy``, ``keys.txt`` (one sample key a line) and any further
+    ``NAME.npy`` in ``out``, each written atomically."""
+    for name, array in {"embeddings": feats, "labels": labels, **arrays}.items():
+        with replacing(out / f"{name}.npy") as tmp:
+            np.save(tmp, array)
+    write_text(out / "keys.txt", "\n".join(keys) + "\n")
 
 
 def load_crops(shards: ShardSet, keys: list[str] | set[str], *, size: int, channels: int, workers: int = 2,

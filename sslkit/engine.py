@@ -36,6 +36,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from sslkit import dist
+from sslkit.atomic import write_text
 from sslkit.checkpoint import check_writable, load_checkpoint, resolve_resume, save_checkpoint
 from sslkit.config import Config, ConfigError, git_sha, run_dir, to_dict, to_yaml
 from sslkit.data.augment import build_views
@@ -216,10 +217,10 @@ class _Session:
     optimizer: torch.optim.Optimizer
     lrs: Any  # learning rate of every optimizer step
     tracker: RunLogger
-    shards: ShardSet
     batches_per_epoch: int
     ckpt_root: Path
     step: int
+    data_faults: dict[str, Any]  # the bad-data counts of the checkpoint resumed from (empty for a new run)
 
 
 def _open_shards(cfg: Config) -> ShardSet:
@@ -232,7 +233,7 @@ def _open_shards(cfg: Config) -> ShardSet:
     return shards
 
 
-def _start(cfg: Config, shards: ShardSet, out_dir: Path) -> tuple[_Session, dict[str, Any]]:
+def _start(cfg: Config, shards: ShardSet, out_dir: Path) -> _Session:
     """Accelerator, model, optimizer and schedule, resumed from the newest checkpoint if any; the
     tracker started and config.yaml written."""
     accelerator = build_accelerator(cfg, out_dir=out_dir)
@@ -260,10 +261,9 @@ def _start(cfg: Config, shards: ShardSet, out_dir: Path) -> tuple[_Session, dict
     tracker = RunLogger(accelerator, cfg, run_dir=out_dir, run_id=state.get("run_id"))
     tracker.start()
     if accelerator.is_main_process:
-        (out_dir / "config.yaml").write_text(f"# git: {git_sha() or 'unknown'}\n" + to_yaml(cfg))
-    session = _Session(cfg, accelerator, model, accelerator.unwrap_model(model), optimizer, lrs, tracker, shards,
-                       batches_per_epoch, ckpt_root, int(state["step"]))
-    return session, state
+        write_text(out_dir / "config.yaml", f"# git: {git_sha() or 'unknown'}\n" + to_yaml(cfg))
+    return _Session(cfg, accelerator, model, accelerator.unwrap_model(model), optimizer, lrs, tracker,
+                    batches_per_epoch, ckpt_root, int(state["step"]), state.get("data_faults", {}))
 
 
 def _optimizer_step(s: _Session, batches: Iterator[dict[str, Any]], make_inputs: _Inputs, meter: _Meter,
@@ -328,7 +328,7 @@ def train(cfg: Config) -> Path:
     check_writable(out_dir)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    s, state = _start(cfg, shards, out_dir)
+    s = _start(cfg, shards, out_dir)
     batches = batch_stream(shards, cfg, batches_per_epoch=s.batches_per_epoch, start=s.step * cfg.train.grad_accum)
     make_inputs = _Inputs(s.method, cfg, s.accelerator.device)
     online = None
@@ -340,7 +340,7 @@ def train(cfg: Config) -> Path:
                     disable=not s.accelerator.is_local_main_process, dynamic_ncols=True)
     s.model.train()
     meter, guard = _Meter(s.accelerator.device), _Guard(cfg, s.accelerator)
-    guard.restore(state.get("data_faults", {}))
+    guard.restore(s.data_faults)
     guard.missing(shards)
     last = cfg.train.max_steps
     while s.step < last:

@@ -23,7 +23,7 @@ from sslkit.atomic import write_json
 from sslkit.config import Config, ConfigError, EvalConfig, apply_overrides
 from sslkit.data.augment import to_pixels
 from sslkit.data.shardset import ShardSet, resolve_shards
-from sslkit.embed import embed_shards
+from sslkit.embed import embed_shards, save_embeddings
 from sslkit.evaluate.morphology import morphology_features, standardize
 from sslkit.evaluate.overlap import training_overlap
 from sslkit.evaluate.probe import PROBE_KEYS, classify_shards, cv_probe, linear_probe
@@ -193,11 +193,8 @@ def _log(run_dir: Path, cfg: Config, state: dict[str, Any], results: dict[str, A
 
 
 def _write(out: Path, results: dict[str, Any], kept: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "embeddings.npy", kept["feats"])
-    np.save(out / "labels.npy", kept["labels"])
-    np.save(out / "clusters.npy", kept["assign"])
-    (out / "keys.txt").write_text("\n".join(kept["keys"]) + "\n")
+    """The arrays and metrics.json, before the figures (a figure that fails costs no metric)."""
+    save_embeddings(out, kept["feats"], kept["labels"], kept["keys"], clusters=kept["assign"])
     if "probe" in kept:
         write_json(out / "probe.json", kept["probe"])
     write_json(out / "metrics.json", results)

@@ -44,6 +44,7 @@ it with ``@register(name, cls)``; see ``tests/methods/test_contract.py`` for a c
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple, Optional
 
@@ -75,7 +76,7 @@ class Exported(NamedTuple):
     std: float
 
 
-class Method(nn.Module):
+class Method(nn.Module, metaclass=ABCMeta):
     """Base class of the training methods; see the module docstring for the contract."""
 
     backbone: nn.Module  # a submodule or a property: the network fine-tuning takes and export writes by default
@@ -97,8 +98,9 @@ class Method(nn.Module):
     def prepare(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
         return batch
 
+    @abstractmethod
     def forward(self, batch: dict[str, Any]) -> StepOutput:
-        raise NotImplementedError(f"{type(self).__name__} must define forward(batch) -> StepOutput")
+        """One training step's loss (and logs, and optionally the step's embeddings)."""
 
     def after_optimizer_step(self, step: int) -> None:
         """Nothing to update by default (no momentum encoder, no queue)."""

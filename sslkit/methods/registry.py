@@ -33,10 +33,10 @@ def names() -> tuple[str, ...]:
 
 
 def add(name: str, cls: type, build: Callable[[Any], Any]) -> None:
-    """Record ``name``; a second registration under a built-in name is refused (it would silently
-    replace a method the recipes rely on)."""
-    if name in _ENTRIES and _ENTRIES[name].cls is not cls and name in BUILTIN:
-        raise ValueError(f"Method name '{name}' is taken by the built-in {_ENTRIES[name].cls.__name__}; "
+    """Record ``name``. A built-in name is taken by its own module only, whether or not that module
+    was imported yet: anything else would silently replace a method the recipes rely on."""
+    if name in BUILTIN and cls.__module__ != f"sslkit.methods.{name}":
+        raise ValueError(f"Method name '{name}' is taken by the built-in method of sslkit.methods.{name}; "
                          "register yours under another name.")
     _ENTRIES[name] = Entry(cls, build)
 

@@ -70,6 +70,17 @@ def test_the_registry_names_the_builtins_and_the_method_registered_here():
         load_config(recipe_path("demo"), ["method.name=nope"])
     with pytest.raises(TypeError):
         register("plain", torch.nn.Linear)
+    with pytest.raises(ValueError, match="taken by the built-in method of sslkit.methods.scl"):
+        register("scl", Toy)(build_toy)  # a built-in name is not replaced, imported or not
+    assert method_class("scl").__name__ == "SCL"
+
+
+def test_a_method_without_forward_cannot_be_built():
+    class NoStep(Method):
+        backbone = None
+
+    with pytest.raises(TypeError, match="abstract method.* forward"):
+        NoStep()
 
 
 @pytest.mark.parametrize("name", list(BUILTIN))

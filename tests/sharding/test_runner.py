@@ -17,7 +17,7 @@ import pytest
 from sslkit.errors import UsageError
 from sslkit.shardformat import read_manifest
 from sslkit.sharding.core.journal import JOURNAL_DIR
-from sslkit.sharding.core.runner import launch_rank, partition, run_source
+from sslkit.sharding.core.runner import job_rank, partition, run_source
 from sslkit.sharding.core.source import Unit
 from sslkit.sharding.core.verify import verify_shards
 from sslkit.sharding.synthetic import SyntheticSource
@@ -184,22 +184,22 @@ def test_partition_balances_cost_and_is_deterministic() -> None:
     assert partition(units[:1], 3) == [[0], [], []]
 
 
-def test_launch_rank_reads_the_launchers(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_job_rank_reads_the_launchers(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "OMPI_COMM_WORLD_RANK",
                 "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    assert launch_rank() == (0, 1, "default")
+    assert job_rank() == (0, 1, "default")
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "4")
-    assert launch_rank() == (3, 4, "SLURM_PROCID/SLURM_NTASKS")
+    assert job_rank() == (3, 4, "SLURM_PROCID/SLURM_NTASKS")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert launch_rank() == (1, 2, "RANK/WORLD_SIZE")
-    assert launch_rank(0, 5) == (0, 5, "arguments")
+    assert job_rank() == (1, 2, "RANK/WORLD_SIZE")
+    assert job_rank(0, 5) == (0, 5, "arguments")
     with pytest.raises(UsageError, match="impossible"):
-        launch_rank(5, 5)
+        job_rank(5, 5)
     with pytest.raises(UsageError, match="both --rank and --world-size"):
-        launch_rank(1, None)
+        job_rank(1, None)
     monkeypatch.setenv("RANK", "one")
     with pytest.raises(UsageError, match=r"^RANK='one' / WORLD_SIZE='2' are not integers; .* pass --rank"):
-        launch_rank()
+        job_rank()

@@ -43,7 +43,7 @@ from sslkit.sharding.core.source import Source, Unit
 # ---------------------------------------------------------------- ranks and shares
 
 
-def launch_rank(rank: Optional[int] = None, world_size: Optional[int] = None) -> tuple[int, int, str]:
+def job_rank(rank: Optional[int] = None, world_size: Optional[int] = None) -> tuple[int, int, str]:
     """(rank, world size, where they came from): the arguments, else the launcher's environment
     (``sslkit.dist.launch_rank``), else 0 of 1."""
     origin = "arguments"
@@ -143,7 +143,7 @@ def run_source(source: Source, out_dir: str | Path, *, workers: Optional[int] = 
         raise UsageError(f"--shard-size must be at least 1 sample per shard, got {shard_size}.")
     if workers is not None and workers < 0:
         raise UsageError(f"--workers must be 0 (in this process) or more, got {workers}.")
-    rank, world_size, origin = launch_rank(rank, world_size)
+    rank, world_size, origin = job_rank(rank, world_size)
     out = Path(out_dir)
     (out / JOURNAL_DIR).mkdir(parents=True, exist_ok=True)
     command = command if command is not None else shlex.join(sys.argv)
