@@ -89,7 +89,7 @@ add faiss 80 bench bench/faiss_devices.py --n 1000000 --queries 100000
 if [ "$DRY" = 1 ]; then
   bad=0
   for f in configs/ccrl.yaml sslkit/configs/demo.yaml bench/train_step.py bench/views.py bench/faiss_devices.py \
-           bench/kmeans.py bench/argcheck.py; do
+           bench/kmeans.py bench/argcheck.py bench/gpu_check_report.py; do
     [ -f "$f" ] || { echo "missing: $f"; bad=1; }
   done
   for entry in "${CHECKS[@]}"; do
@@ -131,42 +131,10 @@ for entry in "${CHECKS[@]}"; do
   timeout --kill-after=10 "$limit" "$PY" "${cmd[@]}" > "$log" 2>&1
   rc=$?
   secs=$(( $(date +%s) - t0 ))
-  "$PY" - "$name" "$kind" "$rc" "$secs" "$log" "${cmd[@]}" >> "$RESULTS" <<'EOF'
-import json, statistics, sys
-from pathlib import Path
-name, kind, rc, secs, log, *cmd = sys.argv[1:]
-row = {"check": name, "rc": int(rc), "seconds": int(secs)}
-text = Path(log).read_text(errors="replace").replace("\r", "\n")
-if kind == "train":
-    run = next((a.split("=", 1)[1] for a in cmd if a.startswith("run.dir=")), None)
-    metrics = Path(run) / "metrics.jsonl" if run else None
-    rows = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics and metrics.is_file() else []
-    rows = [r for r in rows if "pairs_per_s" in r]
-    later = rows[1:] or rows
-    if later:
-        row.update(pairs_per_s=round(statistics.median(r["pairs_per_s"] for r in later), 1),
-                   data_wait_share=round(statistics.median(r["data_wait_share"] for r in later), 3),
-                   mem_peak_gb=round(max(r["mem_peak_gb"] for r in rows), 2), steps=rows[-1]["step"])
-else:
-    last = [l for l in text.splitlines() if l.strip()]
-    row["result"] = " | ".join(l.strip() for l in last[-3:])[-300:]
-if int(rc) == 124 or int(rc) == 137:
-    row["note"] = f"stopped at its time limit ({secs} s)"
-elif int(rc) != 0:
-    errors = [l for l in text.splitlines() if "Error" in l or "error:" in l or "No module" in l]
-    row["note"] = (errors[-1] if errors else text.strip().splitlines()[-1] if text.strip() else "no output")[-200:]
-print(json.dumps(row))
-EOF
+  "$PY" bench/gpu_check_report.py row "$name" "$kind" "$rc" "$secs" "$log" -- "${cmd[@]}" >> "$RESULTS"
 done
 
-"$PY" - "$RESULTS" "$start_all" <<'EOF'
-import json, sys, time
-rows = [json.loads(l) for l in open(sys.argv[1])]
-print(f"\n{'check':<14}{'rc':>4}{'s':>5}  {'pairs/s':>9}{'data wait':>10}{'peak GB':>9}  result / note")
-for r in rows:
-    train = f"{r['pairs_per_s']:9.1f}{r['data_wait_share']:10.3f}{r['mem_peak_gb']:9.2f}" if "pairs_per_s" in r \
-        else " " * 28
-    print(f"{r['check']:<14}{r['rc']:>4}{r['seconds']:>5}  {train}  {r.get('note') or r.get('result', '')}")
-print(f"total {time.time() - float(sys.argv[2]):.0f} s; logs and results.jsonl in {sys.argv[1].rsplit('/', 1)[0]}")
-sys.exit(1 if any(r["rc"] != 0 for r in rows) else 0)
-EOF
+"$PY" bench/gpu_check_report.py table "$RESULTS" "$start_all"
+status=$?
+echo "logs and results.jsonl: $WORK"
+exit $status
