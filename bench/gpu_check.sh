@@ -4,7 +4,7 @@
 #   bash bench/gpu_check.sh [--dry-run] [--python PY] [--work DIR] [--quick]
 #
 # Checks, each under its own time limit (seconds in brackets; a check past it is reported, the rest go on):
-#   demo        sslkit pretrain demo, 300 steps, bf16 (launcher default "auto" -> bf16 asked here) [50]
+#   demo        sslkit pretrain demo, 300 steps, train.precision=bf16 (every training check asks for bf16) [50]
 #   demo+compile the same, train.compile=true (torch.compile)                                    [100]
 #   ccrl        configs/ccrl.yaml as published (preact ResNet-18, 32 px, batch 1024, bf16), 200 steps [50]
 #   ccrl-r50    configs/ccrl.yaml, model.backbone=resnet50, 224-pixel crops, data.batch_size=128, bf16 [50]
