@@ -12,7 +12,8 @@ Two searches:
 - **exact** (:func:`knn_predict`): every query against every bank row with faiss's brute-force
   ``knn_inner_product`` (BLAS), reading the normalised bank in place (no index copy on CPU).
   Its cost is 2 * M * N * D flops, bounded by the CPU's matrix-multiply peak: a leave-one-out
-  pass over 1,000,000 rows of 128 dimensions is 2.6e14 flops, about 40 minutes on 2 cores.
+  pass over 1,000,000 rows of 128 dimensions is 2.6e14 flops, about 70 minutes on 2 shared cores
+  (``bench/knn.py``).
 - **approximate** (:func:`knn_eval` with ``exact_max`` below N, ``sslkit evaluate`` above
   ``eval.knn_exact_max``): a faiss ``IndexIVFFlat`` with inner product, nlist = 4 sqrt(N)
   lists trained on a seeded sample, probing the fewest lists (``nprobe``, doubled from 8) whose
@@ -24,7 +25,8 @@ Two searches:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import faiss
@@ -37,6 +39,22 @@ __all__ = ["knn_predict", "knn_eval", "knn_recall"]
 _DEFAULT_CHUNK = 4096  # queries per chunk: faiss's own block, and ~50 tasks for 200k queries
 _FIRST_NPROBE = 8  # lists probed first while choosing nprobe; doubled until the recall target is met
 _TRAIN_PER_LIST = 64  # IVF training sample: rows per list (faiss asks for at least 39)
+# faiss multiplies (query block x 1,024 bank rows) and then scans that tile into the k-heaps. Its default
+# query block of 4,096 makes a 16 MB tile per thread, which leaves the caches before the scan reads it;
+# 1,024 queries (a 4 MB tile) ran the exact search 20-30 % faster on 2 cores (bench/RESULTS.md). The
+# neighbours found do not depend on the block.
+_QUERY_BLOCK = 1024
+
+
+@contextmanager
+def _query_block() -> Iterator[None]:
+    """faiss's brute-force search with ``_QUERY_BLOCK`` queries per BLAS block, restored afterwards."""
+    before = faiss.cvar.distance_compute_blas_query_bs
+    faiss.cvar.distance_compute_blas_query_bs = _QUERY_BLOCK
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_query_bs = before
 
 
 def _as_class_indices(y: Any, *, name: str, n: int) -> np.ndarray:
@@ -156,9 +174,10 @@ def knn_predict(
                                               leave_one_out=leave_one_out, chunk_size=chunk_size)
     use_gpu = resolve_gpu(gpu)
     search = _exact_searcher(bank, k + int(leave_one_out), gpu=use_gpu)
-    scores = _vote_chunks(search, lambda start, stop: query[start:stop], query.shape[0], labels, tau=tau,
-                          num_classes=num_classes, leave_one_out=leave_one_out, chunk_size=chunk_size,
-                          gpu=use_gpu)
+    with _query_block():
+        scores = _vote_chunks(search, lambda start, stop: query[start:stop], query.shape[0], labels, tau=tau,
+                              num_classes=num_classes, leave_one_out=leave_one_out, chunk_size=chunk_size,
+                              gpu=use_gpu)
     return scores.argmax(axis=1).astype(np.int64), scores
 
 
@@ -256,7 +275,9 @@ def _exact_neighbours(x: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
         return sims, np.where(idx >= 0, idx + start, -1)  # -1: a block with fewer rows than n_search
 
     heap = faiss.ResultHeap(len(rows), n_search, keep_max=True)
-    for sims, idx in thread_map(block, range(0, x.shape[0], ROW_BLOCK)):
+    with _query_block():
+        blocks = thread_map(block, range(0, x.shape[0], ROW_BLOCK))
+    for sims, idx in blocks:
         heap.add_result(sims, idx)
     heap.finalize()
     return _drop_self(heap.D, heap.I, self_ids=rows)[1]
