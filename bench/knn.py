@@ -1,67 +1,143 @@
-"""kNN classification at scale: sslkit's ``knn_predict`` (FAISS) against scikit-learn's
-``KNeighborsClassifier`` on the same clustered embeddings, in one process.
+"""kNN search at scale: exact against approximate (IVF) search on 1,000,000 clustered embeddings,
+and the exact search's arithmetic rate against the CPU's matrix-multiply peak, in one process.
 
-    python bench/knn.py [--n 200000] [--queries 200000] [--d 128] [--k 20] [--classes 32] [--seed 0]
+    python bench/knn.py [--n 1000000] [--queries 20000] [--d 128] [--k 20] [--classes 32] [--seed 0]
 
-Bank and queries are drawn from the same classes (``bench/kmeans.py``'s generator). sslkit
-runs as ``sslkit evaluate`` does: cosine similarity, k = ``EvalConfig().knn_k``, vote
-weights exp(sim / ``knn_tau``); its time covers L2 normalisation, the index, the search and
-the vote. scikit-learn keeps its defaults apart from ``n_neighbors``; it gets the same raw
-rows and L2-normalises them first (``sklearn.preprocessing.normalize``, timed), so its
-Euclidean neighbours are the cosine ones; its time is that plus ``fit`` + ``predict``. Data
-generation is not timed. Prints times and top-1 accuracy, then last
-``ratio=<scikit-learn time / sslkit time>``.
+Data: ``bench/kmeans.py``'s seeded Gaussian classes near a 16-dimensional subspace,
+L2-normalised (untimed), as ``sslkit evaluate`` sees them. Both searches run as ``knn_eval``
+runs them, leave-one-out (k + 1 neighbours, each query's own row dropped), in chunks of
+queries on ``worker_threads()`` threads with faiss single-threaded in each:
+
+- exact: faiss's brute-force inner product (``knn_predict``'s search) of a seeded sample of
+  ``--queries`` bank rows against the whole bank; a leave-one-out pass over all N rows costs
+  N / queries times as much, so the per-query time is what the output compares;
+- approximate: the IVF index ``knn_eval`` builds above ``eval.knn_exact_max`` (build and
+  nprobe choice timed apart, the latter on its own 2 x 1,000 seeded queries), then the same
+  sample of queries; recall@k of its neighbours against the exact ones.
+
+The exact search's rate, 2 * queries * N * D flops over its time, is compared with a
+float32 matrix multiply of the shapes faiss multiplies ((4,096, D) x (D, 1,024) blocks, and
+larger ones), timed in the same run on the same threads: numpy's BLAS and faiss's own, one
+thread per task. Prints the figures, then last ``ratio=<exact / approximate time per query>``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import time
 
+import faiss
 import numpy as np
 from kmeans import clustered_embeddings, machine, timed  # bench/ is on sys.path as a script
-from sklearn.neighbors import KNeighborsClassifier
-from sklearn.preprocessing import normalize
+from threadpoolctl import threadpool_limits
 
 from sslkit.config import EvalConfig
-from sslkit.evaluate import knn_predict
+from sslkit.evaluate import as_features, knn_recall
+from sslkit.evaluate.cluster import thread_map, worker_threads
+from sslkit.evaluate.knn import (
+    _DEFAULT_CHUNK,
+    _QUERY_BLOCK,
+    _approximate_nprobe,
+    _drop_self,
+    _exact_searcher,
+    _ivf_index,
+    _query_block,
+    even_chunks,
+)
+
+
+def search_all(search, queries: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """(q, k) leave-one-out neighbour ids of the unit ``queries`` (bank rows ``rows``), chunked as knn_eval."""
+    out = np.empty((len(rows), k), dtype=np.int64)
+
+    def chunk(bounds: tuple[int, int]) -> None:
+        start, stop = bounds
+        sims, idx = search(queries[start:stop])
+        out[start:stop] = _drop_self(sims, idx, self_ids=rows[start:stop])[1]
+
+    thread_map(chunk, even_chunks(len(rows), _DEFAULT_CHUNK))
+    return out
+
+
+def matmul_peak(bank: np.ndarray, d: int, *, flops: float = 4e11) -> tuple[float, str]:
+    """Best float32 GFLOP/s of (4096, d) x (d, nb) products, each of worker_threads() tasks on one
+    thread (as the search runs), through numpy's BLAS and through faiss's (an exhaustive inner
+    product of 4,096 queries with k=1 is one such product plus a max per row)."""
+    best, where = 0.0, ""
+    tasks = worker_threads()
+    rows = bank[: 4096 * tasks]
+    for nb in (1024, 4096, 16384):
+        block = np.ascontiguousarray(bank[-nb:].T)
+        reps = max(1, int(flops / (2 * 4096 * nb * d * tasks)))
+
+        def task(i: int, nb: int = nb, reps: int = reps, block: np.ndarray = block) -> None:
+            out = np.empty((4096, nb), dtype=np.float32)
+            for _ in range(reps):
+                np.matmul(rows[i * 4096:(i + 1) * 4096], block, out=out)
+
+        with threadpool_limits(1, user_api="blas"):
+            task(0)  # warm
+            start = time.perf_counter()
+            thread_map(task, range(tasks))
+            gflops = 2 * 4096 * nb * d * reps * tasks / (time.perf_counter() - start) / 1e9
+        if gflops > best:
+            best, where = gflops, f"numpy matmul (4096, {d}) x ({d}, {nb})"
+    return best, where
 
 
 def main() -> None:
     ev = EvalConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=200_000, help="bank size")
-    parser.add_argument("--queries", type=int, default=200_000)
+    parser.add_argument("--n", type=int, default=1_000_000, help="bank size")
+    parser.add_argument("--queries", type=int, default=20_000, help="bank rows searched (leave-one-out)")
     parser.add_argument("--d", type=int, default=128)
     parser.add_argument("--k", type=int, default=ev.knn_k, help="neighbours")
     parser.add_argument("--classes", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    print(f"load average at start {os.getloadavg()[0]:.2f}")
 
-    (x, y), gen_s = timed(lambda: clustered_embeddings(args.n + args.queries, args.d, args.classes,
-                                                       seed=args.seed))
-    bank, bank_y, query, query_y = x[: args.n], y[: args.n], x[args.n :], y[args.n :]
-    print(f"data: bank {args.n:,} x {args.d}, {args.queries:,} queries, {args.classes} classes, "
-          f"float32, generated in {gen_s:.1f} s (not timed below)")
+    (x, _), gen_s = timed(lambda: clustered_embeddings(args.n, args.d, args.classes, seed=args.seed))
+    bank = as_features(x, normalize=True)
+    del x
+    rows = np.sort(np.random.default_rng(args.seed + 1).choice(args.n, size=args.queries, replace=False))
+    queries = bank[rows]
+    print(f"data: bank {args.n:,} x {args.d} float32 (L2-normalised), {args.classes} classes, generated in "
+          f"{gen_s:.1f} s; {args.queries:,} seeded query rows, leave-one-out, k {args.k}")
     print(machine())
-    warm = 2 * x.nbytes
 
-    (preds, _), sslkit_s = timed(lambda: knn_predict(bank, bank_y, query, k=args.k, tau=ev.knn_tau),
-                                 warm_bytes=warm)
-    print(f"sslkit knn_predict           {sslkit_s:7.2f} s  top-1 {np.mean(preds == query_y):.4f}  "
-          f"(k {args.k}, tau {ev.knn_tau}, cosine, exact search)")
+    exact = _exact_searcher(bank, args.k + 1, gpu=False)
+    with _query_block():  # as knn_predict searches
+        truth, exact_s = timed(lambda: search_all(exact, queries, rows, args.k))
+    check = min(args.queries, 2048)  # faiss's default blocks find the same neighbours (in the same order)
+    same = np.array_equal(search_all(exact, queries[:check], rows[:check], args.k), truth[:check])
+    exact_us = exact_s / args.queries * 1e6
+    gflops = 2 * args.queries * args.n * args.d / exact_s / 1e9
+    print(f"exact search    {exact_s:8.2f} s for {args.queries:,} queries = {exact_us:8.1f} us/query "
+          f"(a full leave-one-out pass over {args.n:,} rows: {exact_us * args.n / 1e6 / 60:.1f} min); "
+          f"neighbours of the first {check:,} equal with faiss's default blocks: {same}")
 
-    def sklearn_knn() -> tuple[KNeighborsClassifier, np.ndarray]:
-        clf = KNeighborsClassifier(n_neighbors=args.k).fit(normalize(bank), bank_y)
-        return clf, clf.predict(normalize(query))
-
-    (clf, sk_preds), sk_s = timed(sklearn_knn, warm_bytes=warm)
-    print(f"sklearn KNeighborsClassifier {sk_s:7.2f} s  top-1 {np.mean(sk_preds == query_y):.4f}  "
-          f"(normalize + fit + predict; n_neighbors {args.k}, algorithm {clf.algorithm!r} -> "
-          f"{clf._fit_method!r}, weights {clf.weights!r}, metric {clf.metric!r} p={clf.p})")
-    print(f"predictions agree on {np.mean(preds == sk_preds):.4f} of queries; "
+    (index, nlist), build_s = timed(lambda: _ivf_index(bank, seed=args.seed, gpu=False))
+    (nprobe, tune_recall, _), tune_s = timed(lambda: _approximate_nprobe(bank, index, nlist, k=args.k, gpu=False,
+                                                                      seed=args.seed, target_recall=0.95,
+                                                                      recall_queries=1000))
+    approx = lambda q: index.search(q, args.k + 1)  # noqa: E731
+    found, approx_s = timed(lambda: search_all(approx, queries, rows, args.k))
+    approx_us = approx_s / args.queries * 1e6
+    recall = knn_recall(found, truth)
+    print(f"approx. search  {approx_s:8.2f} s for {args.queries:,} queries = {approx_us:8.1f} us/query "
+          f"(IVF-Flat, nlist {nlist}, nprobe {nprobe}; build {build_s:.1f} s, nprobe choice {tune_s:.1f} s "
+          f"with recall {tune_recall:.4f} on its own queries; a full pass: {approx_us * args.n / 1e6 / 60:.1f} min "
+          f"+ build)")
+    print(f"recall@{args.k} of the approximate search on the {args.queries:,} queries: {recall:.4f}")
+    peak, where = matmul_peak(bank, args.d)
+    print(f"exact search {gflops:.1f} GFLOP/s = {gflops / peak:.2f} of the matmul peak {peak:.1f} GFLOP/s "
+          f"({where}, {worker_threads()} tasks of 1 thread); faiss BLAS blocks {_QUERY_BLOCK} queries x "
+          f"{faiss.cvar.distance_compute_blas_database_bs} bank rows")
+    print(f"speed-up {exact_us / approx_us:.1f}x at recall@{args.k} {recall:.4f}; "
           f"load average now {os.getloadavg()[0]:.2f}")
-    print(f"ratio={sk_s / sslkit_s:.2f}")
+    print(f"ratio={exact_us / approx_us:.2f}")
 
 
 if __name__ == "__main__":

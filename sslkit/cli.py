@@ -116,10 +116,11 @@ def _cmd_embed(args: argparse.Namespace) -> None:
     cfg, method, _ = load_trained(Path(args.run_dir))
     shards = resolve_shards(eval_shards(cfg, shards=args.shards))
     fn = lambda x: method.embed(x, encoder=args.encoder, features=args.features)  # noqa: E731
-    feats, labels, keys = embed_shards(fn, shards, size=cfg.data.size, channels=cfg.data.channels,
-                                       batch_size=cfg.eval.batch_size, workers=cfg.data.workers)
     out = Path(args.out or Path(args.run_dir) / "embeddings")
-    save_embeddings(out, feats, labels, keys)
+    made = out / ".embeddings-new.npy"  # streamed to disk, then renamed into place with the labels and keys
+    feats, labels, keys = embed_shards(fn, shards, size=cfg.data.size, channels=cfg.data.channels,
+                                       batch_size=cfg.eval.batch_size, workers=cfg.data.workers, out=made)
+    save_embeddings(out, made, labels, keys)
     print(f"Wrote {feats.shape[0]} x {feats.shape[1]} embeddings to {out}.")
 
 

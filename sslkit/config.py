@@ -183,9 +183,14 @@ class EvalConfig:
     kmeans_max_train: Optional[int] = 100_000
     knn_k: int = 20
     knn_tau: float = 0.07
+    # above this many crops the leave-one-out kNN searches an IVF index (recall@k against exact search measured
+    # and written to metrics.json) instead of all pairs, whose cost grows as N^2; null: always exact
+    knn_exact_max: Optional[int] = 200_000
     batch_size: int = 512
     max_samples: Optional[int] = None
     baselines: bool = True
+    # the baselines are scored on a seeded sample of this many evaluation crops (the same for each); null: all
+    baseline_samples: Optional[int] = 100_000
     morphology: bool = False  # also score morphological features of each crop's central object (a third baseline)
     probe: bool = True  # logistic-regression probe on frozen features (trained on data.shards, or cross-validated)
     probe_samples: int = 10_000  # training crops the probe is fitted on (the first ones of data.shards)
@@ -263,7 +268,7 @@ RANGES = {
     "train.epochs": "[0, inf)", "train.log_every": "[1, inf)", "train.ckpt_every": "[1, inf)",
     "train.keep_ckpts": "[1, inf)", "train.threads": "[0, inf)", "eval.k": "[1, inf)", "eval.restarts": "[1, inf)",
     "eval.niter": "[1, inf)", "eval.whiten": "[0, inf)", "eval.kmeans_max_train": "[1, inf)",
-    "eval.knn_tau": "(0, inf)",
+    "eval.knn_tau": "(0, inf)", "eval.knn_exact_max": "[1, inf)", "eval.baseline_samples": "[1, inf)",
     "eval.batch_size": "[1, inf)", "eval.max_samples": "[1, inf)", "eval.gallery": "[0, inf)",
     "finetune.label_smoothing": "[0, 1)",
 }

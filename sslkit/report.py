@@ -182,6 +182,14 @@ def _seen_note(metrics: dict) -> str:
     return f"<p class='note seen'{style}><b>{head}</b> The evaluation crops: {_esc(seen['note'])}.</p>"
 
 
+def _knn_search_note(knn: dict[str, Any]) -> str:
+    """", approximate search (...)" when the kNN searched an index rather than all pairs (large sets)."""
+    if knn.get("search", "exact") == "exact":
+        return ""
+    return (f", approximate search ({_esc(knn['search'])}, recall@{knn['k']} {knn['recall_at_k']:.3f} against exact "
+            f"search on {knn['recall_queries']} sampled crops)")
+
+
 def write_report(run_dir: str | Path, *, out: Optional[Path] = None) -> Path:
     """Write ``report.html`` for a run evaluated with ``sslkit evaluate``; returns its path."""
     run_dir = Path(run_dir)
@@ -204,7 +212,8 @@ def write_report(run_dir: str | Path, *, out: Optional[Path] = None) -> Path:
         f"classes: {_esc(', '.join(metrics.get('classes', [])))}</p>",
         "<h2>Metrics</h2>", _seen_note(metrics), _metrics_table(metrics, cfg),
         f"<p class='note'>k-means with k = {metrics['cluster']['k']} on L2-normalised features (raw pixels as they "
-        f"are); kNN: cosine, k = {metrics['knn']['k']}, leave-one-out; linear probe: logistic regression, "
+        f"are); kNN: cosine, k = {metrics['knn']['k']}, leave-one-out{_knn_search_note(metrics['knn'])}; "
+        "linear probe: logistic regression, "
         f"{_esc(probe.get('protocol', 'not run'))}. Paper rows are the published figures on the paper's own data "
         "and budget, for orientation only.</p>",
         _online_section(run_dir), _classification_section(run_dir / "eval"),

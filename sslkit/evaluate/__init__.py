@@ -7,7 +7,7 @@ FAISS result is tested against a plain torch or scikit-learn computation.
 from __future__ import annotations
 
 from sslkit.evaluate.cluster import as_features, cluster_eval, faiss_gpu_available, kmeans
-from sslkit.evaluate.knn import knn_eval, knn_predict
+from sslkit.evaluate.knn import knn_eval, knn_predict, knn_recall
 from sslkit.evaluate.metrics import classification_metrics, cluster_metrics, hungarian_map
 from sslkit.evaluate.scores import evaluate_embeddings, score_embeddings
 
@@ -22,5 +22,6 @@ __all__ = [
     "kmeans",
     "knn_eval",
     "knn_predict",
+    "knn_recall",
     "score_embeddings",
 ]

@@ -58,37 +58,49 @@ def thread_map(fn: Callable[[_T], _R], items: Sequence[_T], *, workers: int | No
         return list(pool.map(fn, items))
 
 
+ROW_BLOCK = 65536  # rows per block when checking, converting or normalising features
+
+
 def as_features(x: Any, *, name: str = "x", normalize: bool = False) -> np.ndarray:
     """Validate embeddings and return them as a C-contiguous float32 (N, D) array.
 
-    The input is copied when its dtype/layout differ or ``normalize`` is set, so it is
-    never modified.
+    A C-contiguous float32 input (a memory-mapped ``.npy`` included) is returned as a read-only
+    view, not copied. Otherwise, or with ``normalize``, the result is one new float32 array,
+    filled block by block, so the temporaries stay at one block of rows however large N is;
+    the input is never modified.
 
     Args:
-        x: (N, D) array-like of embeddings (numpy or a CPU torch tensor).
+        x: (N, D) array-like of embeddings (numpy, a memory map or a CPU torch tensor).
         name: what to call ``x`` in error messages.
         normalize: L2-normalise each row (all-zero rows stay zero).
 
     Raises:
         ValueError: when ``x`` is not 2-D, is empty, or holds NaN/inf.
     """
-    arr = np.ascontiguousarray(x, dtype=np.float32)
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (N, D) array of embeddings, got shape {arr.shape}.")
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {arr.shape}); pass at least one embedding.")
-    if not np.all(np.isfinite(arr)):
-        bad = int((~np.isfinite(arr)).any(axis=1).sum())
+    src = np.asarray(x)
+    if src.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (N, D) array of embeddings, got shape {src.shape}.")
+    if src.shape[0] == 0 or src.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {src.shape}); pass at least one embedding.")
+    as_is = src.dtype == np.float32 and src.flags.c_contiguous and not normalize
+    out = src.view() if as_is else np.empty(src.shape, dtype=np.float32)
+    if as_is:
+        out.flags.writeable = False  # a view of the caller's array: never written through
+    bad = 0
+    for start in range(0, src.shape[0], ROW_BLOCK):
+        block = np.asarray(src[start:start + ROW_BLOCK], dtype=np.float32)
+        bad += int((~np.isfinite(block)).any(axis=1).sum())
+        if normalize:  # numpy rather than faiss.normalize_L2, whose OpenMP loop suffers on shared cores
+            norms = np.sqrt(np.einsum("ij,ij->i", block, block))
+            block = block / np.where(norms > 0, norms, 1.0).astype(np.float32)[:, None]  # zero rows stay zero
+        if not as_is:
+            out[start:start + len(block)] = block
+    if bad:
         raise ValueError(
-            f"{name} has NaN or inf values in {bad} of {arr.shape[0]} rows; "
+            f"{name} has NaN or inf values in {bad} of {src.shape[0]} rows; "
             "check the encoder outputs (e.g. a diverged run) before evaluating."
         )
-    if normalize:
-        # A new array: the caller's is never changed. numpy rather than faiss.normalize_L2,
-        # whose OpenMP loop suffers on shared cores like the searches do.
-        norms = np.sqrt(np.einsum("ij,ij->i", arr, arr))  # (N,)
-        arr = arr / np.where(norms > 0, norms, 1.0).astype(np.float32)[:, None]  # zero rows stay zero
-    return arr
+    return out
 
 
 def whiten(x: np.ndarray, dims: int, *, normalize: bool, seed: int = 0) -> np.ndarray:

@@ -37,6 +37,7 @@ from sslkit.evaluate.metrics import classification_metrics
 from sslkit.rundir import load_trained
 
 PROBE_KEYS = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auc")
+_PREDICT_BLOCK = 65536  # test rows the probe predicts at a time
 
 
 def probe_report(probs: np.ndarray, labels: np.ndarray, *, classes: list[str] | None = None) -> dict[str, Any]:
@@ -91,7 +92,10 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     Returns :func:`probe_report` of the test predictions plus ``protocol`` and ``train_samples``.
     """
     model = _probe_model(seed).fit(train_x, train_y)
-    probs = _full_columns(model.predict_proba(test_x), model.classes_, len(classes))
+    # In blocks of rows: the scaler's copy of a million test rows would otherwise be made at once.
+    probs = np.concatenate([model.predict_proba(test_x[start:start + _PREDICT_BLOCK])
+                            for start in range(0, len(test_x), _PREDICT_BLOCK)])
+    probs = _full_columns(probs, model.classes_, len(classes))
     return {**probe_report(probs, test_y, classes=classes), "protocol": "train split",
             "train_samples": int(len(train_y))}
 

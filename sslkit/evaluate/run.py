@@ -10,6 +10,8 @@ all to the run's tracker.
 
 from __future__ import annotations
 
+import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
@@ -54,9 +56,10 @@ def _score(feats: np.ndarray, labels: np.ndarray, train: Optional[tuple[np.ndarr
     (cluster assignments, the full probe report)."""
     scores = score_embeddings(feats, labels, k=ev.k or None, restarts=ev.restarts, niter=ev.niter, seed=seed,
                               kmeans_max_train=ev.kmeans_max_train, normalize=normalize, whiten_dims=ev.whiten,
-                              knn_k=ev.knn_k, knn_tau=ev.knn_tau)
+                              knn_k=ev.knn_k, knn_tau=ev.knn_tau, knn_exact_max=ev.knn_exact_max)
     block: dict[str, Any] = dict(scores.blocks)
-    extra: dict[str, Any] = {"assign": scores.assign}
+    extra: dict[str, Any] = {"assign": scores.assign, "seconds": dict(scores.seconds)}
+    start = time.perf_counter()
     if ev.probe:
         if train is not None and (train[1] >= 0).all():
             report = linear_probe(train[0], train[1], feats, labels, classes=classes, seed=seed)
@@ -65,6 +68,7 @@ def _score(feats: np.ndarray, labels: np.ndarray, train: Optional[tuple[np.ndarr
         block["probe"] = {**{key: report["probe"][key] for key in PROBE_KEYS if key in report["probe"]},
                           "protocol": report["protocol"], "train_samples": report["train_samples"]}
         extra["probe"] = report
+    extra["seconds"]["probe_s"] = time.perf_counter() - start
     return block, extra
 
 
@@ -95,6 +99,7 @@ def evaluate_run(run_dir: str | Path, *, shards: Optional[str] = None, split: Op
                  overrides: tuple[str, ...] | list[str] = (), device: Optional[str] = None) -> dict[str, Any]:
     """Evaluate the newest checkpoint of ``run_dir``; returns what ``eval/metrics.json`` holds (on the
     main process; under ``accelerate launch`` the other ranks help embed and return early parts only)."""
+    started = time.perf_counter()
     run_dir = Path(run_dir)
     cfg, method, state = load_trained(run_dir)
     cfg = apply_overrides(cfg, overrides)
@@ -110,7 +115,37 @@ def evaluate_run(run_dir: str | Path, *, shards: Optional[str] = None, split: Op
                                "step": state["step"], "checkpoint": state["checkpoint"], "shards": spec}
     if dist.is_main_process():
         results["seen_in_training"] = training_overlap(cfg.data.shards, test, train_manifest=cfg.data.manifest)
-    scoring = _Scoring(cfg, test, spec, train_set, device, classes=test.classes or [])
+    scoring = _Scoring(cfg, test, spec, train_set, device, classes=test.classes or [],
+                       scratch=run_dir / "eval" / SCRATCH)
+    try:
+        kept = _score_all(scoring, results, cfg, method, device, probe_note=probe_note if train_set is None else "")
+        if method.has_classifier:  # a classifier head (SCL, fine-tuned runs): its test metrics too
+            start = time.perf_counter()
+            kept["classifier"] = classify_shards(cfg, method, state, test, run_dir=run_dir, device=device)
+            results["classifier"] = {key: kept["classifier"]["probe"][key] for key in PROBE_KEYS
+                                     if key in kept["classifier"]["probe"]}
+            scoring.timings["classifier_s"] = time.perf_counter() - start
+        if dist.is_main_process():
+            out = run_dir / "eval"
+            results["timings"] = _timings(scoring.timings, started)
+            _write(out, results, kept)
+            start = time.perf_counter()
+            results["figures"] = _figures(run_dir, cfg, test, kept, method) if ev.plots else []
+            results["timings"] = _timings({**scoring.timings, "plots_s": time.perf_counter() - start}, started)
+            write_json(out / "metrics.json", results)
+            _log(run_dir, cfg, state, results)
+    finally:
+        if dist.is_main_process():  # the embeddings of the baselines, and anything a failure left behind
+            shutil.rmtree(run_dir / "eval" / SCRATCH, ignore_errors=True)
+    return results
+
+
+SCRATCH = ".embedding"  # eval/.embedding/: embeddings being made and scored; removed at the end
+
+
+def _score_all(scoring: _Scoring, results: dict[str, Any], cfg: Config, method: Method, device: str, *,
+               probe_note: str) -> dict[str, Any]:
+    """Embed and score with every embedder into ``results``; return what the figures need (main process)."""
     kept: dict[str, Any] = {}
     for name, fn in _embedders(cfg, method, device).items():
         scored = scoring.score(name, fn)
@@ -118,24 +153,26 @@ def evaluate_run(run_dir: str | Path, *, shards: Optional[str] = None, split: Op
             continue
         block, arrays = scored
         if name == "trained":
-            if "probe" in block and train_set is None:
+            if "probe" in block and probe_note:
                 block["probe"]["note"] = f"cross-validated: {probe_note}"
             results.update(block)
             results.update(num_samples=int(len(arrays["labels"])), classes=arrays["classes"])
             kept = arrays
         else:
             results.setdefault("baselines", {})[name] = block
-    if method.has_classifier:  # a classifier head (SCL, fine-tuned runs): its test metrics too
-        kept["classifier"] = classify_shards(cfg, method, state, test, run_dir=run_dir, device=device)
-        results["classifier"] = {key: kept["classifier"]["probe"][key] for key in PROBE_KEYS
-                                 if key in kept["classifier"]["probe"]}
-    if dist.is_main_process():
-        out = run_dir / "eval"
-        _write(out, results, kept)
-        results["figures"] = _figures(run_dir, cfg, test, kept, method) if ev.plots else []
-        write_json(out / "metrics.json", results)
-        _log(run_dir, cfg, state, results)
-    return results
+            results["baseline_samples"] = scoring.baseline_rows
+    return kept
+
+
+def _timings(stages: dict[str, Any], started: float) -> dict[str, Any]:
+    """The ``timings`` block: wall seconds per stage, the total so far, and the peak resident memory of
+    this process and of its largest finished child (DataLoader workers), in GB (``ru_maxrss``)."""
+    import resource
+
+    gb = 1024 ** 2  # ru_maxrss is in KiB on Linux
+    return {**stages, "total_s": time.perf_counter() - started,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / gb,
+            "peak_rss_children_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / gb}
 
 
 _LABELS = {"trained": "{} encoder", "random_init": "random init", "raw_pixels": "raw pixels",
@@ -143,28 +180,42 @@ _LABELS = {"trained": "{} encoder", "random_init": "random init", "raw_pixels": 
 
 
 class _Scoring:
-    """Embeds the evaluation shards (and the probe's training shards) with one embedder and scores them."""
+    """Embeds the evaluation shards (and the probe's training shards) with one embedder and scores them.
+
+    The evaluation crops stream to ``scratch`` (``embed_shards(out=...)``). The baselines embed only a
+    seeded sample of ``eval.baseline_samples`` of the crops the trained encoder saw, the same for each,
+    so raw pixels of a million crops (12 GB) are never made. ``timings`` collects the wall seconds of
+    every stage: the trained encoder's at the top, each baseline's under ``baselines`` and their sum."""
 
     def __init__(self, cfg: Config, test: ShardSet, spec: str, train_set: Optional[ShardSet], device: str, *,
-                 classes: list[str]) -> None:
+                 classes: list[str], scratch: Path) -> None:
         self.cfg, self.test, self.spec, self.train_set, self.classes = cfg, test, spec, train_set, classes
+        self.scratch, self.baseline_keys, self.baseline_rows = scratch, None, 0
+        self.timings: dict[str, Any] = {}
         self.common = dict(size=cfg.data.size, channels=cfg.data.channels, batch_size=cfg.eval.batch_size,
                            workers=cfg.data.workers, device=device)
 
     def score(self, name: str, fn: Embedder) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
         """The metrics block of embedder ``name`` and the arrays the figures need (main process only)."""
         ev, label = self.cfg.eval, _LABELS[name].format(self.cfg.eval.encoder)
+        start = time.perf_counter()
         feats, labels, keys = embed_shards(fn, self.test, desc=f"embed ({label})", max_samples=ev.max_samples,
-                                           **self.common)
+                                           out=self.scratch / f"{name}.npy",
+                                           keep=None if name == "trained" else self.baseline_keys, **self.common)
         if (labels < 0).all():
             raise ConfigError(f"The evaluation shards at '{self.spec}' carry no labels ('{self.cfg.data.labels}' "
                               "field); point eval.shards (or --shards) at labelled shards.")
+        if name == "trained":
+            self.baseline_keys, self.baseline_rows = _baseline_sample(keys, ev.baseline_samples, seed=self.cfg.run.seed)
+        embed_s = time.perf_counter() - start
         self.classes = self.classes or [str(c) for c in range(int(labels.max()) + 1)]
+        start = time.perf_counter()
         train = None
         if self.train_set is not None:
             tx, ty, _ = embed_shards(fn, self.train_set, desc=f"embed probe set ({label})",
                                      max_samples=ev.probe_samples, **self.common)
             train = (tx, ty)
+        probe_embed_s = time.perf_counter() - start
         if not dist.is_main_process():  # every rank embeds its share; the main process scores them all
             return None
         if name == "morphology":  # features of different units: z-scores (with the evaluated set's statistics)
@@ -172,10 +223,29 @@ class _Scoring:
             train = (probe_feats[0], train[1]) if train is not None else None
         block, extra = _score(feats, labels, train, ev, classes=self.classes, seed=self.cfg.run.seed,
                               normalize=ev.normalize and name not in ("raw_pixels", "morphology"))
+        seconds = {"embed_s": embed_s, **extra.pop("seconds")}
+        seconds["probe_s"] += probe_embed_s  # embedding the probe's training crops is the probe's cost
+        self._add_timings(name, seconds)
         # raw pixels of a large set are big: only the trained encoder's features are kept
-        arrays = {"feats": feats, "labels": labels, "keys": keys, "classes": self.classes, **extra} \
-            if name == "trained" else {}
+        arrays = {"feats": feats, "feats_file": self.scratch / "trained.npy", "labels": labels, "keys": keys,
+                  "classes": self.classes, **extra} if name == "trained" else {}
         return block, arrays
+
+    def _add_timings(self, name: str, seconds: dict[str, float]) -> None:
+        if name == "trained":
+            self.timings.update(seconds)
+            return
+        self.timings.setdefault("baselines", {})[name] = seconds
+        self.timings["baselines_s"] = sum(sum(stage.values()) for stage in self.timings["baselines"].values())
+
+
+def _baseline_sample(keys: list[str], limit: Optional[int], *, seed: int) -> tuple[Optional[frozenset[str]], int]:
+    """The keys of the seeded sample of ``limit`` evaluation crops the baselines are scored on (None: all of
+    them, when there are no more than ``limit``) and its size."""
+    if limit is None or len(keys) <= limit:
+        return None, len(keys)
+    rows = np.random.default_rng(seed).choice(len(keys), size=limit, replace=False)
+    return frozenset(keys[i] for i in rows), int(limit)
 
 
 def _figures(run_dir: Path, cfg: Config, test: ShardSet, kept: dict[str, Any], method: torch.nn.Module) -> list[dict]:
@@ -194,7 +264,8 @@ def _log(run_dir: Path, cfg: Config, state: dict[str, Any], results: dict[str, A
 
 def _write(out: Path, results: dict[str, Any], kept: dict[str, Any]) -> None:
     """The arrays and metrics.json, before the figures (a figure that fails costs no metric)."""
-    save_embeddings(out, kept["feats"], kept["labels"], kept["keys"], clusters=kept["assign"])
+    # the trained encoder's embeddings are a file already: renamed into place, not copied (its memory map stays valid)
+    save_embeddings(out, kept["feats_file"], kept["labels"], kept["keys"], clusters=kept["assign"])
     if "probe" in kept:
         write_json(out / "probe.json", kept["probe"])
     write_json(out / "metrics.json", results)
@@ -226,6 +297,7 @@ def format_table(results: dict[str, Any]) -> str:
     if probe:
         probe_block = results["probe"]
         lines.append(f"linear probe: {probe_block['protocol']} ({probe_block['train_samples']} training crops)")
+    lines += _scale_notes(results)
     seen = results.get("seen_in_training")
     if seen:
         verdict = {"all": "SEEN in training", "partly": "PARTLY SEEN in training", "no": "unseen in training",
@@ -236,3 +308,17 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append("classifier head: " + "  ".join(f"{k} {head_scores[k]:.3f}" for k in PROBE_KEYS
                                                      if head_scores.get(k) is not None))
     return "\n".join(lines)
+
+
+def _scale_notes(results: dict[str, Any]) -> list[str]:
+    """Table lines for what large sets change: an approximate kNN search, baselines on a sample."""
+    lines, knn = [], results["knn"]
+    if knn.get("search", "exact") != "exact":
+        lines.append(f"kNN: approximate search ({knn['search']}, {knn['nprobe']} of {knn['nlist']} lists probed), "
+                     f"recall@{knn['k']} {knn['recall_at_k']:.3f} against exact search on {knn['recall_queries']} "
+                     "sampled crops")
+    sampled = results.get("baseline_samples", results["num_samples"])
+    if results.get("baselines") and sampled < results["num_samples"]:
+        lines.append(f"baselines: scored on a seeded sample of {sampled} of the {results['num_samples']} crops "
+                     "(eval.baseline_samples)")
+    return lines

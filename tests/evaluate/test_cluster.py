@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 
-from sslkit.evaluate import cluster_eval, evaluate_embeddings, faiss_gpu_available, kmeans
+from sslkit.evaluate import as_features, cluster_eval, evaluate_embeddings, faiss_gpu_available, kmeans
 
 
 def _blobs(*, k: int, per: int, d: int, spread: float, std: float = 1.0, seed: int = 0):
@@ -181,7 +181,7 @@ def test_normalize_does_not_modify_input_and_evaluate_embeddings_keys() -> None:
     out = evaluate_embeddings(x, y, restarts=2, niter=10, knn_k=5)
     np.testing.assert_array_equal(x, before)
     assert set(out["cluster"]) == {"ami", "ari", "nmi", "purity", "acc", "f1", "k"}
-    assert set(out["knn"]) == {"top1", "k"}
+    assert set(out["knn"]) == {"top1", "k", "search"} and out["knn"]["search"] == "exact"
     assert out["knn"]["k"] == 5
     assert out["cluster"]["ami"] == pytest.approx(1.0)
     assert out["knn"]["top1"] == pytest.approx(1.0)
@@ -205,3 +205,24 @@ def test_whitening_gives_unit_covariance_and_finds_clusters_a_loud_direction_hid
     whitened, _, _ = kmeans(white, k=2, restarts=3, seed=0)
     assert adjusted_mutual_info_score(labels, plain) < 0.05  # split along the nuisance
     assert adjusted_mutual_info_score(labels, whitened) > 0.8
+
+
+def test_as_features_reads_memory_maps_in_place_and_normalises_block_by_block(tmp_path, monkeypatch):
+    from sslkit.evaluate import cluster
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 6)).astype(np.float32)
+    x[7] = 0.0  # a zero row stays zero
+    np.save(tmp_path / "x.npy", x)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    view = as_features(mapped)
+    assert np.shares_memory(view, mapped) and not view.flags.writeable  # no copy of the file's rows
+    monkeypatch.setattr(cluster, "ROW_BLOCK", 8)  # seven blocks, the last of two rows
+    unit = as_features(mapped, normalize=True)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    np.testing.assert_allclose(unit, x / np.where(norms > 0, norms, 1.0), rtol=1e-6)
+    assert not np.shares_memory(unit, mapped) and np.array_equal(np.load(tmp_path / "x.npy"), x)
+    bad = x.astype(np.float64)
+    bad[[3, 20, 21], 1] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf values in 3 of 50 rows"):
+        as_features(bad, normalize=True)

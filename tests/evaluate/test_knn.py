@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sslkit.evaluate import faiss_gpu_available, knn_eval, knn_predict
+from sslkit.evaluate import faiss_gpu_available, knn_eval, knn_predict, knn_recall
 
 
 def _torch_knn(bank, bank_y, query, *, k, tau, num_classes, leave_one_out=False):
@@ -147,3 +147,66 @@ def test_gpu_true_without_gpu_raises() -> None:
         knn_eval(x, y, k=2, gpu=True)
     # gpu=None falls back to the CPU without a GPU and gives the CPU result.
     assert knn_eval(x, y, k=1, gpu=None) == knn_eval(x, y, k=1, gpu=False)
+
+
+# ---------------------------------------------------------------- approximate search above exact_max
+
+
+def test_recall_by_hand() -> None:
+    approx = np.array([[1, 2, 3], [4, 5, -1]])
+    exact = np.array([[3, 2, 9], [4, 6, 7]])
+    # Row 0 finds 3 and 2 of {3, 2, 9}: 2/3; row 1 finds 4 of {4, 6, 7}: 1/3 (-1 never counts).
+    assert knn_recall(approx, exact) == pytest.approx(0.5)
+    assert knn_recall(exact, exact) == 1.0
+    with pytest.raises(ValueError, match="must both be"):
+        knn_recall(approx[:, :2], exact)
+
+
+def _clustered(n: int, d: int = 16, classes: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(classes, d)) * 1.5
+    y = rng.integers(0, classes, size=n)
+    return (centers[y] + rng.normal(size=(n, d))).astype(np.float32), y
+
+
+def test_exact_neighbours_merge_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sslkit.evaluate import knn
+
+    x, _ = _clustered(203)
+    rows = np.array([0, 5, 100, 202])
+    sims = torch.nn.functional.normalize(torch.as_tensor(x, dtype=torch.float64), dim=1)
+    sims = sims[rows] @ sims.T
+    sims[torch.arange(4), torch.as_tensor(rows)] = -float("inf")
+    expected = sims.topk(7, dim=1).indices.numpy()
+    monkeypatch.setattr(knn, "ROW_BLOCK", 50)  # five blocks, the last one of 3 rows (fewer than k + 1)
+    got = knn._exact_neighbours(x, rows, 7)
+    np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(expected, axis=1))
+
+
+def test_approximate_search_above_exact_max(tmp_path) -> None:
+    x, y = _clustered(4000)
+    np.save(tmp_path / "x.npy", x)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")  # read block by block, as sslkit evaluate does
+    exact = knn_eval(x, y, k=10, gpu=False)
+    assert exact["search"] == "exact" and set(exact) == {"top1", "k", "search"}
+    assert knn_eval(x, y, k=10, gpu=False, exact_max=4000) == exact  # at the threshold: still exact
+    approx = knn_eval(mapped, y, k=10, gpu=False, exact_max=3999, recall_queries=300, seed=1)
+    assert approx["search"] == "ivf" and approx["k"] == 10
+    assert approx["nlist"] == 4000 // 39  # 4 sqrt(N) = 253 lists would be too few rows per list
+    assert approx["recall_queries"] == 300 and approx["recall_target"] == 0.95
+    assert 0.95 <= approx["recall_at_k"] <= 1.0 and 8 <= approx["nprobe"] < approx["nlist"]
+    assert abs(approx["top1"] - exact["top1"]) < 0.01 and approx["top1"] > 0.5
+    again = knn_eval(mapped, y, k=10, gpu=False, exact_max=3999, recall_queries=300, seed=1)
+    assert again == approx  # seeded: the same index, nprobe, recall and votes
+
+
+def test_approximate_recall_is_measured_not_assumed() -> None:
+    # Unclustered rows in 64 dimensions: neighbours spread over many lists, so the fewest lists that reach the
+    # target are many, and an unreachable target probes every list, where IVF equals exact search.
+    x = np.random.default_rng(2).normal(size=(3000, 64)).astype(np.float32)
+    y = np.arange(3000) % 3
+    full = knn_eval(x, y, k=5, gpu=False, exact_max=100, recall_queries=200, target_recall=1.01)
+    assert full["nprobe"] == full["nlist"] and full["recall_at_k"] == pytest.approx(1.0)
+    assert full["top1"] == pytest.approx(knn_eval(x, y, k=5, gpu=False)["top1"])
+    few = knn_eval(x, y, k=5, gpu=False, exact_max=100, recall_queries=200, target_recall=0.0)
+    assert few["nprobe"] == 8 and few["recall_at_k"] < 0.9  # the first nprobe is kept and its recall reported

@@ -47,7 +47,8 @@ def test_metrics_blocks_and_recomputation(evaluated):
     assert saved["step"] == 4 and saved["num_samples"] == 96 and saved["shards"] == str(root / "eval")
     for block in (saved, saved["baselines"]["raw_pixels"], saved["baselines"]["random_init"]):
         assert set(block["cluster"]) == CLUSTER_KEYS and block["cluster"]["k"] == 4
-        assert set(block["knn"]) == {"top1", "k"} and block["knn"]["k"] == 5
+        assert set(block["knn"]) == {"top1", "k", "search"} and block["knn"]["k"] == 5
+        assert block["knn"]["search"] == "exact"  # 96 crops: far below eval.knn_exact_max
         assert set(block["probe"]) == PROBE_KEYS
         # The probe was fitted on the 160 training crops, not on the crops it is scored on.
         assert block["probe"]["protocol"] == "train split" and block["probe"]["train_samples"] == 160
@@ -60,6 +61,14 @@ def test_metrics_blocks_and_recomputation(evaluated):
     probe = json.loads((run / "eval" / "probe.json").read_text())
     cm = np.array(probe["confusion_matrix"])
     assert cm.sum() == 96 and saved["probe"]["accuracy"] == pytest.approx(np.trace(cm) / 96)
+    # Per-stage wall times and peak memory, for a scale benchmark to read; the baselines saw every crop.
+    timings = saved["timings"]
+    stages = ("embed_s", "kmeans_s", "knn_s", "probe_s", "plots_s")
+    assert all(timings[key] > 0 for key in (*stages, "total_s", "peak_rss_gb"))
+    assert set(timings["baselines"]) == {"raw_pixels", "random_init"} and saved["baseline_samples"] == 96
+    assert timings["baselines_s"] == pytest.approx(sum(sum(b.values()) for b in timings["baselines"].values()))
+    assert timings["total_s"] > sum(timings[key] for key in stages) + timings["baselines_s"]
+    assert not (run / "eval" / ".embedding").exists()  # the scratch embeddings are gone
 
 
 @pytest.mark.slow
@@ -109,6 +118,32 @@ def test_cli_takes_overrides_after_the_options(evaluated, tmp_path, capsys):
           "eval.probe=false", "eval.whiten=8"])  # PCA-whitened to 8 dimensions before k-means
     assert "evaluation crops: SEEN in training (every evaluated shard is a training shard" in capsys.readouterr().out
     assert json.loads((copy / "eval" / "metrics.json").read_text())["seen_in_training"]["seen"] == "all"
+
+
+@pytest.mark.slow
+def test_large_set_settings_approximate_knn_and_baseline_sample(evaluated, tmp_path, capsys):
+    """eval.knn_exact_max and eval.baseline_samples set below the 96 crops: what a million-crop set does."""
+    import shutil
+
+    root, run, _ = evaluated
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("eval"))
+    main(["evaluate", str(copy), "eval.plots=false", "eval.restarts=1", "eval.knn_k=5", "eval.knn_exact_max=60",
+          "eval.baseline_samples=40"])
+    printed = capsys.readouterr().out
+    saved = json.loads((copy / "eval" / "metrics.json").read_text())
+    knn = saved["knn"]
+    assert knn["search"] == "ivf" and knn["nlist"] == 96 // 39 and knn["recall_queries"] == 48
+    assert 0.0 <= knn["recall_at_k"] <= 1.0 and knn["nprobe"] == knn["nlist"] == 2
+    # Two lists, both probed: the search is exhaustive, so recall and top-1 are exact search's.
+    assert knn["recall_at_k"] == pytest.approx(1.0)
+    assert knn["top1"] == pytest.approx(json.loads((run / "eval" / "metrics.json").read_text())["knn"]["top1"])
+    assert f"recall@5 {knn['recall_at_k']:.3f} against exact search on 48 sampled crops" in printed
+    assert saved["baseline_samples"] == 40 and saved["num_samples"] == 96
+    assert "baselines: scored on a seeded sample of 40 of the 96 crops" in printed
+    assert len(np.load(copy / "eval" / "embeddings.npy")) == 96  # the trained encoder: every crop
+    with pytest.raises(ConfigError, match="'eval.knn_exact_max' must be in"):
+        evaluate_run(copy, overrides=["eval.knn_exact_max=-1"])
 
 
 def test_split_resolution(tmp_path):
