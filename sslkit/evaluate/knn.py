@@ -15,11 +15,19 @@ Two searches:
   pass over 1,000,000 rows of 128 dimensions is 2.6e14 flops, about 70 minutes on 2 shared cores
   (``bench/knn.py``).
 - **approximate** (:func:`knn_eval` with ``exact_max`` below N, ``sslkit evaluate`` above
-  ``eval.knn_exact_max``): a faiss ``IndexIVFFlat`` with inner product, nlist = 4 sqrt(N)
-  lists trained on a seeded sample, probing the fewest lists (``nprobe``, doubled from 8) whose
-  recall@k against exact search reaches ``target_recall`` on a seeded sample of queries; the
-  recall is then measured again on a second, disjoint sample and reported. The index holds
-  one float32 copy of the bank in its lists; rows are normalised block by block on the way in.
+  ``eval.knn_exact_max``): on CPU a faiss ``IndexHNSWFlat`` graph (inner product, 16 links per
+  node, ``efConstruction`` 40), on a GPU (or with ``index="ivf"``) an ``IndexIVFFlat`` with
+  nlist = 4 sqrt(N) lists trained on a seeded sample. The search breadth (HNSW's ``efSearch``,
+  from 32, x 1.5 at each try; IVF's ``nprobe``, doubled from 8) is the smallest whose recall@k against exact
+  search reaches ``target_recall`` on a seeded sample of queries; the recall is then measured
+  again on a second, disjoint sample and reported. The index holds one float32 copy of the bank
+  (IVF: rows normalised block by block on the way in; HNSW: from one normalised copy, released
+  once the graph is built). HNSW rather than IVF on CPU: the IVF scan
+  reads every probed list from memory for each query, and at the probes a 0.95 recall needs on
+  1M x 128 it was only 2x faster than the exact search (``bench/RESULTS.md``); the graph visits a
+  few thousand rows per query. The graph is built on faiss's threads, so the order of insertion,
+  and with it the last digits of the recall and the votes, can differ between runs unless faiss
+  runs on one thread (``OMP_NUM_THREADS=1``).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import faiss
 import numpy as np
@@ -38,6 +46,9 @@ __all__ = ["knn_predict", "knn_eval", "knn_recall"]
 
 _DEFAULT_CHUNK = 4096  # queries per chunk: faiss's own block, and ~50 tasks for 200k queries
 _FIRST_NPROBE = 8  # lists probed first while choosing nprobe; doubled until the recall target is met
+_HNSW_M = 16  # graph links per node: recall 0.97 at efSearch 64 on 1M x 128, about half HNSW32's build time
+_HNSW_EF_CONSTRUCTION = 40  # faiss's default
+_FIRST_EF, _LAST_EF = 32, 4096  # efSearch tried first while choosing it (x 1.5 each time), and the most tried
 _TRAIN_PER_LIST = 64  # IVF training sample: rows per list (faiss asks for at least 39)
 # faiss multiplies (query block x 1,024 bank rows) and then scans that tile into the k-heaps. Its default
 # query block of 4,096 makes a 16 MB tile per thread, which leaves the caches before the scan reads it;
@@ -283,48 +294,88 @@ def _exact_neighbours(x: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
     return _drop_self(heap.D, heap.I, self_ids=rows)[1]
 
 
-def _approximate_nprobe(x: np.ndarray, index: Any, nlist: int, *, k: int, gpu: bool, seed: int,
-                       target_recall: float, recall_queries: int) -> tuple[int, float, int]:
-    """Set ``index`` to probe the fewest lists (8, doubled) whose recall@k against exact search reaches
-    ``target_recall`` on ``recall_queries`` seeded bank rows; return that nprobe, the recall@k measured on
-    as many other rows (which did not choose it) and their number."""
+class _Approximate(NamedTuple):
+    index: Any
+    knob: str  # the search-breadth parameter (faiss ParameterSpace name)
+    first: int  # its first value tried, doubled until the recall target is met
+    last: int  # its largest value (IVF: every list, an exact search)
+    info: dict[str, Any]  # what the knn block says about the index
+
+    def grow(self, value: int) -> int:
+        """The next breadth tried: IVF probes twice the lists; HNSW's efSearch grows by half (its cost is
+        about linear in efSearch, and at 1M x 128 recall@20 0.95 lay between 32 and 64)."""
+        return 2 * value if self.knob == "nprobe" else -(-3 * value // 2)
+
+
+def _hnsw_index(x: np.ndarray, *, k: int) -> _Approximate:
+    """An ``IndexHNSWFlat`` (inner product) over the unit rows of ``x``.
+
+    All rows go in with one ``add``: a graph filled block by block (65,536 rows a call) capped the recall@20
+    of 1M x 128 rows at 0.87 whatever the efSearch, against 0.97 at efSearch 64 in one call. So a normalised
+    copy of ``x`` exists beside the index's own while the graph is built, and is released after."""
+    index = faiss.IndexHNSWFlat(x.shape[1], _HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = _HNSW_EF_CONSTRUCTION
+    index.add(_unit_rows(x))
+    return _Approximate(index, "efSearch", max(_FIRST_EF, k + 1), max(_LAST_EF, k + 1), {"hnsw_m": _HNSW_M})
+
+
+def _approximate_index(x: np.ndarray, *, kind: str, k: int, seed: int, gpu: bool) -> _Approximate:
+    """The index ``kind`` ("auto": HNSW on CPU, IVF on a GPU, where faiss has no HNSW)."""
+    if kind not in ("auto", "hnsw", "ivf"):
+        raise ValueError(f"index must be 'auto', 'hnsw' or 'ivf', got {kind!r}.")
+    if kind == "hnsw" and gpu:
+        raise ValueError("faiss has no HNSW index on the GPU; use index='ivf' or 'auto'.")
+    if kind == "hnsw" or (kind == "auto" and not gpu):
+        return _hnsw_index(x, k=k)
+    index, nlist = _ivf_index(x, seed=seed, gpu=gpu)
+    return _Approximate(index, "nprobe", min(_FIRST_NPROBE, nlist), nlist, {"nlist": int(nlist)})
+
+
+def _tune(x: np.ndarray, approx: _Approximate, *, k: int, gpu: bool, seed: int, target_recall: float,
+          recall_queries: int) -> tuple[int, float, int]:
+    """Set ``approx.index`` to the smallest search breadth (``approx.first``, then grown) whose recall@k against
+    exact search reaches ``target_recall`` on ``recall_queries`` seeded bank rows; return that breadth, the
+    recall@k measured on as many other rows (which did not choose it) and their number."""
     n = x.shape[0]
     picks = np.random.default_rng(seed).choice(n, size=min(n, 2 * recall_queries), replace=False)
     tune, check = np.sort(picks[: len(picks) // 2]), np.sort(picks[len(picks) // 2:])
     truth = _exact_neighbours(x, np.concatenate([tune, check]), k)
 
     def neighbours(rows: np.ndarray) -> np.ndarray:
-        sims, idx = index.search(_unit_rows(x, rows), k + 1)
+        sims, idx = approx.index.search(_unit_rows(x, rows), k + 1)
         return _drop_self(sims, idx, self_ids=rows)[1]
 
-    nprobe = min(_FIRST_NPROBE, nlist)
+    value = approx.first
     while True:
-        _set_nprobe(index, nprobe, gpu=gpu)
-        if nprobe >= nlist or knn_recall(neighbours(tune), truth[: len(tune)]) >= target_recall:
+        _set_parameter(approx.index, approx.knob, value, gpu=gpu)
+        if value >= approx.last or knn_recall(neighbours(tune), truth[: len(tune)]) >= target_recall:
             break
-        nprobe = min(2 * nprobe, nlist)
-    return nprobe, knn_recall(neighbours(check), truth[len(tune):]), len(check)
+        value = min(approx.grow(value), approx.last)
+    return value, knn_recall(neighbours(check), truth[len(tune):]), len(check)
 
 
 def _approximate_loo(x: np.ndarray, labels: np.ndarray, *, k: int, tau: float, num_classes: int, gpu: bool,
-                     seed: int, target_recall: float, recall_queries: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """Leave-one-out kNN predictions of the (N, D) rows ``x`` through an IVF index (module docstring),
-    and what the ``knn`` block says about the search: nlist, nprobe, recall@k and its query count."""
-    index, nlist = _ivf_index(x, seed=seed, gpu=gpu)
-    nprobe, recall, checked = _approximate_nprobe(x, index, nlist, k=k, gpu=gpu, seed=seed,
-                                                  target_recall=target_recall, recall_queries=recall_queries)
-    search: Search = lambda query: index.search(query, k + 1)  # noqa: E731
+                     seed: int, target_recall: float, recall_queries: int, index: str = "auto",
+                     ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Leave-one-out kNN predictions of the (N, D) rows ``x`` through an approximate index (module
+    docstring), and what the ``knn`` block says about the search: the index, its search breadth,
+    recall@k and its query count."""
+    approx = _approximate_index(x, kind=index, k=k, seed=seed, gpu=gpu)
+    value, recall, checked = _tune(x, approx, k=k, gpu=gpu, seed=seed, target_recall=target_recall,
+                                   recall_queries=recall_queries)
+    search: Search = lambda query: approx.index.search(query, k + 1)  # noqa: E731
     scores = _vote_chunks(search, lambda start, stop: _unit_rows(x, start=start, stop=stop), x.shape[0], labels,
                           tau=tau, num_classes=num_classes, leave_one_out=True, chunk_size=_DEFAULT_CHUNK, gpu=gpu)
+    name = "hnsw" if approx.knob == "efSearch" else "ivf"
     return scores.argmax(axis=1).astype(np.int64), {
-        "search": "ivf", "nlist": int(nlist), "nprobe": int(nprobe), "recall_at_k": recall,
-        "recall_queries": int(checked), "recall_target": float(target_recall)}
+        "search": name, **approx.info, ("ef_search" if name == "hnsw" else "nprobe"): int(value),
+        "recall_at_k": recall, "recall_queries": int(checked), "recall_target": float(target_recall)}
 
 
-def _set_nprobe(index: Any, nprobe: int, *, gpu: bool) -> None:
-    """Probe ``nprobe`` lists per query from now on (set before the searches start, not during them)."""
+def _set_parameter(index: Any, name: str, value: int, *, gpu: bool) -> None:
+    """Set the search breadth ``name`` from now on (before the searches start, not during them)."""
     space = faiss.GpuParameterSpace() if gpu else faiss.ParameterSpace()
-    space.set_index_parameter(index, "nprobe", int(nprobe))
+    space.set_index_parameter(index, name, int(value))
 
 
 def knn_eval(
@@ -340,6 +391,7 @@ def knn_eval(
     seed: int = 0,
     target_recall: float = 0.95,
     recall_queries: int = 1000,
+    index: str = "auto",
 ) -> dict[str, Any]:
     """Top-1 accuracy of the kNN vote: exact (:func:`knn_predict`), or approximate for a
     leave-one-out on a bank of more than ``exact_max`` rows (module docstring).
@@ -351,16 +403,18 @@ def knn_eval(
         query_y: (M,) labels of ``query_x``; required with it, must be ``None`` without.
             Query classes absent from the bank can never be predicted and count as wrong.
         k, tau, gpu: as in :func:`knn_predict`.
-        exact_max: leave-one-out on more than this many rows searches an IVF index;
+        exact_max: leave-one-out on more than this many rows searches an approximate index;
             ``None``: always exact. A separate query set is always searched exactly.
         seed: seeds the IVF training sample and the recall queries.
-        target_recall: the recall@k on the tuning queries that decides ``nprobe``.
-        recall_queries: queries the reported recall@k is measured on (and as many tune ``nprobe``).
+        target_recall: the recall@k on the tuning queries that decides the search breadth.
+        recall_queries: queries the reported recall@k is measured on (and as many tune the breadth).
+        index: the approximate index: ``"auto"`` (HNSW on CPU, IVF on a GPU), ``"hnsw"`` or ``"ivf"``.
 
     Returns:
         ``{"top1": accuracy in [0, 1], "k": k, "search": "exact"}``; an approximate search says
-        ``"search": "ivf"`` and adds ``nlist``, ``nprobe``, ``recall_at_k`` (against exact search),
-        ``recall_queries`` and ``recall_target``.
+        ``"search": "hnsw"`` with ``hnsw_m`` and ``ef_search``, or ``"search": "ivf"`` with ``nlist``
+        and ``nprobe``, and adds ``recall_at_k`` (against exact search), ``recall_queries`` and
+        ``recall_target``.
     """
     if (query_x is None) != (query_y is None):
         raise ValueError("pass query_x and query_y together, or neither for leave-one-out on the bank.")
@@ -378,7 +432,8 @@ def knn_eval(
         _check_knn_args(bank, labels, bank, k=k, tau=tau, num_classes=len(classes), leave_one_out=True,
                         chunk_size=_DEFAULT_CHUNK)
         preds, info = _approximate_loo(bank, labels, k=k, tau=tau, num_classes=len(classes), gpu=resolve_gpu(gpu),
-                                       seed=seed, target_recall=target_recall, recall_queries=recall_queries)
+                                       seed=seed, target_recall=target_recall, recall_queries=recall_queries,
+                                       index=index)
     elif query_x is None:
         preds, _ = knn_predict(
             bank_x, bank_codes, bank_x, k=k, tau=tau, num_classes=len(classes), leave_one_out=True, gpu=gpu

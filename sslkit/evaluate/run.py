@@ -314,7 +314,9 @@ def _scale_notes(results: dict[str, Any]) -> list[str]:
     """Table lines for what large sets change: an approximate kNN search, baselines on a sample."""
     lines, knn = [], results["knn"]
     if knn.get("search", "exact") != "exact":
-        lines.append(f"kNN: approximate search ({knn['search']}, {knn['nprobe']} of {knn['nlist']} lists probed), "
+        breadth = (f"efSearch {knn['ef_search']}" if knn["search"] == "hnsw"
+                   else f"{knn['nprobe']} of {knn['nlist']} lists probed")
+        lines.append(f"kNN: approximate search ({knn['search']}, {breadth}), "
                      f"recall@{knn['k']} {knn['recall_at_k']:.3f} against exact search on {knn['recall_queries']} "
                      "sampled crops")
     sampled = results.get("baseline_samples", results["num_samples"])

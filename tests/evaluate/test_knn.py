@@ -190,14 +190,36 @@ def test_approximate_search_above_exact_max(tmp_path) -> None:
     exact = knn_eval(x, y, k=10, gpu=False)
     assert exact["search"] == "exact" and set(exact) == {"top1", "k", "search"}
     assert knn_eval(x, y, k=10, gpu=False, exact_max=4000) == exact  # at the threshold: still exact
-    approx = knn_eval(mapped, y, k=10, gpu=False, exact_max=3999, recall_queries=300, seed=1)
+    approx = knn_eval(mapped, y, k=10, gpu=False, exact_max=3999, recall_queries=300, seed=1, index="ivf")
     assert approx["search"] == "ivf" and approx["k"] == 10
     assert approx["nlist"] == 4000 // 39  # 4 sqrt(N) = 253 lists would be too few rows per list
     assert approx["recall_queries"] == 300 and approx["recall_target"] == 0.95
     assert 0.95 <= approx["recall_at_k"] <= 1.0 and 8 <= approx["nprobe"] < approx["nlist"]
     assert abs(approx["top1"] - exact["top1"]) < 0.01 and approx["top1"] > 0.5
-    again = knn_eval(mapped, y, k=10, gpu=False, exact_max=3999, recall_queries=300, seed=1)
+    again = knn_eval(mapped, y, k=10, gpu=False, exact_max=3999, recall_queries=300, seed=1, index="ivf")
     assert again == approx  # seeded: the same index, nprobe, recall and votes
+
+
+def test_cpu_default_is_an_hnsw_graph(tmp_path, monkeypatch) -> None:
+    from sslkit.evaluate import knn
+
+    x, y = _clustered(4000)
+    np.save(tmp_path / "x.npy", x)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    exact = knn_eval(x, y, k=10, gpu=False)
+    monkeypatch.setattr(knn, "_FIRST_EF", 2)  # start below k + 1: efSearch is never below the k + 1 neighbours
+    approx = knn_eval(mapped, y, k=10, gpu=False, exact_max=3999, recall_queries=300, seed=1)
+    assert approx["search"] == "hnsw" and approx["hnsw_m"] == knn._HNSW_M
+    assert approx["ef_search"] >= 11 and approx["recall_queries"] == 300
+    assert 0.95 <= approx["recall_at_k"] <= 1.0
+    assert abs(approx["top1"] - exact["top1"]) < 0.01
+    # an unreachable target doubles efSearch up to its cap; at 4,000 rows the graph is then searched exhaustively
+    monkeypatch.setattr(knn, "_LAST_EF", 4096)
+    wide = knn_eval(x, y, k=10, gpu=False, exact_max=100, recall_queries=300, seed=1, target_recall=1.01)
+    assert wide["ef_search"] == 4096 and wide["recall_at_k"] == pytest.approx(1.0)
+    assert wide["top1"] == pytest.approx(exact["top1"])
+    with pytest.raises(ValueError, match="index must be"):
+        knn_eval(x, y, k=10, gpu=False, exact_max=100, index="lsh")
 
 
 def test_approximate_recall_is_measured_not_assumed() -> None:
@@ -205,8 +227,8 @@ def test_approximate_recall_is_measured_not_assumed() -> None:
     # target are many, and an unreachable target probes every list, where IVF equals exact search.
     x = np.random.default_rng(2).normal(size=(3000, 64)).astype(np.float32)
     y = np.arange(3000) % 3
-    full = knn_eval(x, y, k=5, gpu=False, exact_max=100, recall_queries=200, target_recall=1.01)
+    full = knn_eval(x, y, k=5, gpu=False, exact_max=100, recall_queries=200, target_recall=1.01, index="ivf")
     assert full["nprobe"] == full["nlist"] and full["recall_at_k"] == pytest.approx(1.0)
     assert full["top1"] == pytest.approx(knn_eval(x, y, k=5, gpu=False)["top1"])
-    few = knn_eval(x, y, k=5, gpu=False, exact_max=100, recall_queries=200, target_recall=0.0)
+    few = knn_eval(x, y, k=5, gpu=False, exact_max=100, recall_queries=200, target_recall=0.0, index="ivf")
     assert few["nprobe"] == 8 and few["recall_at_k"] < 0.9  # the first nprobe is kept and its recall reported
