@@ -5,8 +5,10 @@ the row it logs (``metrics.jsonl`` keys) and the count of skipped steps:
 
 - ``collapse``: ``health/std_ratio`` below ``train.alert.collapse_below`` (0.05) for
   ``train.alert.patience`` (5) logged steps in a row: the embeddings have gathered at one point.
+- ``rank``: ``health/rankme_ratio`` below ``train.alert.rank_below`` (0.05) for ``patience``
+  logged steps: the embeddings spread along a few directions only (dimensional collapse).
 - ``chance``: from step ``train.alert.chance_after`` (100) on, ``loss`` above
-  (1 - ``train.alert.chance_margin``) x ``loss_chance`` (within 2 % of it, or above it) for
+  (1 - ``train.alert.chance_margin``) x ``loss_chance`` (within 3 % of it, or above it) for
   ``patience`` logged steps in a row. ``loss_chance`` is the method's loss when every embedding
   is the same (``Method.chance_loss``): an encoder that carries no information scores it, and
   every run starts near it. Methods without one (SCL, the autoencoder) are not judged.
@@ -35,7 +37,7 @@ from sslkit.config import AlertConfig
 
 @dataclass(frozen=True)
 class Alert:
-    rule: str  # collapse | chance | nonfinite
+    rule: str  # collapse | rank | chance | nonfinite
     signal: str  # the metrics.jsonl key judged
     value: float  # its value at ``step``
     threshold: float
@@ -59,6 +61,9 @@ CAUSES = {
                 "(optim.lr), weight decay too large (optim.weight_decay), or views too weak or identical "
                 "(data.views): lower the first two or strengthen the views, and restart or resume from a "
                 "checkpoint before the episode",
+    "rank": "the embeddings vary along a few directions only (dimensional collapse); likely causes: no "
+            "BatchNorm in the projector (model.head_norm), views that teach too little (data.views) or a learning "
+            "rate too high (optim.lr): change one and restart",
     "chance": "the loss is where an encoder that carries no information puts it, so the run is not learning; "
               "likely causes: weight decay too large (optim.weight_decay), a learning rate too high or too low "
               "(optim.lr), collapsed embeddings (see health/std_ratio) or a momentum too high for the key "
@@ -84,7 +89,9 @@ class Alerts:
             return []
         window, new = step - self.step, skipped - self.skipped
         self.step, self.skipped = step, skipped
-        fired = [self._collapse(step, logs), self._chance(step, logs), self._nonfinite(step, new, window)]
+        fired = [self._below("collapse", "health/std_ratio", self.cfg.collapse_below, step, logs),
+                 self._below("rank", "health/rankme_ratio", self.cfg.rank_below, step, logs),
+                 self._chance(step, logs), self._nonfinite(step, new, window)]
         return [alert for alert in fired if alert is not None]
 
     def _advance(self, rule: str, step: int, held: Optional[bool], patience: int) -> Optional[_Episode]:
@@ -100,16 +107,17 @@ class Alerts:
         episode.count += 1
         return episode if episode.count == patience else None
 
-    def _collapse(self, step: int, logs: dict[str, Any]) -> Optional[Alert]:
-        threshold, value = self.cfg.collapse_below, _finite(logs.get("health/std_ratio"))
+    def _below(self, rule: str, signal: str, threshold: Optional[float], step: int, logs: dict[str, Any]
+               ) -> Optional[Alert]:
+        """A health signal under its threshold (collapse, rank)."""
+        value = _finite(logs.get(signal))
         held = None if threshold is None or value is None else value < threshold
-        episode = self._advance("collapse", step, held, self.cfg.patience)
+        episode = self._advance(rule, step, held, self.cfg.patience)
         if episode is None:
             return None
-        text = (f"collapse: health/std_ratio {value:.3g} < {threshold:g} for {self.cfg.patience} logged steps "
+        text = (f"{rule}: {signal} {value:.3g} < {threshold:g} for {self.cfg.patience} logged steps "
                 f"(since step {episode.since})")
-        return Alert("collapse", "health/std_ratio", value, threshold, step, episode.since,
-                     f"{text}: {CAUSES['collapse']}.")
+        return Alert(rule, signal, value, threshold, step, episode.since, f"{text}: {CAUSES[rule]}.")
 
     def _chance(self, step: int, logs: dict[str, Any]) -> Optional[Alert]:
         margin, loss, chance = self.cfg.chance_margin, _finite(logs.get("loss")), _finite(logs.get("loss_chance"))
@@ -118,8 +126,8 @@ class Alerts:
         episode = self._advance("chance", step, loss >= threshold if judged else None, self.cfg.patience)
         if episode is None:
             return None
-        text = (f"chance: loss {loss:.4g} >= {threshold:.4g} (within {margin:.0%} of its chance value "
-                f"loss_chance {chance:.4g}) for {self.cfg.patience} logged steps (since step {episode.since})")
+        text = (f"chance: loss {loss:.4g} >= {threshold:.4g} ({1 - margin:g} x loss_chance {chance:.4g}) for "
+                f"{self.cfg.patience} logged steps (since step {episode.since})")
         return Alert("chance", "loss", loss, threshold, step, episode.since, f"{text}: {CAUSES['chance']}.")
 
     def _nonfinite(self, step: int, new: int, window: int) -> Optional[Alert]:

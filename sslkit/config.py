@@ -160,7 +160,8 @@ class AlertConfig:
     action: str = "warn"  # warn: a log warning, alerts.jsonl and a tracker alert | stop: that, then end the run | off
     patience: int = 5  # logged steps in a row the collapse or chance condition must hold before the alert fires
     collapse_below: Optional[float] = 0.05  # collapse: health/std_ratio below this (1 uniform, 0 one point); null: off
-    chance_margin: Optional[float] = 0.02  # chance: loss above (1 - this) x the method's chance loss; null: off
+    rank_below: Optional[float] = 0.05  # rank: health/rankme_ratio (effective rank / min(B, D)) below this; null: off
+    chance_margin: Optional[float] = 0.03  # chance: loss above (1 - this) x the method's chance loss; null: off
     chance_after: int = 100  # chance: judged from this optimizer step on (every run starts at chance)
     nonfinite: bool = True  # nonfinite: a step skipped for a non-finite loss or gradient since the last logged step
 
@@ -276,7 +277,7 @@ RANGES = {
     "data.views.hed": "[0, 1]", "data.views.gamma": "[0, 2]",
     "train.epochs": "[0, inf)", "train.log_every": "[1, inf)", "train.ckpt_every": "[1, inf)",
     "train.keep_ckpts": "[1, inf)", "train.threads": "[0, inf)", "train.alert.patience": "[1, inf)",
-    "train.alert.collapse_below": "(0, 1]", "train.alert.chance_margin": "(0, 1)",
+    "train.alert.collapse_below": "(0, 1]", "train.alert.rank_below": "(0, 1]", "train.alert.chance_margin": "(0, 1)",
     "train.alert.chance_after": "[0, inf)", "eval.k": "[1, inf)", "eval.restarts": "[1, inf)",
     "eval.niter": "[1, inf)", "eval.whiten": "[0, inf)", "eval.kmeans_max_train": "[1, inf)",
     "eval.knn_tau": "(0, inf)",
