@@ -72,6 +72,19 @@ def test_chance_waits_for_the_warm_up_and_uses_the_margin():
     assert "optim.weight_decay" in alert.message
 
 
+def test_the_defaults_catch_the_demo_that_went_back_to_chance():
+    """docs/results.md: the demo (log_every 10) once collapsed with its loss back at chance from step 20 on.
+    The healthy sequence is a measured demo (loss / loss_chance at steps 10 to 160, docs/training.md)."""
+    chance = math.log(256 + 1024)
+    healthy = [0.996, 0.966, 0.971, 0.977, 0.970, 0.973, 0.962, 0.943, 0.937, 0.916, 0.897, 0.881, 0.860, 0.861,
+               0.850, 0.857]
+    rows = [{"loss": r * chance, "loss_chance": chance} for r in healthy]
+    assert _feed(Alerts(AlertConfig()), rows) == {}
+    collapsed = [0.99, *[0.998] * 20]
+    fired = _feed(Alerts(AlertConfig()), [{"loss": r * chance, "loss_chance": chance} for r in collapsed])
+    assert [(step, a.rule, a.since) for step, alerts in fired.items() for a in alerts] == [(140, "chance", 100)]
+
+
 def test_chance_is_not_judged_without_a_chance_value():
     cfg = AlertConfig(patience=1, chance_after=0)
     assert _feed(Alerts(cfg), [{"loss": 7.0}] * 3) == {}  # a method without Method.chance_loss

@@ -6,6 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +22,8 @@ from sslkit.methods.ccrl import CCRL
 
 from .conftest import TINY
 from .test_faults import _nan_after
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(shards, run_dir, *extra):
@@ -97,3 +104,22 @@ def test_action_stop_ends_the_run_with_the_alerts_sentence(tiny_shards, tmp_path
                    "train.alert.chance_margin=null", "train.alert.action=stop", "train.ckpt_every=2"))
     assert [s for s, _ in complete_checkpoints(run / "checkpoints")] == [2]  # nothing saved at or after the stop
     assert [a["rule"] for a in _alerts(run)] == ["collapse"]
+
+
+@pytest.mark.slow
+def test_a_stop_decided_on_the_main_process_ends_every_rank(tiny_shards, tmp_path):
+    """Two ranks under accelerate launch: rank 0 judges (its own batch's health/ signals) and broadcasts the
+    verdict, so both ranks stop at the same step with the same sentence instead of one waiting for the other."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    run = tmp_path / "run"
+    cmd = [accelerate, "launch", "--config_file", str(ROOT / "launch" / "cpu-2proc.yaml"), "-m", "sslkit",
+           "pretrain", "demo", *TINY, f"data.shards={tiny_shards / 'train'}", f"run.dir={run}", "train.max_steps=30",
+           "method.queue_size=256", "optim.name=adamw", "optim.weight_decay=500", "train.alert.patience=2",
+           "train.alert.action=stop"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("sslkit: error: ")]
+    assert len(errors) == 2 and errors[0] == errors[1], proc.stderr[-3000:]  # each rank, the same verdict
+    assert re.match(r"sslkit: error: collapse: health/std_ratio \S+ < 0.05 for 2 logged steps .*stopped at step \d+ "
+                    r"by train.alert.action=stop", errors[0])
+    assert [a["rule"] for a in _alerts(run)] == ["collapse"]  # written once, by the main process
