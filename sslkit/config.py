@@ -154,6 +154,19 @@ class OptimConfig:
 
 
 @dataclass
+class AlertConfig:
+    """Rules on the logged signals that flag a failing run while it trains (sslkit.alerts; docs/training.md)."""
+
+    action: str = "warn"  # warn: a log warning, alerts.jsonl and a tracker alert | stop: that, then end the run | off
+    patience: int = 5  # logged steps in a row the collapse or chance condition must hold before the alert fires
+    collapse_below: Optional[float] = 0.05  # collapse: health/std_ratio below this (1 uniform, 0 one point); null: off
+    rank_below: Optional[float] = 0.05  # rank: health/rankme_ratio (effective rank / min(B, D)) below this; null: off
+    chance_margin: Optional[float] = 0.03  # chance: loss above (1 - this) x the method's chance loss; null: off
+    chance_after: int = 100  # chance: judged from this optimizer step on (every run starts at chance)
+    nonfinite: bool = True  # nonfinite: a step skipped for a non-finite loss or gradient since the last logged step
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 1000
     epochs: int = 0  # when > 0, max_steps = epochs x batches per epoch; an override of max_steps sets it to 0
@@ -167,6 +180,7 @@ class TrainConfig:
     # online evaluation (kNN, k-means AMI/ARI on eval.online_samples held-out crops) every N steps; 0: off
     eval_every: int = 0
     threads: int = 0  # torch intra-op threads per process; 0 leaves torch's default
+    alert: AlertConfig = field(default_factory=AlertConfig)
 
 
 @dataclass
@@ -241,6 +255,7 @@ CHOICES = {
     "optim.schedule": ("cosine", "constant", "step"),
     "optim.milestone_unit": ("auto", "epochs", "steps"),
     "train.precision": ("auto", "no", "bf16", "fp16"),
+    "train.alert.action": ("warn", "stop", "off"),
     "finetune.views": ("rotate", "views", "none"),
     "eval.encoder": ("momentum", "query"),
     "eval.features": ("backbone", "projector"),
@@ -266,7 +281,9 @@ RANGES = {
     "optim.grad_clip": "(0, inf)",
     "data.views.hed": "[0, 1]", "data.views.gamma": "[0, 2]",
     "train.epochs": "[0, inf)", "train.log_every": "[1, inf)", "train.ckpt_every": "[1, inf)",
-    "train.keep_ckpts": "[1, inf)", "train.threads": "[0, inf)", "eval.k": "[1, inf)", "eval.restarts": "[1, inf)",
+    "train.keep_ckpts": "[1, inf)", "train.threads": "[0, inf)", "train.alert.patience": "[1, inf)",
+    "train.alert.collapse_below": "(0, 1]", "train.alert.rank_below": "(0, 1]", "train.alert.chance_margin": "(0, 1)",
+    "train.alert.chance_after": "[0, inf)", "eval.k": "[1, inf)", "eval.restarts": "[1, inf)",
     "eval.niter": "[1, inf)", "eval.whiten": "[0, inf)", "eval.kmeans_max_train": "[1, inf)",
     "eval.knn_tau": "(0, inf)", "eval.knn_exact_max": "[1, inf)", "eval.baseline_samples": "[1, inf)",
     "eval.batch_size": "[1, inf)", "eval.max_samples": "[1, inf)", "eval.gallery": "[0, inf)",

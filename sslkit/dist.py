@@ -132,6 +132,16 @@ def all_true(flag: Tensor) -> bool:
     return bool(flag.item())
 
 
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank ``src``'s ``obj`` (any picklable) on every rank; every rank must call this. A decision made on
+    one rank (an alert that stops the run) is then taken by all, and none is left waiting in a collective."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    _torch_dist().broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def barrier() -> None:
     if is_distributed():
         _torch_dist().barrier()

@@ -12,8 +12,11 @@ micro-batch enter the queue together after the optimizer step, so no micro-batch
 keys of its own step as queued negatives, and in-batch negatives are the micro-batch's own.
 Logged every ``train.log_every`` steps besides the method's scalars: ``pairs_per_s``
 (training time only), ``data_wait_share`` (the share of wall time spent waiting for the
-loader: near 0 when the data path keeps up) and ``mem_peak_gb`` (GPU: peak allocated;
-CPU: the process's peak resident memory).
+loader: near 0 when the data path keeps up), ``mem_peak_gb`` (GPU: peak allocated;
+CPU: the process's peak resident memory), ``wall_time_s`` (seconds of training since the run
+began, resumed runs continuing their checkpoint's count) and ``loss_chance`` (the method's loss
+at chance, ``Method.chance_loss``, mean over ranks). The ``train.alert`` rules (sslkit.alerts)
+are judged on that row on the main process, which alone decides whether the run stops.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from sslkit import dist
+from sslkit.alerts import Alerts
 from sslkit.atomic import write_text
 from sslkit.checkpoint import check_writable, load_checkpoint, resolve_resume, save_checkpoint
 from sslkit.config import Config, ConfigError, git_sha, run_dir, to_dict, to_yaml
@@ -221,6 +225,12 @@ class _Session:
     ckpt_root: Path
     step: int
     data_faults: dict[str, Any]  # the bad-data counts of the checkpoint resumed from (empty for a new run)
+    started: float  # time.perf_counter() at which the run, with the time its checkpoint had trained, began
+    alerts: Alerts  # the train.alert rules, judged on the main process
+
+    def wall_time(self) -> float:
+        """Seconds of training so far, the resumed checkpoint's included (not the time between)."""
+        return time.perf_counter() - self.started
 
 
 def _open_shards(cfg: Config) -> ShardSet:
@@ -262,8 +272,11 @@ def _start(cfg: Config, shards: ShardSet, out_dir: Path) -> _Session:
     tracker.start()
     if accelerator.is_main_process:
         write_text(out_dir / "config.yaml", f"# git: {git_sha() or 'unknown'}\n" + to_yaml(cfg))
+    faults = state.get("data_faults", {})
     return _Session(cfg, accelerator, model, accelerator.unwrap_model(model), optimizer, lrs, tracker,
-                    batches_per_epoch, ckpt_root, int(state["step"]), state.get("data_faults", {}))
+                    batches_per_epoch, ckpt_root, int(state["step"]), faults,
+                    time.perf_counter() - float(state.get("wall_time_s", 0.0)),
+                    Alerts(cfg.train.alert, step=int(state["step"]), skipped=int(faults.get("skipped_steps", 0))))
 
 
 def _optimizer_step(s: _Session, batches: Iterator[dict[str, Any]], make_inputs: _Inputs, meter: _Meter,
@@ -306,18 +319,46 @@ def _log_step(s: _Session, out: Any, grad_norm: torch.Tensor, meter: _Meter, gua
     signals of this step (from this rank's batch: sslkit.health)."""
     cfg, step = s.cfg, s.step
     pairs_per_step = cfg.train.grad_accum * cfg.data.batch_size * s.accelerator.num_processes
-    loss = s.accelerator.reduce(out.loss.detach(), reduction="mean").item()
+    loss, chance = _mean_over_ranks(s.accelerator, out.loss, s.method.chance_loss())
     logs = {**{k: float(v) for k, v in out.logs.items()}, "loss": loss, "lr": float(s.lrs[step - 1]),
             "grad_norm": float(grad_norm), **meter.read(pairs_per_step=pairs_per_step), **guard.data_logs(),
-            **(embedding_health(*out.views) if out.views is not None else {}), **s.method.health()}
+            **(embedding_health(*out.views) if out.views is not None else {}), **s.method.health(),
+            **({"loss_chance": chance} if chance is not None else {}), "wall_time_s": s.wall_time()}
     s.tracker.log(logs, step=step)
     progress.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{logs['pairs_per_s']:.0f}")
     meter.reset()
+    _judge(s, logs, guard)
+
+
+def _mean_over_ranks(accelerator: Accelerator, loss: torch.Tensor, chance: Optional[float]
+                     ) -> tuple[float, Optional[float]]:
+    """The step's loss and chance loss (None: the method has none, on every rank), averaged over ranks
+    in one reduction."""
+    values = loss.detach().float().reshape(1)
+    if chance is not None:
+        values = torch.cat([values, torch.tensor([chance], dtype=values.dtype, device=values.device)])
+    values = accelerator.reduce(values, reduction="mean").tolist()
+    return values[0], (values[1] if chance is not None else None)
+
+
+def _judge(s: _Session, logs: dict[str, Any], guard: _Guard) -> None:
+    """The alert rules on this logged row. Only the main process judges (it holds the row it logged,
+    health/ from its own batch); with ``train.alert.action=stop`` every rank receives its verdict
+    and all raise RunStopped together, so no rank waits in a collective for one that stopped."""
+    fired = s.alerts.update(s.step, logs, skipped=guard.skipped) if s.accelerator.is_main_process else []
+    for alert in fired:
+        s.tracker.alert(alert)
+    if s.cfg.train.alert.action != "stop":
+        return
+    message = dist.broadcast_object(fired[0].message if fired else None)
+    if message is not None:
+        raise RunStopped(f"{message.rstrip('.')}; stopped at step {s.step} by train.alert.action=stop "
+                         "(train.alert.action=warn only warns): the checkpoints saved before are intact.")
 
 
 def _save(s: _Session, guard: _Guard) -> None:
     state = {"step": s.step, "run_id": s.tracker.run_id, "world_size": s.accelerator.num_processes,
-             "config": to_dict(s.cfg), "git": git_sha(), "data_faults": guard.state()}
+             "config": to_dict(s.cfg), "git": git_sha(), "data_faults": guard.state(), "wall_time_s": s.wall_time()}
     save_checkpoint(s.accelerator, root=s.ckpt_root, state=state, keep=s.cfg.train.keep_ckpts)
 
 
@@ -329,6 +370,20 @@ def train(cfg: Config) -> Path:
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     s = _start(cfg, shards, out_dir)
+    try:
+        _train_steps(s, shards)
+    except RunStopped:
+        s.tracker.finish(stopped=True)  # the tracker keeps the rows and the alert that stopped the run
+        raise
+    _check_replicas(s.method, s.tracker, step=s.step)
+    s.tracker.finish()
+    s.accelerator.wait_for_everyone()
+    return out_dir
+
+
+def _train_steps(s: _Session, shards: ShardSet) -> None:
+    """Steps from ``s.step`` to ``train.max_steps``: logging, online evaluation and checkpoints on their schedules."""
+    cfg = s.cfg
     batches = batch_stream(shards, cfg, batches_per_epoch=s.batches_per_epoch, start=s.step * cfg.train.grad_accum)
     make_inputs = _Inputs(s.method, cfg, s.accelerator.device)
     online = None
@@ -341,24 +396,22 @@ def train(cfg: Config) -> Path:
     s.model.train()
     meter, guard = _Meter(s.accelerator.device), _Guard(cfg, s.accelerator)
     guard.restore(s.data_faults)
-    guard.missing(shards)
     last = cfg.train.max_steps
-    while s.step < last:
-        out, grad_norm = _optimizer_step(s, batches, make_inputs, meter, guard)
-        progress.update(1)
-        if s.step % cfg.train.log_every == 0 or s.step == last:
-            _log_step(s, out, grad_norm, meter, guard, progress)
-        if online is not None and (s.step % cfg.train.eval_every == 0 or s.step == last):
-            scores = online(s.method)
-            s.tracker.log(scores, step=s.step)
-            meter.pause(scores.get("online/seconds", 0.0))  # throughput counts training time only
-        if s.step % cfg.train.ckpt_every == 0 or s.step == last:
-            _save(s, guard)
-    progress.close()
-    _check_replicas(s.method, s.tracker, step=s.step)
-    s.tracker.finish()
-    s.accelerator.wait_for_everyone()
-    return out_dir
+    try:
+        guard.missing(shards)
+        while s.step < last:
+            out, grad_norm = _optimizer_step(s, batches, make_inputs, meter, guard)
+            progress.update(1)
+            if s.step % cfg.train.log_every == 0 or s.step == last:
+                _log_step(s, out, grad_norm, meter, guard, progress)
+            if online is not None and (s.step % cfg.train.eval_every == 0 or s.step == last):
+                scores = online(s.method)
+                s.tracker.log(scores, step=s.step)
+                meter.pause(scores.get("online/seconds", 0.0))  # throughput counts training time only
+            if s.step % cfg.train.ckpt_every == 0 or s.step == last:
+                _save(s, guard)
+    finally:
+        progress.close()
 
 
 def apply_step(optimizer: torch.optim.Optimizer, method: torch.nn.Module, *, step: int, ok: bool) -> bool:

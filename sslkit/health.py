@@ -9,7 +9,8 @@ logged under ``health/``:
   embeddings spread uniformly over the sphere; ``std_ratio`` = std x sqrt(D) puts that on 0..1.
 - ``rankme``: the effective rank of the batch embeddings (Garrido et al., 2023, "RankMe"):
   exp of the entropy of the normalised singular values, between 1 (one direction) and
-  min(B, D) (all directions used equally).
+  min(B, D) (all directions used equally); ``rankme_ratio`` = rankme / min(B, D) puts that on
+  0..1, so that a few directions carrying everything (dimensional collapse) shows whatever B and D.
 - ``uniformity``: log of the mean of exp(-2 ||z_i - z_j||^2) over pairs i != j (Wang & Isola,
   2020): 0 for a collapsed batch, more negative the more evenly the batch covers the sphere.
 - ``alignment``: mean ||z - z+||^2 between the normalised anchors and their positives (0 when
@@ -42,11 +43,12 @@ def embedding_health(anchors: Tensor, positives: Optional[Tensor] = None) -> dic
     sv = torch.linalg.svdvals(z)
     p = sv / sv.sum().clamp_min(1e-12)
     p = p[p > 0]
+    rankme = float(torch.exp(-(p * p.log()).sum()))
     sim = z @ z.T  # (B, B) cosines; ||z_i - z_j||^2 = 2 - 2 cos
     off = ~torch.eye(n, dtype=torch.bool, device=z.device)
     sq = (2 - 2 * sim[off]).clamp_min(0)
     out.update({"health/std": std, "health/std_ratio": std * math.sqrt(d),
-                "health/rankme": float(torch.exp(-(p * p.log()).sum())),
+                "health/rankme": rankme, "health/rankme_ratio": rankme / min(n, d),
                 "health/uniformity": float(torch.logsumexp(-2 * sq, dim=0) - math.log(sq.numel())),
                 "health/neg_sim": float(sim[off].mean())})
     if positives is not None:

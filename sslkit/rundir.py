@@ -5,6 +5,7 @@
     runs/NAME/
       config.yaml                 the resolved config, for people (the checkpoint holds the one read back)
       metrics.jsonl               the training log, one JSON object per logged step
+      alerts.jsonl                the train.alert rules that fired, one JSON object each (only if any did)
       checkpoints/step-NNNNNNN/   model.safetensors, trainer_state.json (config, step, run id, git SHA)
                                   and Accelerate's optimizer and RNG state
       eval/                       what ``sslkit evaluate`` writes (metrics.json, arrays, figures)

@@ -33,6 +33,7 @@ def test_demo_end_to_end_tiny(tmp_path, capsys, monkeypatch):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [4]  # log_every 10 from configs/demo.yaml: the last step
     assert [r["step"] for r in rows if "online/knn_top1" in r] == [4]  # eval_every 50: at the end only
+    assert not (run / "alerts.jsonl").exists()  # a healthy run raises no train.alert with the defaults
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb")), "W&B offline run was written"
 
     metrics = json.loads((run / "eval" / "metrics.json").read_text())

@@ -27,7 +27,9 @@ def test_hand_computed_pairs():
     assert h["health/std"] == pytest.approx((math.sqrt(2) + 0) / 2)  # dimension 0: +-1 (std sqrt 2), dimension 1: 0
     # Two orthogonal directions used equally: two equal singular values, effective rank 2.
     z = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).repeat(5, 1)
-    assert embedding_health(z)["health/rankme"] == pytest.approx(2.0, abs=1e-4)
+    h = embedding_health(z)
+    assert h["health/rankme"] == pytest.approx(2.0, abs=1e-4)
+    assert h["health/rankme_ratio"] == pytest.approx(2.0 / 3, abs=1e-4)  # of min(B, D) = min(10, 3)
     # Positives at 90 degrees: alignment ||a - b||^2 = 2, cosine 0.
     a, b = torch.eye(2), torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
     h = embedding_health(a, b)
@@ -41,7 +43,7 @@ def test_uniform_embeddings_reach_the_analytic_limits():
     z = torch.randn(20_000, d, generator=torch.Generator().manual_seed(0))
     h = embedding_health(z)
     assert h["health/std_ratio"] == pytest.approx(1.0, abs=0.01)
-    assert h["health/rankme"] == pytest.approx(d, abs=0.05)
+    assert h["health/rankme"] == pytest.approx(d, abs=0.05) and h["health/rankme_ratio"] == pytest.approx(1, abs=0.01)
     assert h["health/neg_sim"] == pytest.approx(0.0, abs=0.01)
 
 

@@ -28,6 +28,12 @@ Hooks:
   the step's embeddings, from which the engine logs the ``health/`` signals.
 - ``health() -> dict``: the method's own health signals (a momentum method: how far its key
   encoder is from the query encoder, how full its queue is).
+- ``chance_loss() -> float | None``: the loss the last ``forward`` would have given had every
+  embedding been the same, i.e. from an encoder that carries no information (a classifier: the
+  loss of a uniform prediction). A collapsed run's
+  loss sits there and every run starts near it; the engine logs it as ``loss_chance`` and the
+  ``chance`` alert (``sslkit.alerts``) compares the loss with it. None (the default): the method
+  has no such value and the rule does not judge it.
 - ``after_optimizer_step(step)``: momentum update and queue push, after ``optimizer.step()``.
 - ``skip_step()``: forget what ``forward`` staged for ``after_optimizer_step``; called
   instead of it when the engine skips a step with a non-finite loss or gradient.
@@ -111,6 +117,10 @@ class Method(nn.Module, metaclass=ABCMeta):
     def health(self) -> dict[str, float]:
         """The method's own ``health/`` signals, logged with the embedding ones (none by default)."""
         return {}
+
+    def chance_loss(self) -> Optional[float]:
+        """The loss of the last ``forward`` had every embedding been the same; None: no such value (default)."""
+        return None
 
     def encoder_module(self, encoder: str = "query") -> nn.Module:
         """The module that ``embed(..., encoder=encoder, features="backbone")`` runs."""

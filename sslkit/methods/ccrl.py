@@ -9,7 +9,9 @@ Loss:       InfoNCE over the batch's keys from all ranks (in-batch negatives) an
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,7 @@ class CCRL(MomentumContrast):
         self.inputs = inputs
         self.predictor = predictor
         self.tau, self.in_batch_negatives = tau, in_batch_negatives
+        self._candidates = 0  # keys each query of the last forward was scored against: its positive + negatives
 
     def prepare(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """uint8 ``image`` -> ``query`` and ``key`` views (local-global by default)."""
@@ -60,11 +63,18 @@ class CCRL(MomentumContrast):
         with torch.autocast(device_type=q.device.type, enabled=False):  # float32 logits under bf16/fp16
             loss = info_nce(q, keys, positive=positive, queue=queued, tau=self.tau,
                             in_batch=self.in_batch_negatives)
+        self._candidates = (keys.shape[0] if self.in_batch_negatives else 1) + queued.shape[0]
         self.stage(keys, dist.gather_no_grad(labels))
         with torch.no_grad():
             pos_sim = (F.normalize(q.float(), dim=1) * k).sum(dim=1).mean()
         return StepOutput(loss, {"loss": loss.detach(), "pos_sim": pos_sim, "queue_filled": self.queue.filled.float()},
                           views=(q.detach(), k))
+
+    def chance_loss(self) -> Optional[float]:
+        """InfoNCE with every key equal to the query: the positive is one of K equal logits, so the loss
+        is log K, K = the batch's keys from all ranks (or the positive alone without in-batch negatives)
+        + the queued keys at that step. Once the queue is full: log(world x B + queue_size)."""
+        return math.log(self._candidates) if self._candidates else None
 
 
 @register("ccrl", CCRL)

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +117,12 @@ class Finetune(Method):
         loss = F.cross_entropy(logits, label, label_smoothing=self.label_smoothing)
         acc = (logits.detach().argmax(1) == label).float().mean()
         return StepOutput(loss, {"loss": loss.detach(), "acc": acc})
+
+    def chance_loss(self) -> Optional[float]:
+        """A classifier's chance: the cross-entropy of a uniform prediction over K classes (equal logits),
+        log K, with or without label smoothing (the smoothed target still sums to 1). Equal features with
+        a trained bias can do better on unbalanced classes, down to the entropy of the class frequencies."""
+        return math.log(self.head.out_features)
 
     def after_optimizer_step(self, step: int) -> None:
         """Nothing to update: no momentum encoder, no queue."""

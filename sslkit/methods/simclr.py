@@ -17,7 +17,9 @@ batch (tests/methods/test_simclr.py checks this on two gloo processes).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,7 @@ class SimCLR(Method):
         self.inputs = inputs
         self.encoder = nn.Sequential(OrderedDict(backbone=backbone, projector=projector))
         self.tau = tau
+        self._views = 0  # views the last forward's loss saw, all ranks': 2 x world x B
 
     def prepare(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """uint8 ``image`` -> ``query`` and ``key`` views (both cropped under local_local)."""
@@ -50,10 +53,17 @@ class SimCLR(Method):
         # (world * B, P) each, rank order; row i of both is the same image on every rank.
         # float32 similarities even under bf16/fp16 autocast: a bf16 logit keeps 3 digits.
         with torch.autocast(device_type=z1.device.type, enabled=False):
-            loss = nt_xent(dist.gather_with_grad(z1), dist.gather_with_grad(z2), tau=self.tau)
+            z1_all, z2_all = dist.gather_with_grad(z1), dist.gather_with_grad(z2)
+            loss = nt_xent(z1_all, z2_all, tau=self.tau)
+        self._views = z1_all.shape[0] + z2_all.shape[0]
         with torch.no_grad():
             pos_sim = F.cosine_similarity(z1, z2, dim=1).mean()
         return StepOutput(loss, {"loss": loss.detach(), "pos_sim": pos_sim}, views=(z1.detach(), z2.detach()))
+
+    def chance_loss(self) -> Optional[float]:
+        """NT-Xent with all 2N views equal: each view's positive is one of the 2N - 1 others, all at the
+        same logit, so every term is log(2N - 1)."""
+        return math.log(self._views - 1) if self._views > 1 else None
 
     def after_optimizer_step(self, step: int) -> None:
         """Nothing to update outside the optimizer."""

@@ -15,8 +15,9 @@ and ``method.table=none`` makes x_g a view of the candidate itself (Table 4's no
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from sslkit.config import Config, ConfigError
 from sslkit.data.augment import BatchViews, normalize
 from sslkit.data.compose import compose
 from sslkit.losses import self_margin, supcon
+from sslkit.losses.self_margin import _EDGE  # the clamp of the positive's cosine, for the chance loss
 from sslkit.methods.base import StepOutput, register
 from sslkit.methods.momentum_contrast import MomentumContrast
 from sslkit.models import create_backbone
@@ -118,6 +120,7 @@ class SupCAM(MomentumContrast):
                          shuffle_bn=shuffle_bn)
         self.inputs = inputs
         self.tau, self.margin, self.use_self_margin = tau, margin, use_self_margin
+        self._negatives: Optional[Tensor] = None  # (B,) keys of another label for each query of the last forward
 
     def prepare(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
         """uint8 ``image`` + ``label`` -> ``query``, ``key``, ``composite``, ``composite_label``."""
@@ -133,12 +136,13 @@ class SupCAM(MomentumContrast):
         queued, queued_labels = self.queue.current()  # (F, D), (F,)
         keys = torch.cat([fresh, queued])  # (K, D), K = 2 * world * B + F
         key_labels = torch.cat([fresh_labels, queued_labels])  # (K,)
+        negatives = key_labels[None, :] != labels[:, None]  # (B, K)
+        self._negatives = negatives.sum(dim=1)
         with torch.autocast(device_type=q.device.type, enabled=False):  # float32 logits under bf16/fp16
             l_sc = supcon(q, keys, anchor_labels=labels, key_labels=key_labels, tau=self.tau,
                           denominator="negatives")
             l_sm = torch.zeros((), device=q.device)
             if self.use_self_margin:
-                negatives = key_labels[None, :] != labels[:, None]  # (B, K)
                 l_sm = self_margin(q, k_pos, keys, negatives=negatives, margin=self.margin, tau=self.tau)
         loss = l_sc + l_sm
         self.stage(fresh, fresh_labels)
@@ -147,6 +151,21 @@ class SupCAM(MomentumContrast):
         if "composed" in batch:
             logs["composed"] = batch["composed"].float().mean()
         return StepOutput(loss, logs, views=(q.detach(), k_pos))
+
+    def chance_loss(self) -> Optional[float]:
+        """Both terms with every embedding equal, all logits 1/tau but the margin's. Query i, with n_i keys of
+        another label, always has a positive (its own key): L_SC gives each positive -log(e^(1/tau) /
+        (e^(1/tau) + n_i e^(1/tau))) = log(1 + n_i); L_SM lowers the positive's logit to cos(theta_0 + m) / tau
+        (theta_0 = acos(1 - edge), the clamp's angle), giving log(1 + n_i e^((1 - cos(theta_0 + m)) / tau)).
+        The chance loss is the mean over this rank's queries of their sum: it depends on the labels."""
+        if self._negatives is None:
+            return None
+        n = self._negatives.double().cpu()
+        chance = torch.log1p(n).mean()
+        if self.use_self_margin:
+            angle = min(math.acos(1.0 - _EDGE) + self.margin, math.pi)
+            chance = chance + torch.log1p(n * math.exp((1.0 - math.cos(angle)) / self.tau)).mean()
+        return float(chance)
 
 
 @register("supcam", SupCAM)
