@@ -1,7 +1,7 @@
 """Errors a user can fix, in one place.
 
 Every class here derives from :class:`UserError`. The ``sslkit`` command prints a ``UserError``
-as one line (``sslkit: error: ...``) and exits with status 1; any other exception is a bug and
+as one line (``sslkit: error: ...``) and exits with status 2; any other exception is a bug and
 shows its traceback. Raise one of these only when the message names the input at fault (a
 config key, a file, a flag) and says how to fix it.
 
