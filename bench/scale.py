@@ -155,12 +155,12 @@ def loader_stage(n: int, work: Path) -> dict[str, Any]:
 def train_stage(n: int, work: Path, steps: int) -> dict[str, Any]:
     run_dir = work / "run"
     cmd = [str(BIN / "sslkit"), "pretrain", "demo", f"data.shards={work / 'train'}", f"run.dir={run_dir}",
-           f"train.max_steps={steps}", "train.log_every=20", "train.eval_every=0", f"train.ckpt_every={steps}",
-           "tracker.name=none", "train.threads=2"]
+           f"train.max_steps={steps}", f"train.log_every={max(1, steps // 10)}", "train.eval_every=0",
+           f"train.ckpt_every={steps}", "tracker.name=none", "train.threads=2"]
     _, wall, mem = run(cmd, log=work / "train.log")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["pairs_per_s"] for r in rows if "pairs_per_s" in r][1:]
-    pairs = statistics.median(rates)
+    rates = [r["pairs_per_s"] for r in rows if "pairs_per_s" in r]
+    pairs = statistics.median(rates[1:] or rates)  # the first logged interval holds the start-up
     return {"train": {"per_s": pairs, "seconds": wall, **mem}}
 
 
@@ -185,31 +185,33 @@ def _embedding_dim(path: Path) -> int:
 
 
 def measure(n: int, root: Path, *, steps: int, evaluate: bool) -> dict[str, Any]:
+    """Every stage at size ``n``; each stage's figures are printed as soon as it ends (a run stopped
+    part-way keeps what it measured)."""
     work = root / f"n{n}"
     work.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {"load_before": os.getloadavg()[0]}
-    for stage in (shard_stage(n, work), loader_stage(n, work), train_stage(n, work, steps)):
-        res.update(stage)
+    print(f"\n== {n:,} crops (load average {res['load_before']:.2f} at the start)")
+    print(f"{'stage':<22}{'per second':>12}{'seconds':>10}{'main GB':>10}{'worker GB':>11}{'load':>7}", flush=True)
+    stages = [lambda: shard_stage(n, work), lambda: loader_stage(n, work), lambda: train_stage(n, work, steps)]
     if evaluate:
-        res.update(eval_stage(n, work))
+        stages.append(lambda: eval_stage(n, work))
+    for stage in stages:
+        figures = stage()
+        res.update(figures)
+        for name, r in figures.items():
+            print_stage(name, r)
     res["load_after"] = os.getloadavg()[0]
     return res
 
 
-def print_size(n: int, res: dict[str, Any]) -> None:
-    print(f"\n== {n:,} crops (load average {res['load_before']:.2f} -> {res['load_after']:.2f})")
-    print(f"{'stage':<22}{'per second':>12}{'seconds':>10}{'main GB':>10}{'worker GB':>11}")
-    for name, r in res.items():
-        if not isinstance(r, dict):
-            continue
-        per_s = f"{r['per_s']:12,.0f}" if "per_s" in r else " " * 12
-        mem = f"{r['main_gb']:10.2f}{r['worker_gb']:11.2f}" if "main_gb" in r else ""
-        print(f"{name:<22}{per_s}{r['seconds']:10.1f}{mem}")
-    if "evaluate" in res:
-        knn = res["evaluate"]["knn"]
-        print(f"evaluate: embedding matrix {res['evaluate']['matrix_gb']:.2f} GB; kNN search "
-              f"{knn.get('search', 'exact')}" + (f", recall@{knn.get('k')} {knn['recall_at_k']:.3f}"
-                                                if "recall_at_k" in knn else ""))
+def print_stage(name: str, r: dict[str, Any]) -> None:
+    per_s = f"{r['per_s']:12,.0f}" if "per_s" in r else " " * 12
+    mem = f"{r['main_gb']:10.2f}{r['worker_gb']:11.2f}" if "main_gb" in r else " " * 21
+    print(f"{name:<22}{per_s}{r['seconds']:10.1f}{mem}{os.getloadavg()[0]:7.2f}", flush=True)
+    if name == "evaluate":
+        knn = r["knn"]
+        print(f"evaluate: embedding matrix {r['matrix_gb']:.2f} GB; kNN search {knn.get('search', 'exact')}"
+              + (f", recall@{knn.get('k')} {knn['recall_at_k']:.3f}" if "recall_at_k" in knn else ""), flush=True)
 
 
 def compare(small: int, big: int, a: dict[str, Any], b: dict[str, Any]) -> float:
@@ -242,19 +244,19 @@ def main() -> None:
     args = parser.parse_args()
     sizes = sorted(set(args.sizes))
     root = args.work or Path(tempfile.mkdtemp(prefix="sslkit-scale-"))
-    print(f"sizes {sizes}; {os.cpu_count()} CPUs; work folder {root}")
+    print(f"sizes {sizes}; {os.cpu_count()} CPUs; work folder {root}", flush=True)
     results: dict[int, dict[str, Any]] = {}
     try:
         for n in sizes:
             results[n] = measure(n, root, steps=args.steps, evaluate=n >= args.eval_min)
-            print_size(n, results[n])
+            print(f"load average {results[n]['load_after']:.2f} at the end", flush=True)
+            if args.json:
+                args.json.write_text(json.dumps({str(k): r for k, r in results.items()}, indent=1))
             if args.work is None:
                 shutil.rmtree(root / f"n{n}", ignore_errors=True)
     finally:
         if args.work is None:
             shutil.rmtree(root, ignore_errors=True)
-    if args.json:
-        args.json.write_text(json.dumps({str(n): r for n, r in results.items()}, indent=1))
     if len(sizes) < 2:
         raise SystemExit("give at least two sizes to compare.")
     worst = compare(sizes[-2], sizes[-1], results[sizes[-2]], results[sizes[-1]])

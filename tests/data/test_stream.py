@@ -335,3 +335,22 @@ def test_balanced_batches_on_two_ranks_two_workers(tmp_path: Path) -> None:
         for labels in (b for p in result["passes"] for b in p):
             _assert_balanced(labels, 3, 2)
     assert results[0]["passes"] != results[1]["passes"]  # ranks draw their own streams
+
+
+@pytest.mark.parametrize(("size", "channels"), [(SIZE, 3), (12, 3), (SIZE, 1), (20, 1)])
+def test_eval_batches_equal_the_per_crop_eval_transform(tmp_path: Path, size: int, channels: int) -> None:
+    """Every evaluation batch holds what the per-crop evaluation transform makes of each stored crop,
+    resized (12, 20) or kept (16), in colour or grey, whichever worker read it."""
+    from sslkit.data.augment import build_eval_transform
+
+    keys = write_shards(tmp_path, shards=2, per_shard=6)
+    loader = eval_loader(resolve_shards(str(tmp_path)), size=size, channels=channels, batch_size=4, workers=2)
+    batches = list(loader)
+    got = torch.cat([b["image"] for b in batches])
+    ids = [k for b in batches for k in b["id"]]
+    assert sorted(ids) == sorted(keys) and got.dtype == torch.float32 and got.shape[1:] == (channels, size, size)
+    transform = build_eval_transform(size=size, channels=channels)
+    for key, image in zip(ids, got):
+        s, i = key[1:].split("_")
+        expected = transform(Image.open(io.BytesIO(_png(int(s) * 1000 + int(i)))))
+        assert torch.equal(image, expected), key
