@@ -144,7 +144,7 @@ def main() -> None:
     found, approx_s = timed(lambda: search_all(lambda q: approx.index.search(q, args.k + 1), queries, rows, args.k))
     approx_us = approx_s / args.queries * 1e6
     recall = knn_recall(found, truth)
-    what = (f"HNSW{approx.info['hnsw_m']}, efSearch {breadth}" if approx.knob == "efSearch"
+    what = (f"HNSW{approx.info['hnsw_m']}, efSearch {breadth}" if approx.search == "hnsw"
             else f"IVF-Flat, nlist {approx.info['nlist']}, nprobe {breadth}")
     exact_pass = exact_us * args.n / 1e6
     approx_pass = approx_us * args.n / 1e6 + build_s + tune_s

@@ -169,7 +169,7 @@ def eval_stage(n: int, work: Path) -> dict[str, Any]:
     _, wall, mem = run(cmd, log=work / "evaluate.log")
     metrics = json.loads((work / "run" / "eval" / "metrics.json").read_text())
     timings = metrics.get("timings", {})
-    dim = int(metrics.get("embedding_dim") or _embedding_dim(work / "run" / "eval" / "embeddings.npy"))
+    dim = _embedding_dim(work / "run" / "eval" / "embeddings.npy")
     res: dict[str, Any] = {"evaluate": {"seconds": wall, "per_s": n / wall, **mem,
                                         "matrix_gb": n * dim * 4 / GB, "knn": metrics.get("knn", {})}}
     for key, value in timings.items():

@@ -195,12 +195,12 @@ def log_evaluation(run_dir: str | Path, cfg: Config, *, run_id: str | None, step
         if not path.is_file():
             log.warning("Figure '%s' (%s) does not exist; not logged to the tracker.", name, path)
             del pictures[name]
+    if cfg.tracker.name == "wandb" and run_id is None:
+        log.warning("The checkpoint stores no W&B run id, so the evaluation is not logged to W&B "
+                    "(train with tracker.name=wandb to get one).")
+        return
     sample = projector_sample(run_dir / "eval", seed=cfg.run.seed)
     if cfg.tracker.name == "wandb":
-        if run_id is None:
-            log.warning("The checkpoint stores no W&B run id, so the evaluation is not logged to W&B "
-                        "(train with tracker.name=wandb to get one).")
-            return
         _wandb_evaluation(run_dir, cfg, run_id=run_id, step=step, values=values, images=pictures, sample=sample)
     elif cfg.tracker.name == "tensorboard":
         _tensorboard_evaluation(run_dir, cfg, step=step, values=values, images=pictures, sample=sample)

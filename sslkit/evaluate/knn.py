@@ -296,15 +296,16 @@ def _exact_neighbours(x: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
 
 class _Approximate(NamedTuple):
     index: Any
+    search: str  # "hnsw" | "ivf": the knn block's "search"
     knob: str  # the search-breadth parameter (faiss ParameterSpace name)
-    first: int  # its first value tried, doubled until the recall target is met
+    breadth_key: str  # the knn block's name for it
+    growth: float  # each try multiplies the breadth by this
+    first: int  # its first value tried, grown until the recall target is met
     last: int  # its largest value (IVF: every list, an exact search)
-    info: dict[str, Any]  # what the knn block says about the index
+    info: dict[str, Any]  # what else the knn block says about the index
 
     def grow(self, value: int) -> int:
-        """The next breadth tried: IVF probes twice the lists; HNSW's efSearch grows by half (its cost is
-        about linear in efSearch, and at 1M x 128 recall@20 0.95 lay between 32 and 64)."""
-        return 2 * value if self.knob == "nprobe" else -(-3 * value // 2)
+        return math.ceil(value * self.growth)
 
 
 def _hnsw_index(x: np.ndarray, *, k: int) -> _Approximate:
@@ -316,7 +317,10 @@ def _hnsw_index(x: np.ndarray, *, k: int) -> _Approximate:
     index = faiss.IndexHNSWFlat(x.shape[1], _HNSW_M, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = _HNSW_EF_CONSTRUCTION
     index.add(_unit_rows(x))
-    return _Approximate(index, "efSearch", max(_FIRST_EF, k + 1), max(_LAST_EF, k + 1), {"hnsw_m": _HNSW_M})
+    # efSearch grows by half per try: its cost is about linear in it, and at 1M x 128 recall@20 0.95 lay
+    # between 32 and 64
+    return _Approximate(index, "hnsw", "efSearch", "ef_search", 1.5, max(_FIRST_EF, k + 1), max(_LAST_EF, k + 1),
+                        {"hnsw_m": _HNSW_M})
 
 
 def _approximate_index(x: np.ndarray, *, kind: str, k: int, seed: int, gpu: bool) -> _Approximate:
@@ -328,7 +332,8 @@ def _approximate_index(x: np.ndarray, *, kind: str, k: int, seed: int, gpu: bool
     if kind == "hnsw" or (kind == "auto" and not gpu):
         return _hnsw_index(x, k=k)
     index, nlist = _ivf_index(x, seed=seed, gpu=gpu)
-    return _Approximate(index, "nprobe", min(_FIRST_NPROBE, nlist), nlist, {"nlist": int(nlist)})
+    return _Approximate(index, "ivf", "nprobe", "nprobe", 2.0, min(_FIRST_NPROBE, nlist), nlist,
+                        {"nlist": int(nlist)})
 
 
 def _tune(x: np.ndarray, approx: _Approximate, *, k: int, gpu: bool, seed: int, target_recall: float,
@@ -366,9 +371,8 @@ def _approximate_loo(x: np.ndarray, labels: np.ndarray, *, k: int, tau: float, n
     search: Search = lambda query: approx.index.search(query, k + 1)  # noqa: E731
     scores = _vote_chunks(search, lambda start, stop: _unit_rows(x, start=start, stop=stop), x.shape[0], labels,
                           tau=tau, num_classes=num_classes, leave_one_out=True, chunk_size=_DEFAULT_CHUNK, gpu=gpu)
-    name = "hnsw" if approx.knob == "efSearch" else "ivf"
     return scores.argmax(axis=1).astype(np.int64), {
-        "search": name, **approx.info, ("ef_search" if name == "hnsw" else "nprobe"): int(value),
+        "search": approx.search, **approx.info, approx.breadth_key: int(value),
         "recall_at_k": recall, "recall_queries": int(checked), "recall_target": float(target_recall)}
 
 
