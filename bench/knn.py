@@ -1,28 +1,30 @@
-"""kNN search at scale: exact against approximate (HNSW) search on 1,000,000 clustered embeddings,
-and the exact search's arithmetic rate against the CPU's matrix-multiply peak, in one process.
+"""kNN search at scale: exact against approximate search on 1,000,000 clustered embeddings, and the
+exact search's arithmetic rate against the CPU's matrix-multiply peak, in one process.
 
     python bench/knn.py [--n 1000000] [--queries 20000] [--d 128] [--k 20] [--classes 32] [--seed 0]
-                        [--index auto|hnsw|ivf]
+                        [--index auto|lists|hnsw|ivf]
 
 Data: ``bench/kmeans.py``'s seeded Gaussian classes near a 16-dimensional subspace,
 L2-normalised (untimed), as ``sslkit evaluate`` sees them. Both searches run as ``knn_eval``
-runs them, leave-one-out (k + 1 neighbours, each query's own row dropped), in chunks of
-queries on ``worker_threads()`` threads with faiss single-threaded in each:
+runs them, leave-one-out (k + 1 neighbours, each query's own row dropped), on
+``worker_threads()`` threads:
 
-- exact: faiss's brute-force inner product (``knn_predict``'s search) of a seeded sample of
-  ``--queries`` bank rows against the whole bank; a leave-one-out pass over all N rows costs
-  N / queries times as much, so the per-query time is what the output compares;
-- approximate: the index ``knn_eval`` builds above ``eval.knn_exact_max`` (on CPU an HNSW
-  graph; ``--index ivf`` the IVF index it uses on a GPU), build and choice of the search breadth
-  timed apart (the latter on its own 2 x 1,000 seeded queries), then the same sample of queries;
-  recall@k of its neighbours against the exact ones. The speed-up is printed per query and for
-  a whole leave-one-out pass over the N rows with the build and the breadth choice included.
+- exact: sslkit's exact search (``knn_predict``'s: matrix products with pruned top-k, in chunks
+  of 4,096 queries, one thread each) of a seeded sample of ``--queries`` bank rows against the
+  whole bank; a leave-one-out pass over all N rows costs N / queries times as much. The same
+  queries also go through faiss's brute-force search (``faiss.knn``, what sslkit used before),
+  timed the same way, and the neighbours of both are compared;
+- approximate: what ``knn_eval`` does above ``eval.knn_exact_max`` (on CPU the search by lists;
+  ``--index`` another): building the index, choosing the search breadth (on its own 2 x 1,000
+  seeded queries) and a whole leave-one-out pass with votes over all N rows, each timed; then
+  the neighbours of the sample queries at the chosen breadth, and their recall@k against the
+  exact ones. The speed-up is that of a whole pass, build and breadth choice included.
 
-The exact search's rate, 2 * queries * N * D flops over its time, is compared with a
-float32 matrix multiply of the shapes faiss multiplies ((4,096, D) x (D, 1,024) blocks, and
-larger ones), timed in the same run: numpy's BLAS on the same threads as the search (one per
-task), and torch's matrix multiply on all its threads; the best of these is the peak. Prints the
-figures, then last ``ratio=<exact / approximate time of a whole leave-one-out pass>``.
+The exact search's rate, 2 * queries * N * D flops over its time, is compared with a float32
+matrix multiply of (4,096, D) x (D, nb) blocks timed in the same run: numpy's BLAS on the same
+threads as the search (one per task), and torch's matrix multiply on all its threads; the best of
+these is the peak. Prints the figures, then last ``ratio=<exact / approximate time of a whole
+leave-one-out pass>``.
 """
 
 from __future__ import annotations
@@ -40,16 +42,7 @@ from threadpoolctl import threadpool_limits
 from sslkit.config import EvalConfig
 from sslkit.evaluate import as_features, knn_recall
 from sslkit.evaluate.cluster import thread_map, worker_threads
-from sslkit.evaluate.knn import (
-    _DEFAULT_CHUNK,
-    _QUERY_BLOCK,
-    _approximate_index,
-    _drop_self,
-    _exact_searcher,
-    _query_block,
-    _tune,
-    even_chunks,
-)
+from sslkit.evaluate.knn import _DEFAULT_CHUNK, _approximate_index, _drop_self, _exact_searcher, _tune, even_chunks
 
 
 def search_all(search, queries: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
@@ -61,7 +54,7 @@ def search_all(search, queries: np.ndarray, rows: np.ndarray, k: int) -> np.ndar
         sims, idx = search(queries[start:stop])
         out[start:stop] = _drop_self(sims, idx, self_ids=rows[start:stop])[1]
 
-    thread_map(chunk, even_chunks(len(rows), _DEFAULT_CHUNK))
+    thread_map(chunk, even_chunks(len(rows), _DEFAULT_CHUNK, workers=worker_threads()))
     return out
 
 
@@ -104,6 +97,44 @@ def _torch_rate(a: np.ndarray, b: np.ndarray, reps: int) -> float:
     return 2 * x.shape[0] * x.shape[1] * y.shape[1] * reps / (time.perf_counter() - start) / 1e9
 
 
+def _exact(args: argparse.Namespace, bank: np.ndarray, queries: np.ndarray, rows: np.ndarray) -> tuple:
+    """Time sslkit's exact search and faiss's on the sample; print both; return sslkit's neighbours and time."""
+    mine = _exact_searcher(bank, args.k + 1, gpu=False)
+    truth, exact_s = timed(lambda: search_all(mine, queries, rows, args.k))
+    theirs = lambda q: faiss.knn(q, bank, args.k + 1, metric=faiss.METRIC_INNER_PRODUCT)  # noqa: E731
+    faiss_ids, faiss_s = timed(lambda: search_all(theirs, queries, rows, args.k))
+    agree = float(np.mean(np.sort(truth, axis=1) == np.sort(faiss_ids, axis=1)))
+    per_query = exact_s / args.queries * 1e6
+    print(f"exact search    {exact_s:8.2f} s for {args.queries:,} queries = {per_query:8.1f} us/query "
+          f"(a full leave-one-out pass over {args.n:,} rows: {per_query * args.n / 1e6 / 60:.1f} min); "
+          f"faiss.knn {faiss_s:.2f} s = {faiss_s / exact_s:.2f}x its time; the same neighbours in "
+          f"{100 * agree:.3f} % of places (the rest: ties, or float32 rounding at the k-th)")
+    return truth, exact_s
+
+
+def _approximate(args: argparse.Namespace, bank: np.ndarray, labels: np.ndarray, rows: np.ndarray,
+                 truth: np.ndarray) -> tuple[float, float]:
+    """Build, tune and run a whole leave-one-out pass of the approximate search; print; return time, recall."""
+    vote = {"labels": labels, "tau": 0.07, "num_classes": args.classes}
+    approx, build_s = timed(lambda: _approximate_index(bank, kind=args.index, k=args.k, seed=args.seed, gpu=False,
+                                                       vote=vote))
+    (breadth, tune_recall, _), tune_s = timed(lambda: _tune(bank, approx, k=args.k, seed=args.seed,
+                                                           target_recall=0.95, recall_queries=1000))
+    scores, pass_s = timed(lambda: approx.scores(breadth))
+    recall = knn_recall(approx.neighbours(rows, breadth), truth)
+    top1 = float(np.mean(scores.argmax(axis=1) == labels))
+    what = {"lists": lambda: f"by lists, {approx.info['nlist']} lists, probe {breadth}, "
+                             f"{100 * approx.info['searched_share']:.2f} % of the pairs compared",
+            "hnsw": lambda: f"HNSW{approx.info['hnsw_m']}, efSearch {breadth}",
+            "ivf": lambda: f"IVF-Flat, nlist {approx.info['nlist']}, nprobe {breadth}"}[approx.search]()
+    total = build_s + tune_s + pass_s
+    print(f"approx. search  build {build_s:.1f} s, breadth choice {tune_s:.1f} s (recall {tune_recall:.4f} on its "
+          f"own queries), whole leave-one-out pass with votes {pass_s:.1f} s = {pass_s / args.n * 1e6:.1f} us/query; "
+          f"{total / 60:.2f} min in all ({what}); kNN top-1 {top1:.4f}")
+    print(f"recall@{args.k} of the approximate search on the {args.queries:,} sample queries: {recall:.4f}")
+    return total, recall
+
+
 def main() -> None:
     ev = EvalConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -113,12 +144,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=ev.knn_k, help="neighbours")
     parser.add_argument("--classes", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--index", choices=("auto", "hnsw", "ivf"), default="auto",
-                        help="approximate index (auto: HNSW on CPU, as sslkit evaluate)")
+    parser.add_argument("--index", choices=("auto", "lists", "hnsw", "ivf"), default="auto",
+                        help="approximate search (auto: by lists on CPU, as sslkit evaluate)")
     args = parser.parse_args()
     print(f"load average at start {os.getloadavg()[0]:.2f}")
 
-    (x, _), gen_s = timed(lambda: clustered_embeddings(args.n, args.d, args.classes, seed=args.seed))
+    (x, labels), gen_s = timed(lambda: clustered_embeddings(args.n, args.d, args.classes, seed=args.seed))
     bank = as_features(x, normalize=True)
     del x
     rows = np.sort(np.random.default_rng(args.seed + 1).choice(args.n, size=args.queries, replace=False))
@@ -126,39 +157,15 @@ def main() -> None:
     print(f"data: bank {args.n:,} x {args.d} float32 (L2-normalised), {args.classes} classes, generated in "
           f"{gen_s:.1f} s; {args.queries:,} seeded query rows, leave-one-out, k {args.k}")
     print(machine())
-
-    exact = _exact_searcher(bank, args.k + 1, gpu=False)
-    with _query_block():  # as knn_predict searches
-        truth, exact_s = timed(lambda: search_all(exact, queries, rows, args.k))
-    check = min(args.queries, 2048)  # faiss's default blocks find the same neighbours (in the same order)
-    same = np.array_equal(search_all(exact, queries[:check], rows[:check], args.k), truth[:check])
-    exact_us = exact_s / args.queries * 1e6
+    truth, exact_s = _exact(args, bank, queries, rows)
     gflops = 2 * args.queries * args.n * args.d / exact_s / 1e9
-    print(f"exact search    {exact_s:8.2f} s for {args.queries:,} queries = {exact_us:8.1f} us/query "
-          f"(a full leave-one-out pass over {args.n:,} rows: {exact_us * args.n / 1e6 / 60:.1f} min); "
-          f"neighbours of the first {check:,} equal with faiss's default blocks: {same}")
-
-    approx, build_s = timed(lambda: _approximate_index(bank, kind=args.index, k=args.k, seed=args.seed, gpu=False))
-    (breadth, tune_recall, _), tune_s = timed(lambda: _tune(bank, approx, k=args.k, gpu=False, seed=args.seed,
-                                                           target_recall=0.95, recall_queries=1000))
-    found, approx_s = timed(lambda: search_all(lambda q: approx.index.search(q, args.k + 1), queries, rows, args.k))
-    approx_us = approx_s / args.queries * 1e6
-    recall = knn_recall(found, truth)
-    what = (f"HNSW{approx.info['hnsw_m']}, efSearch {breadth}" if approx.search == "hnsw"
-            else f"IVF-Flat, nlist {approx.info['nlist']}, nprobe {breadth}")
-    exact_pass = exact_us * args.n / 1e6
-    approx_pass = approx_us * args.n / 1e6 + build_s + tune_s
-    print(f"approx. search  {approx_s:8.2f} s for {args.queries:,} queries = {approx_us:8.1f} us/query "
-          f"({what}; build {build_s:.1f} s, breadth choice {tune_s:.1f} s with recall {tune_recall:.4f} on its own "
-          f"queries; a full pass: {approx_pass / 60:.1f} min with build and choice)")
-    print(f"recall@{args.k} of the approximate search on the {args.queries:,} queries: {recall:.4f}")
     peak, where = matmul_peak(bank, args.d)
-    print(f"exact search {gflops:.1f} GFLOP/s = {gflops / peak:.2f} of the matmul peak {peak:.1f} GFLOP/s "
-          f"({where}); faiss BLAS blocks {_QUERY_BLOCK} queries x "
-          f"{faiss.cvar.distance_compute_blas_database_bs} bank rows")
-    print(f"speed-up per query {exact_us / approx_us:.1f}x, whole leave-one-out pass {exact_pass / approx_pass:.1f}x "
-          f"(build and breadth choice included) at recall@{args.k} {recall:.4f}; "
-          f"load average now {os.getloadavg()[0]:.2f}")
+    print(f"exact search {gflops:.1f} GFLOP/s = {gflops / peak:.2f} of the matmul peak {peak:.1f} GFLOP/s ({where})")
+    approx_pass, recall = _approximate(args, bank, labels, rows, truth)
+    exact_pass = exact_s / args.queries * args.n
+    print(f"speed-up of a whole leave-one-out pass {exact_pass / approx_pass:.1f}x (exact {exact_pass / 60:.1f} min, "
+          f"from its sample; approximate {approx_pass / 60:.2f} min with build and breadth choice) at "
+          f"recall@{args.k} {recall:.4f}; load average now {os.getloadavg()[0]:.2f}")
     print(f"ratio={exact_pass / approx_pass:.2f}")
 
 

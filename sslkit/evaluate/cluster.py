@@ -18,10 +18,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Optional, TypeVar
 
 import faiss
 import numpy as np
+import torch
 
 from sslkit.evaluate.metrics import cluster_metrics
 
@@ -48,14 +49,20 @@ def worker_threads() -> int:
 
 
 def thread_map(fn: Callable[[_T], _R], items: Sequence[_T], *, workers: int | None = None) -> list[_R]:
-    """``[fn(item) for item in items]`` on ``workers`` threads, faiss single-threaded in each.
+    """``[fn(item) for item in items]`` on ``workers`` threads, faiss and torch single-threaded in each.
 
-    faiss releases the GIL while it computes, so the threads run in parallel. The results
+    faiss and torch release the GIL while they compute, so the threads run in parallel. torch's
+    thread count is process-wide: it is one while the tasks run and restored afterwards. The results
     come back in the order of ``items`` and do not depend on the number of workers.
     """
     workers = min(len(items), workers or worker_threads()) or 1
-    with ThreadPoolExecutor(workers, initializer=faiss.omp_set_num_threads, initargs=(1,)) as pool:
-        return list(pool.map(fn, items))
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, initializer=faiss.omp_set_num_threads, initargs=(1,)) as pool:
+            return list(pool.map(fn, items))
+    finally:
+        torch.set_num_threads(torch_threads)
 
 
 ROW_BLOCK = 65536  # rows per block when checking, converting or normalising features
@@ -103,15 +110,29 @@ def as_features(x: Any, *, name: str = "x", normalize: bool = False) -> np.ndarr
     return out
 
 
-def whiten(x: np.ndarray, dims: int, *, normalize: bool, seed: int = 0) -> np.ndarray:
+WHITEN_FIT_ROWS = 100_000  # rows the whitening PCA is fitted on (a seeded sample above this)
+
+
+def whiten(x: np.ndarray, dims: int, *, normalize: bool, seed: int = 0,
+           fit_rows: Optional[int] = WHITEN_FIT_ROWS) -> np.ndarray:
     """(N, D) -> (N, min(dims, D, N)) float32: PCA-whitened (unit variance along each principal direction,
     scikit-learn's ``PCA(whiten=True)``), then L2-normalised again with ``normalize``. A direction that
-    holds most of the variance (image brightness, stain) then weighs no more in k-means than the rest."""
+    holds most of the variance (image brightness, stain) then weighs no more in k-means than the rest.
+
+    The PCA is fitted in float64 on a seeded sample of ``fit_rows`` rows (``None``: every row) and applied
+    65,536 rows at a time, so beside ``x`` only the float32 result is held, however large N is."""
     from sklearn.decomposition import PCA
 
-    dims = min(dims, x.shape[1], x.shape[0])
-    out = PCA(n_components=dims, whiten=True, random_state=seed).fit_transform(x.astype(np.float64))
-    return as_features(out, normalize=normalize)
+    n = x.shape[0]
+    dims = min(dims, x.shape[1], n)
+    sample = training_sample(n, fit_rows, seed=seed)
+    pca = PCA(n_components=dims, whiten=True, random_state=seed)
+    pca.fit(np.asarray(x[sample] if sample is not None else x, dtype=np.float64))
+    out = np.empty((n, dims), dtype=np.float32)
+    for start in range(0, n, ROW_BLOCK):
+        out[start:start + ROW_BLOCK] = as_features(pca.transform(np.asarray(x[start:start + ROW_BLOCK],
+                                                                            dtype=np.float64)), normalize=normalize)
+    return out
 
 
 def resolve_gpu(gpu: bool | None) -> bool:

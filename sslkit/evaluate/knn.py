@@ -9,63 +9,54 @@ when one is available.
 
 Two searches:
 
-- **exact** (:func:`knn_predict`): every query against every bank row with faiss's brute-force
-  ``knn_inner_product`` (BLAS), reading the normalised bank in place (no index copy on CPU).
-  Its cost is 2 * M * N * D flops, bounded by the CPU's matrix-multiply peak: a leave-one-out
-  pass over 1,000,000 rows of 128 dimensions is 2.6e14 flops, about 70 minutes on 2 shared cores
-  (``bench/knn.py``).
+- **exact** (:func:`knn_predict`): every query against every bank row as matrix products whose
+  tiles are reduced to each query's top k without a heap scan of every similarity
+  (:func:`~sslkit.evaluate.search.exact_search`), reading the normalised bank in place (no index
+  copy on CPU); on a GPU a flat faiss index. Its cost is 2 * M * N * D flops, bounded by the
+  CPU's matrix-multiply peak: a leave-one-out pass over 1,000,000 rows of 128 dimensions is
+  2.6e14 flops, a quarter of an hour or more on 2 cores (``bench/knn.py``).
 - **approximate** (:func:`knn_eval` with ``exact_max`` below N, ``sslkit evaluate`` above
-  ``eval.knn_exact_max``): on CPU a faiss ``IndexHNSWFlat`` graph (inner product, 16 links per
-  node, ``efConstruction`` 40), on a GPU (or with ``index="ivf"``) an ``IndexIVFFlat`` with
-  nlist = 4 sqrt(N) lists trained on a seeded sample. The search breadth (HNSW's ``efSearch``,
-  from 32, x 1.5 at each try; IVF's ``nprobe``, doubled from 8) is the smallest whose recall@k against exact
-  search reaches ``target_recall`` on a seeded sample of queries; the recall is then measured
-  again on a second, disjoint sample and reported. The index holds one float32 copy of the bank
-  (IVF: rows normalised block by block on the way in; HNSW: from one normalised copy, released
-  once the graph is built). HNSW rather than IVF on CPU: the IVF scan
-  reads every probed list from memory for each query, and at the probes a 0.95 recall needs on
-  1M x 128 it was only 2x faster than the exact search (``bench/RESULTS.md``); the graph visits a
-  few thousand rows per query. The graph is built on faiss's threads, so the order of insertion,
-  and with it the last digits of the recall and the votes, can differ between runs unless faiss
-  runs on one thread (``OMP_NUM_THREADS=1``).
+  ``eval.knn_exact_max``), leave-one-out only: on CPU the search by lists of
+  :class:`~sslkit.evaluate.search.ListSearch` (about sqrt(N) spherical k-means lists; a list's
+  members search together, as matrix products, the union of each member's ``probe`` nearest
+  lists); on a GPU (or with ``index="ivf"``) a faiss ``IndexIVFFlat`` with nlist = 4 sqrt(N)
+  lists trained on a seeded sample; ``index="hnsw"`` a faiss ``IndexHNSWFlat`` graph (16 links
+  per node, ``efConstruction`` 40). The search breadth (``probe``, doubled from 2; IVF's
+  ``nprobe``, doubled from 8; HNSW's ``efSearch``, from 32, x 1.5 at each try) is the smallest
+  whose recall@k against exact search reaches ``target_recall`` on a seeded sample of queries;
+  the recall is then measured again on a second, disjoint sample and reported. Each holds one
+  float32 copy of the bank (lists: normalised and gathered block by block in list order; IVF:
+  normalised block by block on the way in; HNSW: from one normalised copy, released once the
+  graph is built). Why lists on CPU: an IVF scan reads every probed list from memory for each
+  query, and at the probes a 0.95 recall needs on 1M x 128 it was only 2x faster than exact
+  search; an HNSW graph reached 0.95 at 13x per query, but building it took longer than a
+  quarter of the exact search it replaced; searching a list's members together keeps the work
+  in matrix products (``bench/RESULTS.md``). HNSW's graph is built on faiss's threads, so its
+  recall and votes can differ in the last digits between runs unless faiss runs on one thread
+  (``OMP_NUM_THREADS=1``); the other two are seeded and repeat exactly.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import faiss
 import numpy as np
 
-from sslkit.evaluate.cluster import ROW_BLOCK, as_features, resolve_gpu, thread_map, training_sample
+from sslkit.evaluate.cluster import ROW_BLOCK, as_features, resolve_gpu, thread_map, training_sample, worker_threads
+from sslkit.evaluate.search import ListSearch, exact_search, unit_rows
 
 __all__ = ["knn_predict", "knn_eval", "knn_recall"]
 
-_DEFAULT_CHUNK = 4096  # queries per chunk: faiss's own block, and ~50 tasks for 200k queries
+_DEFAULT_CHUNK = 4096  # queries per chunk: two query blocks of the exact search, ~50 tasks for 200k queries
 _FIRST_NPROBE = 8  # lists probed first while choosing nprobe; doubled until the recall target is met
+_FIRST_PROBE = 2  # each query's nearest lists searched first by the search by lists; doubled likewise
 _HNSW_M = 16  # graph links per node: recall 0.97 at efSearch 64 on 1M x 128, about half HNSW32's build time
 _HNSW_EF_CONSTRUCTION = 40  # faiss's default
 _FIRST_EF, _LAST_EF = 32, 4096  # efSearch tried first while choosing it (x 1.5 each time), and the most tried
 _TRAIN_PER_LIST = 64  # IVF training sample: rows per list (faiss asks for at least 39)
-# faiss multiplies (query block x 1,024 bank rows) and then scans that tile into the k-heaps. Its default
-# query block of 4,096 makes a 16 MB tile per thread, which leaves the caches before the scan reads it;
-# 1,024 queries (a 4 MB tile) ran the exact search 20-30 % faster on 2 cores (bench/RESULTS.md). The
-# neighbours found do not depend on the block.
-_QUERY_BLOCK = 1024
-
-
-@contextmanager
-def _query_block() -> Iterator[None]:
-    """faiss's brute-force search with ``_QUERY_BLOCK`` queries per BLAS block, restored afterwards."""
-    before = faiss.cvar.distance_compute_blas_query_bs
-    faiss.cvar.distance_compute_blas_query_bs = _QUERY_BLOCK
-    try:
-        yield
-    finally:
-        faiss.cvar.distance_compute_blas_query_bs = before
 
 
 def _as_class_indices(y: Any, *, name: str, n: int) -> np.ndarray:
@@ -126,7 +117,7 @@ def _check_knn_args(bank: np.ndarray, labels: np.ndarray, query: np.ndarray, *, 
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}.")
     if chunk_size is None:
-        chunk_size = max(_DEFAULT_CHUNK, -(-int(faiss.cvar.distance_compute_blas_threshold) // d))
+        chunk_size = _DEFAULT_CHUNK
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     if num_classes is None:
@@ -159,12 +150,10 @@ def knn_predict(
         tau: temperature of the vote weights ``exp(sim / tau)``; > 0.
         num_classes: C; default ``bank_y.max() + 1``.
         leave_one_out: search k + 1 neighbours and drop each query's own bank index.
-        chunk_size: queries searched and voted per chunk (bounds memory; the result
-            does not depend on it). Default 4,096, raised where needed to
-            ``faiss.cvar.distance_compute_blas_threshold / D`` (1,000 at D = 128):
-            faiss uses BLAS only for chunks that large and is about 5x slower per query
-            below. Larger chunks gain nothing (faiss multiplies in blocks of 4,096
-            queries) and leave threads idle when the queries are few.
+        chunk_size: queries searched and voted per chunk, one thread each (bounds memory;
+            the result depends on it only through the float32 rounding of the products).
+            Default 4,096: two blocks of 2,048 queries that share each block of bank rows
+            while it is in cache; larger chunks leave threads idle when the queries are few.
         gpu: ``None`` uses a faiss GPU when one is available, ``False`` never does,
             ``True`` requires one.
 
@@ -185,10 +174,8 @@ def knn_predict(
                                               leave_one_out=leave_one_out, chunk_size=chunk_size)
     use_gpu = resolve_gpu(gpu)
     search = _exact_searcher(bank, k + int(leave_one_out), gpu=use_gpu)
-    with _query_block():
-        scores = _vote_chunks(search, lambda start, stop: query[start:stop], query.shape[0], labels, tau=tau,
-                              num_classes=num_classes, leave_one_out=leave_one_out, chunk_size=chunk_size,
-                              gpu=use_gpu)
+    scores = _vote_chunks(search, lambda start, stop: query[start:stop], query.shape[0], labels, tau=tau,
+                          num_classes=num_classes, leave_one_out=leave_one_out, chunk_size=chunk_size, gpu=use_gpu)
     return scores.argmax(axis=1).astype(np.int64), scores
 
 
@@ -198,14 +185,14 @@ Search = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # (q, D) unit ro
 def _exact_searcher(bank: np.ndarray, n_search: int, *, gpu: bool) -> Search:
     """Brute-force inner-product search of ``n_search`` neighbours in the (N, D) unit rows ``bank``.
 
-    On CPU through faiss's ``knn_inner_product`` on the array itself: what ``IndexFlatIP.search``
-    runs, without the copy of the bank an index would hold. On a GPU through a flat GPU index."""
+    On CPU through :func:`~sslkit.evaluate.search.exact_search` on the array itself (no copy of the
+    bank). On a GPU through a flat faiss GPU index."""
     if gpu:
         index = faiss.IndexFlatIP(bank.shape[1])
         index.add(bank)
         gpu_index = faiss.index_cpu_to_all_gpus(index)
         return lambda query: gpu_index.search(query, n_search)
-    return lambda query: faiss.knn(query, bank, n_search, metric=faiss.METRIC_INNER_PRODUCT)
+    return lambda query: exact_search(query, bank, n_search)
 
 
 def _vote_chunks(search: Search, queries: Callable[[int, int], np.ndarray], m: int, labels: np.ndarray, *,
@@ -225,20 +212,20 @@ def _vote_chunks(search: Search, queries: Callable[[int, int], np.ndarray], m: i
         for bounds in even_chunks(m, chunk_size):
             search_and_vote(bounds)
     else:
-        thread_map(search_and_vote, even_chunks(m, chunk_size))  # concurrent searches are safe on CPU
+        thread_map(search_and_vote, even_chunks(m, chunk_size, workers=worker_threads()))  # safe on CPU
     if not np.all(np.isfinite(scores)):
         raise ValueError(f"tau={tau} is too small: exp(sim / tau) overflows; use tau >= 0.002.")
     return scores
 
 
-def even_chunks(m: int, chunk_size: int) -> list[tuple[int, int]]:
-    """(start, stop) of ceil(m / chunk_size) chunks of as equal sizes as can be, none above ``chunk_size``.
-
-    Equal, not ``chunk_size`` and a remainder: a remainder below faiss's BLAS threshold (1,000 queries
-    at D = 128) would be searched about 5x slower per query than the rest (5,000 queries in chunks of
-    4,096 and 904 took longer than in two of 2,500)."""
+def even_chunks(m: int, chunk_size: int, *, workers: int = 1) -> list[tuple[int, int]]:
+    """(start, stop) of chunks of as equal sizes as can be, none above ``chunk_size``: ceil(m / chunk_size)
+    of them, rounded up to a multiple of ``workers`` (while every chunk keeps a row), so that no thread
+    is left with one chunk more than the others (5 chunks on 2 threads keep one idle for a sixth of the
+    time). Equal, not ``chunk_size`` and a remainder, so no chunk is a sliver."""
     count = -(-m // chunk_size)
-    edges = [m * i // count for i in range(count + 1)]
+    count = min(m, -(-count // workers) * workers) if m else 0
+    edges = [m * i // count for i in range(count + 1)] if count else [0]
     return list(zip(edges[:-1], edges[1:]))
 
 
@@ -254,12 +241,6 @@ def knn_recall(approx_ids: Any, exact_ids: Any) -> float:
     return float(found.mean())
 
 
-def _unit_rows(x: np.ndarray, rows: Optional[np.ndarray] = None, start: int = 0, stop: Optional[int] = None
-               ) -> np.ndarray:
-    """L2-normalised float32 copy of ``x[rows]`` or ``x[start:stop]``: one block, not the whole array."""
-    return as_features(x[rows] if rows is not None else x[start:stop], normalize=True)
-
-
 def _ivf_index(x: np.ndarray, *, seed: int, gpu: bool) -> tuple[Any, int]:
     """An ``IndexIVFFlat`` (inner product) over the unit rows of ``x`` and its number of lists: 4 sqrt(N),
     at most N / 39 (faiss's least training rows per list), trained on a seeded sample of 64 rows per list
@@ -269,46 +250,68 @@ def _ivf_index(x: np.ndarray, *, seed: int, gpu: bool) -> tuple[Any, int]:
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = int(seed) % 2**31
     sample = training_sample(n, _TRAIN_PER_LIST * nlist, seed=seed)
-    index.train(_unit_rows(x, sample) if sample is not None else _unit_rows(x))
+    index.train(unit_rows(x, sample) if sample is not None else unit_rows(x))
     for start in range(0, n, ROW_BLOCK):
-        index.add(_unit_rows(x, start=start, stop=start + ROW_BLOCK))
+        index.add(unit_rows(x, start=start, stop=start + ROW_BLOCK))
     return (faiss.index_cpu_to_all_gpus(index) if gpu else index), nlist
 
 
 def _exact_neighbours(x: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
     """(q, k) bank ids of the k exact nearest neighbours (cosine, leave-one-out) of the bank rows ``rows``,
     searched block by block through the bank (each block normalised on its own) and merged."""
-    queries, n_search = _unit_rows(x, rows), k + 1
+    queries, n_search = unit_rows(x, rows), k + 1
 
     def block(start: int) -> tuple[np.ndarray, np.ndarray]:
-        sims, idx = faiss.knn(queries, _unit_rows(x, start=start, stop=start + ROW_BLOCK), n_search,
-                              metric=faiss.METRIC_INNER_PRODUCT)
-        return sims, np.where(idx >= 0, idx + start, -1)  # -1: a block with fewer rows than n_search
+        bank = unit_rows(x, start=start, stop=start + ROW_BLOCK)
+        sims, idx = exact_search(queries, bank, min(n_search, bank.shape[0]))
+        return sims, idx + start
 
     heap = faiss.ResultHeap(len(rows), n_search, keep_max=True)
-    with _query_block():
-        blocks = thread_map(block, range(0, x.shape[0], ROW_BLOCK))
-    for sims, idx in blocks:
-        heap.add_result(sims, idx)
+    for sims, idx in thread_map(block, range(0, x.shape[0], ROW_BLOCK)):
+        pad = n_search - sims.shape[1]  # a last block with fewer rows than n_search
+        heap.add_result(np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf),
+                        np.pad(idx, ((0, 0), (0, pad)), constant_values=-1))
     heap.finalize()
     return _drop_self(heap.D, heap.I, self_ids=rows)[1]
 
 
+Neighbours = Callable[[np.ndarray, int], np.ndarray]  # (bank rows, breadth) -> (q, k) leave-one-out bank ids
+Scores = Callable[[int], np.ndarray]  # breadth -> (N, C) leave-one-out vote scores of every bank row
+
+
 class _Approximate(NamedTuple):
-    index: Any
-    search: str  # "hnsw" | "ivf": the knn block's "search"
-    knob: str  # the search-breadth parameter (faiss ParameterSpace name)
-    breadth_key: str  # the knn block's name for it
+    search: str  # "lists" | "hnsw" | "ivf": the knn block's "search"
+    breadth_key: str  # the knn block's name for the search breadth
     growth: float  # each try multiplies the breadth by this
     first: int  # its first value tried, grown until the recall target is met
-    last: int  # its largest value (IVF: every list, an exact search)
+    last: int  # its largest value (lists, IVF: every list, an exact search)
     info: dict[str, Any]  # what else the knn block says about the index
+    neighbours: Neighbours
+    scores: Scores
 
     def grow(self, value: int) -> int:
         return math.ceil(value * self.growth)
 
 
-def _hnsw_index(x: np.ndarray, *, k: int) -> _Approximate:
+def _faiss_search(x: np.ndarray, index: Any, knob: str, *, k: int, gpu: bool, vote: dict[str, Any]
+                  ) -> tuple[Neighbours, Scores]:
+    """The ``neighbours`` and ``scores`` of a faiss index whose search breadth is the parameter ``knob``."""
+
+    def neighbours(rows: np.ndarray, value: int) -> np.ndarray:
+        _set_parameter(index, knob, value, gpu=gpu)
+        sims, idx = index.search(unit_rows(x, rows), k + 1)
+        return _drop_self(sims, idx, self_ids=rows)[1]
+
+    def scores(value: int) -> np.ndarray:
+        _set_parameter(index, knob, value, gpu=gpu)
+        search: Search = lambda query: index.search(query, k + 1)  # noqa: E731
+        return _vote_chunks(search, lambda start, stop: unit_rows(x, start=start, stop=stop), x.shape[0],
+                            leave_one_out=True, chunk_size=_DEFAULT_CHUNK, gpu=gpu, **vote)
+
+    return neighbours, scores
+
+
+def _hnsw_index(x: np.ndarray, *, k: int, vote: dict[str, Any]) -> _Approximate:
     """An ``IndexHNSWFlat`` (inner product) over the unit rows of ``x``.
 
     All rows go in with one ``add``: a graph filled block by block (65,536 rows a call) capped the recall@20
@@ -316,61 +319,91 @@ def _hnsw_index(x: np.ndarray, *, k: int) -> _Approximate:
     copy of ``x`` exists beside the index's own while the graph is built, and is released after."""
     index = faiss.IndexHNSWFlat(x.shape[1], _HNSW_M, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = _HNSW_EF_CONSTRUCTION
-    index.add(_unit_rows(x))
+    index.add(unit_rows(x))
     # efSearch grows by half per try: its cost is about linear in it, and at 1M x 128 recall@20 0.95 lay
     # between 32 and 64
-    return _Approximate(index, "hnsw", "efSearch", "ef_search", 1.5, max(_FIRST_EF, k + 1), max(_LAST_EF, k + 1),
-                        {"hnsw_m": _HNSW_M})
+    return _Approximate("hnsw", "ef_search", 1.5, max(_FIRST_EF, k + 1), max(_LAST_EF, k + 1), {"hnsw_m": _HNSW_M},
+                        *_faiss_search(x, index, "efSearch", k=k, gpu=False, vote=vote))
 
 
-def _approximate_index(x: np.ndarray, *, kind: str, k: int, seed: int, gpu: bool) -> _Approximate:
-    """The index ``kind`` ("auto": HNSW on CPU, IVF on a GPU, where faiss has no HNSW)."""
-    if kind not in ("auto", "hnsw", "ivf"):
-        raise ValueError(f"index must be 'auto', 'hnsw' or 'ivf', got {kind!r}.")
-    if kind == "hnsw" and gpu:
-        raise ValueError("faiss has no HNSW index on the GPU; use index='ivf' or 'auto'.")
-    if kind == "hnsw" or (kind == "auto" and not gpu):
-        return _hnsw_index(x, k=k)
+def _list_index(x: np.ndarray, *, k: int, seed: int, vote: dict[str, Any]) -> _Approximate:
+    """The search list by list of :class:`~sslkit.evaluate.search.ListSearch`: its breadth is ``probe``, each
+    query's nearest lists that are surely searched."""
+    lists = ListSearch(x, seed=seed)
+
+    def neighbours(rows: np.ndarray, value: int) -> np.ndarray:
+        out = np.empty((len(rows), k), dtype=np.int64)
+        where = lists.list_of[rows]
+
+        def one_list(lst: int) -> None:
+            mine = np.nonzero(where == lst)[0]
+            sims, idx, _ = lists.search_list(lst, value, k + 1, positions=lists.position[rows[mine]])
+            out[mine] = _drop_self(sims, idx, self_ids=rows[mine])[1]
+
+        thread_map(one_list, np.unique(where).tolist())
+        return out
+
+    def scores(value: int) -> np.ndarray:
+        out = np.empty((x.shape[0], vote["num_classes"]), dtype=np.float64)
+        searched = np.zeros(lists.nlist, dtype=np.int64)
+
+        def one_list(lst: int) -> None:
+            sims, idx, searched[lst] = lists.search_list(lst, value, k + 1)
+            members = lists.order[lists.members(lst)]
+            sims, idx = _drop_self(sims, idx, self_ids=members)
+            out[members] = _weighted_vote(sims, vote["labels"][idx], tau=vote["tau"], num_classes=vote["num_classes"])
+
+        thread_map(one_list, [lst for lst in range(lists.nlist) if lists.offsets[lst + 1] > lists.offsets[lst]])
+        # the share of the n x n products an exact search computes that this one computed
+        info["searched_share"] = float(searched @ np.diff(lists.offsets)) / float(x.shape[0]) ** 2
+        return out
+
+    info: dict[str, Any] = {"nlist": int(lists.nlist)}
+    return _Approximate("lists", "probe", 2.0, min(_FIRST_PROBE, lists.nlist), lists.nlist, info, neighbours, scores)
+
+
+def _approximate_index(x: np.ndarray, *, kind: str, k: int, seed: int, gpu: bool, vote: dict[str, Any]
+                       ) -> _Approximate:
+    """The search ``kind`` ("auto": by lists on CPU, IVF on a GPU)."""
+    if kind not in ("auto", "lists", "hnsw", "ivf"):
+        raise ValueError(f"index must be 'auto', 'lists', 'hnsw' or 'ivf', got {kind!r}.")
+    if kind in ("hnsw", "lists") and gpu:
+        raise ValueError(f"index={kind!r} runs on CPU only; use index='ivf' or 'auto' with a GPU.")
+    if kind == "hnsw":
+        return _hnsw_index(x, k=k, vote=vote)
+    if kind == "lists" or (kind == "auto" and not gpu):
+        return _list_index(x, k=k, seed=seed, vote=vote)
     index, nlist = _ivf_index(x, seed=seed, gpu=gpu)
-    return _Approximate(index, "ivf", "nprobe", "nprobe", 2.0, min(_FIRST_NPROBE, nlist), nlist,
-                        {"nlist": int(nlist)})
+    return _Approximate("ivf", "nprobe", 2.0, min(_FIRST_NPROBE, nlist), nlist, {"nlist": int(nlist)},
+                        *_faiss_search(x, index, "nprobe", k=k, gpu=gpu, vote=vote))
 
 
-def _tune(x: np.ndarray, approx: _Approximate, *, k: int, gpu: bool, seed: int, target_recall: float,
+def _tune(x: np.ndarray, approx: _Approximate, *, k: int, seed: int, target_recall: float,
           recall_queries: int) -> tuple[int, float, int]:
-    """Set ``approx.index`` to the smallest search breadth (``approx.first``, then grown) whose recall@k against
-    exact search reaches ``target_recall`` on ``recall_queries`` seeded bank rows; return that breadth, the
-    recall@k measured on as many other rows (which did not choose it) and their number."""
+    """The smallest search breadth (``approx.first``, then grown) whose recall@k against exact search reaches
+    ``target_recall`` on ``recall_queries`` seeded bank rows; with the recall@k measured at it on as many
+    other rows (which did not choose it) and their number."""
     n = x.shape[0]
     picks = np.random.default_rng(seed).choice(n, size=min(n, 2 * recall_queries), replace=False)
     tune, check = np.sort(picks[: len(picks) // 2]), np.sort(picks[len(picks) // 2:])
     truth = _exact_neighbours(x, np.concatenate([tune, check]), k)
-
-    def neighbours(rows: np.ndarray) -> np.ndarray:
-        sims, idx = approx.index.search(_unit_rows(x, rows), k + 1)
-        return _drop_self(sims, idx, self_ids=rows)[1]
-
     value = approx.first
-    while True:
-        _set_parameter(approx.index, approx.knob, value, gpu=gpu)
-        if value >= approx.last or knn_recall(neighbours(tune), truth[: len(tune)]) >= target_recall:
-            break
+    while value < approx.last and knn_recall(approx.neighbours(tune, value), truth[: len(tune)]) < target_recall:
         value = min(approx.grow(value), approx.last)
-    return value, knn_recall(neighbours(check), truth[len(tune):]), len(check)
+    return value, knn_recall(approx.neighbours(check, value), truth[len(tune):]), len(check)
 
 
 def _approximate_loo(x: np.ndarray, labels: np.ndarray, *, k: int, tau: float, num_classes: int, gpu: bool,
                      seed: int, target_recall: float, recall_queries: int, index: str = "auto",
                      ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Leave-one-out kNN predictions of the (N, D) rows ``x`` through an approximate index (module
-    docstring), and what the ``knn`` block says about the search: the index, its search breadth,
-    recall@k and its query count."""
-    approx = _approximate_index(x, kind=index, k=k, seed=seed, gpu=gpu)
-    value, recall, checked = _tune(x, approx, k=k, gpu=gpu, seed=seed, target_recall=target_recall,
+    """Leave-one-out kNN predictions of the (N, D) rows ``x`` through an approximate search (module
+    docstring), and what the ``knn`` block says about it: the search, its breadth, recall@k and its
+    query count."""
+    vote = {"labels": labels, "tau": tau, "num_classes": num_classes}
+    approx = _approximate_index(x, kind=index, k=k, seed=seed, gpu=gpu, vote=vote)
+    value, recall, checked = _tune(x, approx, k=k, seed=seed, target_recall=target_recall,
                                    recall_queries=recall_queries)
-    search: Search = lambda query: approx.index.search(query, k + 1)  # noqa: E731
-    scores = _vote_chunks(search, lambda start, stop: _unit_rows(x, start=start, stop=stop), x.shape[0], labels,
-                          tau=tau, num_classes=num_classes, leave_one_out=True, chunk_size=_DEFAULT_CHUNK, gpu=gpu)
+    scores = approx.scores(value)
     return scores.argmax(axis=1).astype(np.int64), {
         "search": approx.search, **approx.info, approx.breadth_key: int(value),
         "recall_at_k": recall, "recall_queries": int(checked), "recall_target": float(target_recall)}
@@ -409,16 +442,18 @@ def knn_eval(
         k, tau, gpu: as in :func:`knn_predict`.
         exact_max: leave-one-out on more than this many rows searches an approximate index;
             ``None``: always exact. A separate query set is always searched exactly.
-        seed: seeds the IVF training sample and the recall queries.
+        seed: seeds the k-means of the lists, the IVF training sample and the recall queries.
         target_recall: the recall@k on the tuning queries that decides the search breadth.
         recall_queries: queries the reported recall@k is measured on (and as many tune the breadth).
-        index: the approximate index: ``"auto"`` (HNSW on CPU, IVF on a GPU), ``"hnsw"`` or ``"ivf"``.
+        index: the approximate search: ``"auto"`` (by lists on CPU, IVF on a GPU), ``"lists"``, ``"hnsw"``
+            or ``"ivf"``.
 
     Returns:
         ``{"top1": accuracy in [0, 1], "k": k, "search": "exact"}``; an approximate search says
-        ``"search": "hnsw"`` with ``hnsw_m`` and ``ef_search``, or ``"search": "ivf"`` with ``nlist``
-        and ``nprobe``, and adds ``recall_at_k`` (against exact search), ``recall_queries`` and
-        ``recall_target``.
+        ``"search": "lists"`` with ``nlist``, ``probe`` and ``searched_share`` (the share of an exact
+        search's products it computed), ``"search": "hnsw"`` with ``hnsw_m`` and ``ef_search``, or
+        ``"search": "ivf"`` with ``nlist`` and ``nprobe``, and adds ``recall_at_k`` (against exact
+        search), ``recall_queries`` and ``recall_target``.
     """
     if (query_x is None) != (query_y is None):
         raise ValueError("pass query_x and query_y together, or neither for leave-one-out on the bank.")

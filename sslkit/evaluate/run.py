@@ -314,8 +314,10 @@ def _scale_notes(results: dict[str, Any]) -> list[str]:
     """Table lines for what large sets change: an approximate kNN search, baselines on a sample."""
     lines, knn = [], results["knn"]
     if knn.get("search", "exact") != "exact":
-        breadth = (f"efSearch {knn['ef_search']}" if knn["search"] == "hnsw"
-                   else f"{knn['nprobe']} of {knn['nlist']} lists probed")
+        breadth = {"hnsw": lambda: f"efSearch {knn['ef_search']}",
+                   "lists": lambda: (f"{knn['nlist']} lists, each crop's {knn['probe']} nearest searched, "
+                                     f"{100 * knn['searched_share']:.1f} % of the pairs compared"),
+                   }.get(knn["search"], lambda: f"{knn['nprobe']} of {knn['nlist']} lists probed")()
         lines.append(f"kNN: approximate search ({knn['search']}, {breadth}), "
                      f"recall@{knn['k']} {knn['recall_at_k']:.3f} against exact search on {knn['recall_queries']} "
                      "sampled crops")

@@ -187,9 +187,10 @@ def test_normalize_does_not_modify_input_and_evaluate_embeddings_keys() -> None:
     assert out["knn"]["top1"] == pytest.approx(1.0)
 
 
-def test_whitening_gives_unit_covariance_and_finds_clusters_a_loud_direction_hides():
+def test_whitening_gives_unit_covariance_and_finds_clusters_a_loud_direction_hides(monkeypatch):
     from sklearn.metrics import adjusted_mutual_info_score
 
+    from sslkit.evaluate import cluster
     from sslkit.evaluate.cluster import whiten
 
     rng = np.random.default_rng(0)
@@ -205,6 +206,11 @@ def test_whitening_gives_unit_covariance_and_finds_clusters_a_loud_direction_hid
     whitened, _, _ = kmeans(white, k=2, restarts=3, seed=0)
     assert adjusted_mutual_info_score(labels, plain) < 0.05  # split along the nuisance
     assert adjusted_mutual_info_score(labels, whitened) > 0.8
+    # fitted on a 1,000-row sample and applied block by block: the same directions, unit variance to sampling error
+    monkeypatch.setattr(cluster, "ROW_BLOCK", 1500)
+    sampled = whiten(x, 3, normalize=False, fit_rows=1000)
+    np.testing.assert_allclose(np.cov(sampled, rowvar=False), np.eye(3), atol=0.12)
+    assert abs(np.corrcoef(sampled[:, 1], white[:, 1])[0, 1]) > 0.99  # the class direction (second), whitened
 
 
 def test_as_features_reads_memory_maps_in_place_and_normalises_block_by_block(tmp_path, monkeypatch):
@@ -226,3 +232,21 @@ def test_as_features_reads_memory_maps_in_place_and_normalises_block_by_block(tm
     bad[[3, 20, 21], 1] = np.nan
     with pytest.raises(ValueError, match="NaN or inf values in 3 of 50 rows"):
         as_features(bad, normalize=True)
+
+
+def test_thread_map_runs_torch_single_threaded_and_restores_it():
+    import torch
+
+    from sslkit.evaluate.cluster import thread_map
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = thread_map(lambda i: (i, torch.get_num_threads()), range(5), workers=2)
+        assert seen == [(i, 1) for i in range(5)]  # in order, one torch thread in each task
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ZeroDivisionError):
+            thread_map(lambda i: 1 // 0, [0])
+        assert torch.get_num_threads() == 2  # restored after a failing task too
+    finally:
+        torch.set_num_threads(before)

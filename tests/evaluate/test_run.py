@@ -133,8 +133,10 @@ def test_large_set_settings_approximate_knn_and_baseline_sample(evaluated, tmp_p
     printed = capsys.readouterr().out
     saved = json.loads((copy / "eval" / "metrics.json").read_text())
     knn = saved["knn"]
-    assert knn["search"] == "hnsw" and knn["recall_queries"] == 48 and knn["ef_search"] >= 32
-    # efSearch 32 or more on a graph of 96 rows visits every row: recall and top-1 are exact search's.
+    assert knn["search"] == "lists" and knn["recall_queries"] == 48 and knn["probe"] == knn["nlist"] == 2
+    # 96 rows make 2 lists (at least 39 rows each), and the first breadth searches both: every pair is
+    # compared, so recall and top-1 are exact search's.
+    assert knn["searched_share"] == pytest.approx(1.0)
     assert knn["recall_at_k"] == pytest.approx(1.0)
     assert knn["top1"] == pytest.approx(json.loads((run / "eval" / "metrics.json").read_text())["knn"]["top1"])
     assert f"recall@5 {knn['recall_at_k']:.3f} against exact search on 48 sampled crops" in printed
