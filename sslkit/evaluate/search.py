@@ -204,6 +204,7 @@ class ListSearch:
         self.position[self.order] = np.arange(n)
         self.list_of = nearest  # each bank row's list
         self._rows_t, self._order_t = as_tensor(self.rows), torch.from_numpy(self.order)
+        self._searched: dict[tuple[int, int], torch.Tensor] = {}
 
     def _nearest_lists(self, unit: torch.Tensor, probe: int) -> torch.Tensor:
         return torch.topk(unit @ self.centroids.T, min(probe, self.nlist), dim=1).indices
@@ -213,9 +214,16 @@ class ListSearch:
 
     def searched_lists(self, lst: int, probe: int) -> torch.Tensor:
         """The lists the members of ``lst`` search: the union of each member's ``probe`` nearest (and
-        ``lst`` itself, whatever rounding says about a member near a boundary)."""
-        nearest = self._nearest_lists(self._rows_t[self.members(lst)], probe)
-        return torch.unique(torch.cat([torch.tensor([lst]), nearest.flatten()]))
+        ``lst`` itself, whatever rounding says about a member near a boundary), ``lst`` first and then by
+        the similarity of their centroid to its centroid. Nearest first, the members' thresholds rise
+        at once and few similarities of the later lists pass them."""
+        if (lst, probe) not in self._searched:  # kept: the breadth choice and the pass ask again
+            nearest = self._nearest_lists(self._rows_t[self.members(lst)], probe)
+            lists = torch.unique(torch.cat([torch.tensor([lst]), nearest.flatten()]))
+            closeness = self.centroids[lists] @ self.centroids[lst]
+            closeness[lists == lst] = math.inf
+            self._searched[(lst, probe)] = lists[torch.argsort(closeness, descending=True)]
+        return self._searched[(lst, probe)]
 
     def _blocks(self, lists: list[int], gather: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The rows of ``lists`` and their bank ids: list by list, or, with ``gather``, copied into one array
