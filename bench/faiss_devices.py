@@ -1,11 +1,12 @@
-"""FAISS on the GPU against FAISS on the CPU: sslkit's k-means and kNN on the same 1M embeddings.
+"""sslkit's k-means and kNN on the GPU (faiss) against the CPU on the same 1M embeddings.
 
     python bench/faiss_devices.py [--n 1000000] [--queries 100000] [--d 128] [--classes 32] [--seed 0]
 
 Both sides run the library calls ``sslkit evaluate`` makes, with ``gpu=False`` and ``gpu=True``:
 ``kmeans`` with the ``EvalConfig()`` defaults (restarts, niter, training sample) on the L2-normalised
 rows, k = the number of classes, then ``knn_predict`` of ``--queries`` rows against the whole bank
-(exact search; the queries are drawn from the same classes, not from the bank). Data generation
+(exact search: a faiss flat index on the GPU, sslkit's pruned matrix-product search on the CPU;
+the queries are drawn from the same classes, not from the bank). Data generation
 is not timed (``bench/kmeans.py``'s generator). Prints each time, the AMI of both k-means runs
 and the share of equal kNN predictions, then last ``ratio=<CPU time / GPU time>`` for k-means
 and kNN together. Needs a faiss GPU build (``pip install 'sslkit[gpu]'``) and a visible GPU.

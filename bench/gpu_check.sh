@@ -11,7 +11,7 @@
 #   ccrl-r50+cl the same with model.channels_last=true                                             [50]
 #   train_step  bench/train_step.py --device cuda: sslkit CCRL/MoCo step against lightly's          [50]
 #   views       bench/views.py --device cuda: BatchViews on the GPU against the PIL back-end       [30]
-#   faiss       bench/faiss_devices.py: sslkit k-means and kNN, faiss GPU against faiss CPU, 1M x 128 [80]
+#   faiss       bench/faiss_devices.py: sslkit k-means and kNN, faiss GPU against the CPU path, 1M x 128 [80]
 # Training checks report pairs/s (median of the logged intervals after the first), data_wait_share
 # and peak GPU memory (metrics.jsonl's mem_peak_gb); the bench scripts their last line (ratio=...).
 #
