@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 import faiss
 import numpy as np
 import torch
 
-from sslkit.evaluate.cluster import ROW_BLOCK, as_features
+from sslkit.evaluate.cluster import ROW_BLOCK, as_features, training_sample
 
 __all__ = ["Scratch", "TopK", "exact_search", "ListSearch", "as_tensor", "unit_rows"]
 
@@ -167,12 +167,18 @@ def exact_search(queries: np.ndarray, bank: np.ndarray, k: int) -> tuple[np.ndar
 
     Runs on the calling thread with torch's current thread count (``thread_map`` makes it one)."""
     q_all, bank_t = as_tensor(np.ascontiguousarray(queries, dtype=np.float32)), as_tensor(bank)
+    blocks = ((bank_t[s:s + BANK_BLOCK], torch.arange(s, min(s + BANK_BLOCK, bank_t.shape[0])))
+              for s in range(0, bank_t.shape[0], BANK_BLOCK))
+    return _top_k(q_all, k, blocks)
+
+
+def _top_k(queries: torch.Tensor, k: int, blocks: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(q, k) similarities and ids of the ``queries`` against ``blocks`` of (bank rows, their ids): the query
+    blocks share one scratch tile and each bank block while it is in cache."""
     scratch = Scratch()
-    tops = [TopK(q_all[start:start + QUERY_BLOCK], k, scratch=scratch)
-            for start in range(0, q_all.shape[0], QUERY_BLOCK)]
-    for start in range(0, bank_t.shape[0], BANK_BLOCK):
-        block = bank_t[start:start + BANK_BLOCK]
-        ids = torch.arange(start, start + block.shape[0])
+    tops = [TopK(queries[start:start + QUERY_BLOCK], k, scratch=scratch)
+            for start in range(0, queries.shape[0], QUERY_BLOCK)]
+    for block, ids in blocks:
         for top in tops:
             top.add(block, ids)
     values, ids = zip(*(top.result() for top in tops))
@@ -188,10 +194,10 @@ class ListSearch:
     def __init__(self, x: np.ndarray, *, seed: int) -> None:
         n, d = x.shape
         self.nlist = max(1, min(round(math.sqrt(n)), n // 39 or 1))
-        sample = np.random.default_rng(seed).choice(n, size=min(n, _TRAIN_PER_LIST * self.nlist), replace=False)
+        sample = training_sample(n, _TRAIN_PER_LIST * self.nlist, seed=seed)
         kmeans = faiss.Kmeans(d, self.nlist, niter=10, spherical=True, seed=int(seed) % 2**31,
                               max_points_per_centroid=_TRAIN_PER_LIST)
-        kmeans.train(unit_rows(x, np.sort(sample)))
+        kmeans.train(unit_rows(x, sample))
         self.centroids = torch.from_numpy(np.ascontiguousarray(kmeans.centroids, dtype=np.float32))
         nearest = np.concatenate([self._nearest_lists(as_tensor(unit_rows(x, None, s, s + ROW_BLOCK)), 1)[:, 0].numpy()
                                   for s in range(0, n, ROW_BLOCK)])
@@ -241,14 +247,6 @@ class ListSearch:
         within it, which search the same lists), each row itself included, and how many bank rows
         each of them was compared with."""
         queries = self._rows_t[self.members(lst)] if positions is None else self._rows_t[torch.from_numpy(positions)]
-        scratch = Scratch()
-        tops = [TopK(queries[start:start + QUERY_BLOCK], k, scratch=scratch)
-                for start in range(0, queries.shape[0], QUERY_BLOCK)]
-        searched = 0
-        searched_lists = self.searched_lists(lst, probe).tolist()
-        for block, ids in self._blocks(searched_lists, gather=queries.shape[0] >= GATHER_MIN):
-            searched += block.shape[0]
-            for top in tops:
-                top.add(block, ids)
-        values, ids = zip(*(top.result() for top in tops))
-        return torch.cat(values).numpy(), torch.cat(ids).numpy(), searched
+        blocks = self._blocks(self.searched_lists(lst, probe).tolist(), gather=queries.shape[0] >= GATHER_MIN)
+        values, ids = _top_k(queries, k, blocks)
+        return values, ids, sum(block.shape[0] for block, _ in blocks)
