@@ -122,6 +122,20 @@ def local_slice(batch_size: int) -> slice:
     return slice(start, start + batch_size)
 
 
+@_no_grad
+def all_reduce_no_grad(x: Tensor, op: str = "sum") -> Tensor:
+    """``x`` summed ("sum") or its elementwise "max" / "min" over every rank, identical on every rank; a new
+    tensor (``x`` is left as it is), no gradient. With one process, a detached copy of ``x``."""
+    if op not in ("sum", "max", "min"):
+        raise ValueError(f"op must be 'sum', 'max' or 'min', not {op!r}")
+    out = x.detach().clone()
+    if is_distributed():
+        torch_dist = _torch_dist()
+        reduce_op = {"sum": torch_dist.ReduceOp.SUM, "max": torch_dist.ReduceOp.MAX, "min": torch_dist.ReduceOp.MIN}
+        torch_dist.all_reduce(out, op=reduce_op[op])
+    return out
+
+
 def all_true(flag: Tensor) -> bool:
     """True when ``flag`` (a () bool tensor on this rank's device) is true on every rank."""
     import torch
