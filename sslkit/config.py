@@ -70,6 +70,10 @@ class ViewsConfig:
     gamma: float = 0.0
     flips: bool = True
     vflip: bool = True  # with flips: vertical flips too (SupCAM flips horizontally only)
+    # multi-crop (dino): two global views at data.size (crop scale crop_scale) and local_crops smaller ones
+    local_crops: int = 8  # local views per image (dino); 0: the two global views only
+    local_size: int = 96  # output size of the local views, pixels
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])  # area fraction of a local view
 
 
 @dataclass
@@ -105,7 +109,7 @@ class ModelConfig:
 class MethodConfig:
     """All methods' parameters in one section; each method reads its own."""
 
-    name: str = "ccrl"  # one of sslkit.methods.registry.names(): ccrl | supcam | scl | simclr | autoencoder | finetune
+    name: str = "ccrl"  # sslkit.methods.registry.names(): ccrl | supcam | scl | simclr | autoencoder | finetune | dino
     tau: float = 0.07  # temperature: ccrl, supcam, simclr (SSCL: 0.7)
     queue_size: int = 65536  # ccrl, supcam (1,024)
     momentum: float = 0.999  # ccrl, supcam
@@ -135,6 +139,25 @@ class MethodConfig:
     arch: str = "conv"  # fc | conv | conv_pool | resnet (DCAE's models; conv is its best, no max-pool)
     latent: int = 64  # bottleneck size for fc; conv bottlenecks are their last feature map
     ae_norm: bool = True  # BatchNorm in the autoencoder layers
+    # dino (self-distillation; data.views gives the multi-crop views)
+    prototypes: int = 65536  # K: outputs of the DINO head's weight-normalised last layer
+    head_hidden: int = 2048  # DINO head: MLP hidden width
+    head_bottleneck: int = 256  # DINO head: bottleneck before the last layer
+    head_layers: int = 3  # DINO head: linear layers before the last one
+    norm_last_layer: bool = True  # last layer's weight rows kept at unit norm (false: their norm is learned)
+    freeze_last_layer_epochs: float = 1.0  # the last layer is not updated for this many epochs
+    teacher_momentum: list[float] = field(default_factory=lambda: [0.996, 1.0])  # start, end (cosine over the run)
+    student_temp: float = 0.1
+    teacher_temp: list[float] = field(default_factory=lambda: [0.04, 0.07])  # start, end of the warm-up
+    teacher_temp_warmup_epochs: float = 30.0  # linear warm-up of the teacher temperature
+    center_momentum: float = 0.9  # EMA of the teacher's centre
+    centering: str = "center"  # center (EMA centre) | sinkhorn_knopp (DINOv2)
+    ibot: bool = False  # masked patch-token distillation (ViT backbones)
+    ibot_weight: float = 1.0
+    ibot_separate_head: bool = False  # a patch head of its own (false: the DINO head)
+    mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])  # share of patches masked, per image
+    mask_share: float = 0.5  # share of global views that are masked
+    koleo_weight: float = 0.0  # KoLeo regulariser on the student's class tokens (DINOv2: 0.1)
 
 
 @dataclass
@@ -151,6 +174,9 @@ class OptimConfig:
     gamma: float = 0.1  # step schedule factor
     min_lr: float = 0.0
     grad_clip: Optional[float] = None
+    weight_decay_end: Optional[float] = None  # cosine schedule of the weight decay to this value; null: constant
+    layer_decay: float = 1.0  # layer-wise lr decay: block i of n gets lr x layer_decay^(n - i) (timm models)
+    patch_embed_lr_mult: float = 1.0  # lr multiplier of a ViT's patch embedding (DINOv2: 0.2)
 
 
 @dataclass
@@ -187,7 +213,7 @@ class TrainConfig:
 class EvalConfig:
     shards: Optional[str] = None  # default: data.shards
     encoder: str = "momentum"  # momentum | query
-    features: str = "backbone"  # backbone | projector
+    features: str = "backbone"  # backbone | projector | patches (a ViT's patch tokens, mean-pooled: dino)
     normalize: bool = True
     whiten: int = 0  # PCA-whiten the features to this many dimensions before k-means (then L2 again); 0: off
     k: Optional[int] = None  # k-means clusters; default: number of classes
@@ -258,7 +284,8 @@ CHOICES = {
     "train.alert.action": ("warn", "stop", "off"),
     "finetune.views": ("rotate", "views", "none"),
     "eval.encoder": ("momentum", "query"),
-    "eval.features": ("backbone", "projector"),
+    "eval.features": ("backbone", "projector", "patches"),
+    "method.centering": ("center", "sinkhorn_knopp"),
     "eval.projection": ("umap", "tsne"),
     "tracker.name": ("wandb", "tensorboard", "none"),
     "tracker.mode": ("offline", "online"),
@@ -288,6 +315,14 @@ RANGES = {
     "eval.knn_tau": "(0, inf)", "eval.knn_exact_max": "[1, inf)", "eval.baseline_samples": "[1, inf)",
     "eval.batch_size": "[1, inf)", "eval.max_samples": "[1, inf)", "eval.gallery": "[0, inf)",
     "finetune.label_smoothing": "[0, 1)",
+    "data.views.local_crops": "[0, inf)", "data.views.local_size": "[8, inf)", "data.views.local_scale": "(0, 1]",
+    "method.prototypes": "[2, inf)", "method.head_hidden": "[1, inf)", "method.head_bottleneck": "[1, inf)",
+    "method.head_layers": "[1, inf)", "method.freeze_last_layer_epochs": "[0, inf)",
+    "method.teacher_momentum": "[0, 1]", "method.student_temp": "(0, inf)", "method.teacher_temp": "(0, inf)",
+    "method.teacher_temp_warmup_epochs": "[0, inf)", "method.center_momentum": "[0, 1]",
+    "method.ibot_weight": "[0, inf)", "method.mask_ratio": "[0, 1]", "method.mask_share": "[0, 1]",
+    "method.koleo_weight": "[0, inf)", "optim.weight_decay_end": "[0, inf)", "optim.layer_decay": "(0, 1]",
+    "optim.patch_embed_lr_mult": "[0, inf)",
 }
 MAX_VALUES = 100_000  # values a config may hold with YAML aliases expanded ("billion laughs" would hang the merge)
 _DOTTED_KEY = re.compile(r"[A-Za-z_]\w*(\.\w+)*")

@@ -49,7 +49,7 @@ from sslkit.data.shardset import ShardSet, resolve_shards
 from sslkit.errors import RunStopped
 from sslkit.health import embedding_health
 from sslkit.methods import build_method, method_class
-from sslkit.optim import build_lr_schedule, build_optimizer, set_lr
+from sslkit.optim import build_lr_schedule, build_optimizer, build_wd_schedule, set_lr, set_weight_decay
 from sslkit.tracking import RunLogger, tracker_backend
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,7 @@ class _Session:
     method: torch.nn.Module  # the unwrapped method: its hooks, checkpoints and evaluation
     optimizer: torch.optim.Optimizer
     lrs: Any  # learning rate of every optimizer step
+    wds: Any  # weight decay of every optimizer step (None: optim.weight_decay throughout)
     tracker: RunLogger
     batches_per_epoch: int
     ckpt_root: Path
@@ -253,9 +254,11 @@ def _start(cfg: Config, shards: ShardSet, out_dir: Path) -> _Session:
     steps_per_epoch = resolve_from_data(cfg, shards, batches_per_epoch=batches_per_epoch)
 
     model = _build_model(cfg, accelerator)
+    model.set_run_length(cfg.train.max_steps, steps_per_epoch)
     optimizer = build_optimizer(cfg.optim, model=model)
     lrs = build_lr_schedule(cfg.optim, total_steps=cfg.train.max_steps,
                             steps_per_epoch=steps_per_epoch if milestones_in_epochs(cfg) else None)
+    wds = build_wd_schedule(cfg.optim, total_steps=cfg.train.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     ckpt_root = out_dir / "checkpoints"
@@ -273,7 +276,7 @@ def _start(cfg: Config, shards: ShardSet, out_dir: Path) -> _Session:
     if accelerator.is_main_process:
         write_text(out_dir / "config.yaml", f"# git: {git_sha() or 'unknown'}\n" + to_yaml(cfg))
     faults = state.get("data_faults", {})
-    return _Session(cfg, accelerator, model, accelerator.unwrap_model(model), optimizer, lrs, tracker,
+    return _Session(cfg, accelerator, model, accelerator.unwrap_model(model), optimizer, lrs, wds, tracker,
                     batches_per_epoch, ckpt_root, int(state["step"]), faults,
                     time.perf_counter() - float(state.get("wall_time_s", 0.0)),
                     Alerts(cfg.train.alert, step=int(state["step"]), skipped=int(faults.get("skipped_steps", 0))))
@@ -287,6 +290,8 @@ def _optimizer_step(s: _Session, batches: Iterator[dict[str, Any]], make_inputs:
     cfg, accelerator, model, step = s.cfg, s.accelerator, s.model, s.step
     accum = cfg.train.grad_accum
     set_lr(s.optimizer, float(s.lrs[step]))
+    if s.wds is not None:
+        set_weight_decay(s.optimizer, float(s.wds[step]))
     finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
     for micro in range(accum):
         batch = guard.count(meter.next_batch(batches))
@@ -423,6 +428,7 @@ def apply_step(optimizer: torch.optim.Optimizer, method: torch.nn.Module, *, ste
     unscales), as the scaler's own skip would: without that the next step's unscale fails."""
     scaler = getattr(optimizer, "scaler", None)
     if ok:
+        getattr(method, "before_optimizer_step", lambda step: None)(step)
         optimizer.step()
         if not getattr(optimizer, "step_was_skipped", False):  # accelerate's flag for the scaler's skip
             method.after_optimizer_step(step)

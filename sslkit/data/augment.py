@@ -266,6 +266,22 @@ class BatchViews:
         key = self.branch(x, local=self.local["key"], generator=generator)
         return normalize(query), normalize(key)
 
+    def multi_crop(self, images: Tensor, *, generator: Optional[torch.Generator] = None
+                   ) -> tuple[list[Tensor], list[Tensor]]:
+        """uint8 batch (B, C, H, W) -> 2 global views (B, C, H, W) and ``cfg.local_crops`` local views
+        (B, C, local_size, local_size), float32 normalised: DINO's multi-crop. A global view is a random
+        resized crop of area fraction ``crop_scale`` resampled to the input size, a local view one of
+        ``local_scale`` resampled to ``local_size``; each then takes this recipe's photometric ops. The
+        local views of the batch are made in one pass (B x local_crops samples), each with its own draws."""
+        x = self.unit(images)
+        views = [normalize(self.branch(x, local=True, generator=generator)) for _ in range(2)]
+        n, count = x.shape[0], self.cfg.local_crops
+        if count == 0:
+            return views, []
+        local = self.branch(x.repeat(count, 1, 1, 1), local=True, generator=generator,
+                            scale=self.cfg.local_scale, size=self.cfg.local_size)
+        return views, list(normalize(local).split(n))
+
     def unit(self, images: Tensor) -> Tensor:
         """(B, C, H, W) uint8 (or float in [0, 1]) -> float32 in [0, 1], shape checked."""
         if images.ndim != 4 or images.shape[1] != self.channels:
@@ -280,10 +296,12 @@ class BatchViews:
     def _coin(self, n: int, p: float, x: Tensor, g: Optional[torch.Generator]) -> Tensor:
         return torch.rand(n, generator=g, device=x.device) < p
 
-    def branch(self, x: Tensor, *, local: bool, generator: Optional[torch.Generator] = None) -> Tensor:
-        """(B, C, H, W) float in [0, 1] -> one augmented view, same shape, in [0, 1]."""
+    def branch(self, x: Tensor, *, local: bool, generator: Optional[torch.Generator] = None,
+               scale: Optional[list[float]] = None, size: Optional[int] = None) -> Tensor:
+        """(B, C, H, W) float in [0, 1] -> one augmented view in [0, 1], (B, C, size, size) (default: the
+        input's size); ``scale``: the crop's area fraction range (default ``cfg.crop_scale``)."""
         cfg, g, n = self.cfg, generator, x.shape[0]
-        x = warp(x, self.geometry(n, local=local, like=x, generator=g))
+        x = warp(x, self.geometry(n, local=local, like=x, generator=g, scale=scale), size=size)
         if cfg.hed > 0 and self.channels == 3:
             scale = self._uniform(n * 3, 1 - cfg.hed, 1 + cfg.hed, x, g).view(n, 3)
             shift = self._uniform(n * 3, -cfg.hed, cfg.hed, x, g).view(n, 3)
@@ -309,7 +327,8 @@ class BatchViews:
             x = torch.where(_per_sample(on), gaussian_blur(x, sigma, blur_kernel(cfg, x.shape[-1])), x)
         return x
 
-    def geometry(self, n: int, *, local: bool, like: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    def geometry(self, n: int, *, local: bool, like: Tensor, generator: Optional[torch.Generator] = None,
+                 scale: Optional[list[float]] = None) -> Tensor:
         """(n, 2, 3) affine maps from output to input coordinates (``F.affine_grid`` convention)."""
         cfg, g = self.cfg, generator
         ones = torch.ones(n, device=like.device)
@@ -317,7 +336,7 @@ class BatchViews:
             # redrawn up to 10 times while the box is wider or taller than the image, then the whole image
             # (as torchvision; clamping the box instead shifts area and aspect for ~16 % of the crops)
             tries = 10
-            area = self._uniform(n * tries, *cfg.crop_scale, like, g).view(n, tries)
+            area = self._uniform(n * tries, *(scale or cfg.crop_scale), like, g).view(n, tries)
             aspect = torch.exp(self._uniform(n * tries, math.log(3 / 4), math.log(4 / 3), like, g)).view(n, tries)
             w, h = torch.sqrt(area * aspect), torch.sqrt(area / aspect)  # half-extent in [-1, 1] units = fraction
             fits = (w <= 1) & (h <= 1)
@@ -339,9 +358,11 @@ class BatchViews:
         return torch.cat([a, torch.stack([cx, cy], 1).unsqueeze(2)], 2)
 
 
-def warp(x: Tensor, theta: Tensor) -> Tensor:
-    """Resample (B, C, H, W) through affine maps ``theta`` (B, 2, 3); outside pixels reflect the image."""
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+def warp(x: Tensor, theta: Tensor, size: Optional[int] = None) -> Tensor:
+    """Resample (B, C, H, W) through affine maps ``theta`` (B, 2, 3) to (B, C, size, size) (default: the input's
+    size); outside pixels reflect the image."""
+    shape = list(x.shape) if size is None else [*x.shape[:2], size, size]
+    grid = F.affine_grid(theta.to(x.dtype), shape, align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 

@@ -34,6 +34,11 @@ Hooks:
   loss sits there and every run starts near it; the engine logs it as ``loss_chance`` and the
   ``chance`` alert (``sslkit.alerts``) compares the loss with it. None (the default): the method
   has no such value and the rule does not judge it.
+- ``set_run_length(total_steps, steps_per_epoch)``: called by the engine before training, once the
+  run's length is known: for schedules the method keeps itself (DINO's teacher momentum and
+  temperature).
+- ``before_optimizer_step(step)``: after the gradients are reduced, before ``optimizer.step()``
+  (DINO drops its last layer's gradients while that layer is frozen).
 - ``after_optimizer_step(step)``: momentum update and queue push, after ``optimizer.step()``.
 - ``skip_step()``: forget what ``forward`` staged for ``after_optimizer_step``; called
   instead of it when the engine skips a step with a non-finite loss or gradient.
@@ -107,6 +112,12 @@ class Method(nn.Module, metaclass=ABCMeta):
     @abstractmethod
     def forward(self, batch: dict[str, Any]) -> StepOutput:
         """One training step's loss (and logs, and optionally the step's embeddings)."""
+
+    def set_run_length(self, total_steps: int, steps_per_epoch: int) -> None:
+        """No schedule of the method's own by default."""
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Nothing to change in the gradients by default."""
 
     def after_optimizer_step(self, step: int) -> None:
         """Nothing to update by default (no momentum encoder, no queue)."""

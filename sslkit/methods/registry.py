@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 from sslkit.errors import ConfigError
 
 # The built-in methods: each registers itself when its module sslkit.methods.<name> is imported.
-BUILTIN = ("ccrl", "supcam", "scl", "simclr", "autoencoder", "finetune")
+BUILTIN = ("ccrl", "supcam", "scl", "simclr", "autoencoder", "finetune", "dino")
 
 
 class Entry(NamedTuple):
