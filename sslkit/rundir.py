@@ -55,7 +55,7 @@ def load_trained(run_dir: str | Path, *, checkpoint: str = "auto") -> TrainedRun
     path = checkpoint_of(run_dir, checkpoint=checkpoint)
     state = read_state(path)
     cfg = from_dict(state["config"])
-    method = build_method(cfg)
+    method = build_method(cfg, init=False)  # the checkpoint holds every weight: model.init need not be there
     method.load_state_dict(load_file(str(path / "model.safetensors")))
     return TrainedRun(cfg, method.eval(), {**state, "checkpoint": str(path)})
 
