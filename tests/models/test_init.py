@@ -263,3 +263,22 @@ def test_an_autoencoder_from_its_exported_encoder(tmp_path, arch, kwargs):
                                           else "the top level")
     with pytest.raises(ConfigError, match="'model.pretrained' is true, but the autoencoder's encoder"):
         load_config(None, [*overrides, "model.pretrained=true"])
+
+
+class _RunsCode:
+    """Unpickled without weights_only, this would write the marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_runs_nothing(source, tmp_path):
+    _, _, path = source
+    marker, bad = tmp_path / "ran", tmp_path / "tampered.pth"
+    torch.save({"state_dict": load_file(str(path)), "extra": _RunsCode(str(marker))}, bad)
+    with pytest.raises(ConfigError, match=r"'model.init' is .*tampered.pth', which torch cannot read as tensors alone"):
+        build_method(_cfg(f"model.init={bad}"))
+    assert not marker.exists()
