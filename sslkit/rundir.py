@@ -6,6 +6,7 @@
       config.yaml                 the resolved config, for people (the checkpoint holds the one read back)
       metrics.jsonl               the training log, one JSON object per logged step
       alerts.jsonl                the train.alert rules that fired, one JSON object each (only if any did)
+      init.json                   where model.init's weights came from and which keys loaded (only with one)
       checkpoints/step-NNNNNNN/   model.safetensors, trainer_state.json (config, step, run id, git SHA)
                                   and Accelerate's optimizer and RNG state
       eval/                       what ``sslkit evaluate`` writes (metrics.json, arrays, figures)
