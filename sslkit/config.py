@@ -103,6 +103,11 @@ class ModelConfig:
     head_norm: bool = True  # BatchNorm in the hidden layer of the heads
     channels_last: bool = False  # see README: channels_last + CPU + checkpointing corrupted memory in torch 2.14
     sync_bn: bool = False  # SyncBatchNorm across ranks (GPUs only; on CPU use method.shuffle_bn)
+    # continued pretraining: the backbone's first weights, from a run directory, an exported .safetensors file or
+    # a PyTorch/timm checkpoint (.pth, .pt, .bin, .ckpt); null: random initialisation (sslkit.models.init)
+    init: Optional[str] = None
+    init_strict: bool = True  # true: every key of model.init must fit the backbone; false: load what fits, warn
+    pretrained: bool = False  # timm's published weights for model.backbone (from the Hugging Face cache offline)
 
 
 @dataclass
@@ -660,7 +665,20 @@ def validate(cfg: Config) -> None:
     if kernel != 0 and (kernel < 3 or kernel % 2 == 0):
         raise ConfigError(f"Config key 'data.views.blur_kernel' must be 0 (about a tenth of data.size) "
                           f"or an odd size of at least 3, got {kernel}.")
+    _check_init(cfg.model)
     _check_method(cfg)
+
+
+def _check_init(model: ModelConfig) -> None:
+    """One source for the backbone's first weights. Whether ``model.init`` exists is checked by
+    ``load_config`` (a new run) and where the weights are read, not here: ``validate`` also checks
+    stored configs (evaluation's overrides), whose init may have moved since the run trained."""
+    if model.init is not None and not model.init.strip():
+        raise ConfigError("Config key 'model.init' is an empty string; give a run directory, a .safetensors file or "
+                          "a checkpoint file, or null to start from a random initialisation.")
+    if model.pretrained and model.init is not None:
+        raise ConfigError(f"Config keys 'model.pretrained' (true) and 'model.init' ('{_clean(model.init)}') "
+                          "both give the backbone's first weights; set model.pretrained=false or model.init=null.")
 
 
 def _check_method(cfg: Config) -> None:
@@ -689,7 +707,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _check_tree(file[1], Config, "", source)
         merged = _merge(merged, file[1], source)
     cfg = _to_object(merged, lambda key: f"config file '{_clean(path)}'")
-    return _apply(cfg, overrides, file)
+    cfg = _apply(cfg, overrides, file)
+    if cfg.model.init is not None:  # a new run's weights must be there; a stored config is not rechecked
+        try:
+            init_kind(cfg.model.init, "model.init")
+        except ConfigError as err:
+            raise ConfigError(_attributed(str(err), overrides, file)) from None
+    return cfg
+
+
+INIT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")  # PyTorch/timm checkpoints a backbone's init may come from
+
+
+def init_kind(init: str, key: str) -> str:
+    """What the weights file or folder ``init`` (config key ``key``) is: "run" (a run directory),
+    "safetensors" (a state dict, e.g. an ``sslkit export`` file) or "checkpoint" (``INIT_SUFFIXES``);
+    ConfigError naming the key when it does not exist or is none of these."""
+    path, accepted = Path(init), ("a run directory, a .safetensors file or a checkpoint file "
+                                  f"({', '.join(INIT_SUFFIXES)})")
+    if path.is_dir():
+        return "run"
+    if not path.exists():
+        raise ConfigError(f"Config key '{key}' is '{_clean(init)}', which does not exist; give {accepted}, "
+                          "or null to start from a random initialisation.")
+    if path.is_file() and path.suffix == ".safetensors":
+        return "safetensors"
+    if path.is_file() and path.suffix in INIT_SUFFIXES:
+        return "checkpoint"
+    raise ConfigError(f"Config key '{key}' is '{_clean(init)}', which is not {accepted}; point it at one of "
+                      "those, or null to start from a random initialisation.")
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
@@ -788,5 +834,5 @@ def git_sha() -> Optional[str]:
         return None
 
 
-__all__ = ["Config", "ConfigError", "load_config", "recipe_path", "apply_overrides", "to_yaml", "to_dict", "from_dict",
-           "run_dir", "git_sha", "MISSING"]
+__all__ = ["Config", "ConfigError", "init_kind", "load_config", "recipe_path", "apply_overrides", "to_yaml",
+           "to_dict", "from_dict", "run_dir", "git_sha", "MISSING"]

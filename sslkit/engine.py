@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from sslkit import dist
 from sslkit.alerts import Alerts
-from sslkit.atomic import write_text
+from sslkit.atomic import write_json, write_text
 from sslkit.checkpoint import check_writable, load_checkpoint, resolve_resume, save_checkpoint
 from sslkit.config import Config, ConfigError, git_sha, run_dir, to_dict, to_yaml
 from sslkit.data.augment import build_views
@@ -164,9 +164,10 @@ def milestones_in_epochs(cfg: Config) -> bool:
     return unit == "epochs" or (unit == "auto" and cfg.train.epochs > 0)
 
 
-def _build_model(cfg: Config, accelerator: Accelerator) -> torch.nn.Module:
-    """The method, laid out and (optionally) synchronised across ranks and compiled, before DDP wraps it."""
-    model = build_method(cfg)
+def _build_model(cfg: Config, accelerator: Accelerator, *, init: bool) -> torch.nn.Module:
+    """The method, laid out and (optionally) synchronised across ranks and compiled, before DDP wraps it.
+    ``init``: load the first weights the config names (a new run; a resumed one loads its checkpoint)."""
+    model = build_method(cfg, init=init)
     if cfg.model.sync_bn:
         if accelerator.device.type != "cuda":
             raise ConfigError("model.sync_bn needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel); on CPU set "
@@ -178,6 +179,17 @@ def _build_model(cfg: Config, accelerator: Accelerator) -> torch.nn.Module:
     if cfg.train.compile:
         model.compile()  # in place: state_dict keys, checkpoints and export stay as they are
     return model
+
+
+def _record_init(accelerator: Accelerator, model: torch.nn.Module, out_dir: Path) -> None:
+    """Say where a new run's backbone weights came from, and keep the key report as ``init.json``."""
+    report = getattr(model, "init_report", None)
+    if report is None:
+        return
+    accelerator.print(f"Backbone initialised from {report['key']}={report['source']}: {report['loaded']} of "
+                      f"{report['of']} tensors (key report in init.json).")
+    if accelerator.is_main_process:
+        write_json(out_dir / "init.json", report)
 
 
 class _Meter:
@@ -253,7 +265,10 @@ def _start(cfg: Config, shards: ShardSet, out_dir: Path) -> _Session:
     requested_steps = cfg.train.max_steps
     steps_per_epoch = resolve_from_data(cfg, shards, batches_per_epoch=batches_per_epoch)
 
-    model = _build_model(cfg, accelerator)
+    ckpt_root = out_dir / "checkpoints"
+    resume_from = resolve_resume(cfg.run.resume, root=ckpt_root)
+    model = _build_model(cfg, accelerator, init=resume_from is None)
+    _record_init(accelerator, model, out_dir)
     model.set_run_length(cfg.train.max_steps, steps_per_epoch)
     optimizer = build_optimizer(cfg.optim, model=model)
     lrs = build_lr_schedule(cfg.optim, total_steps=cfg.train.max_steps,
@@ -261,9 +276,7 @@ def _start(cfg: Config, shards: ShardSet, out_dir: Path) -> _Session:
     wds = build_wd_schedule(cfg.optim, total_steps=cfg.train.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    ckpt_root = out_dir / "checkpoints"
     state: dict[str, Any] = {"step": 0, "run_id": None}
-    resume_from = resolve_resume(cfg.run.resume, root=ckpt_root)
     if resume_from is not None:
         state = load_checkpoint(accelerator, resume_from)
         accelerator.print(f"Resuming from {resume_from} at step {state['step']}.")

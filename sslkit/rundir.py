@@ -6,6 +6,7 @@
       config.yaml                 the resolved config, for people (the checkpoint holds the one read back)
       metrics.jsonl               the training log, one JSON object per logged step
       alerts.jsonl                the train.alert rules that fired, one JSON object each (only if any did)
+      init.json                   where model.init's weights came from and which keys loaded (only with one)
       checkpoints/step-NNNNNNN/   model.safetensors, trainer_state.json (config, step, run id, git SHA)
                                   and Accelerate's optimizer and RNG state
       eval/                       what ``sslkit evaluate`` writes (metrics.json, arrays, figures)
@@ -55,7 +56,7 @@ def load_trained(run_dir: str | Path, *, checkpoint: str = "auto") -> TrainedRun
     path = checkpoint_of(run_dir, checkpoint=checkpoint)
     state = read_state(path)
     cfg = from_dict(state["config"])
-    method = build_method(cfg)
+    method = build_method(cfg, init=False)  # the checkpoint holds every weight: model.init need not be there
     method.load_state_dict(load_file(str(path / "model.safetensors")))
     return TrainedRun(cfg, method.eval(), {**state, "checkpoint": str(path)})
 

@@ -34,6 +34,8 @@ def _message(path, overrides=()) -> str:
     ("train:\n  max_steps: [1, 2]\n", [], "Config key 'train.max_steps' in config file '{file}' must be a whole "
                                            "number, got [1, 2]."),
     ("", ["data.size=true"], "Config key 'data.size' in override 'data.size=true' must be a whole number, got true."),
+    ("", ["model.init_strict=maybe"], "Config key 'model.init_strict' in override 'model.init_strict=maybe' must be "
+                                      "true or false, got 'maybe'."),
     ("", ["optim.grad_clip=fast"], "Config key 'optim.grad_clip' in override 'optim.grad_clip=fast' must be a number "
                                    "or null, got 'fast'."),
     ("model:\n  projector: [a, 8]\n", [], "Config key 'model.projector[0]' in config file '{file}' must be a whole "
@@ -49,6 +51,9 @@ def _message(path, overrides=()) -> str:
     ("data:\n  views:\n    p_gray: 1.5\n", [], "Config key 'data.views.p_gray' must be in [0, 1], got 1.5 (set in "
                                                 "config file '{file}')."),
     ("", ["eval.k=0"], "Config key 'eval.k' must be in [1, inf), got 0 (set by override 'eval.k=0')."),
+    ("model:\n  init: no/such/weights.pth\n", [], "Config key 'model.init' is 'no/such/weights.pth', which does not "
+     "exist; give a run directory, a .safetensors file or a checkpoint file (.pth, .pt, .bin, .ckpt), or null to start "
+     "from a random initialisation (set in config file '{file}')."),
     ("tracker:\n  name: mlflow\n", ["tracker.name=tensorbord"], "Config key 'tracker.name' is 'tensorbord'; choose one "
      "of wandb, tensorboard, none (set by override 'tracker.name=tensorbord')."),
     ("tracker:\n  name: mlflow\n", [], "Config key 'tracker.name' is 'mlflow'; choose one of wandb, tensorboard, none "

@@ -28,6 +28,13 @@ from sslkit.models.autoencoders import create_autoencoder, timm_encoder
 
 
 class AutoencoderMethod(Method):
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if cfg.model.pretrained:
+            raise ConfigError("Config key 'model.pretrained' is true, but the autoencoder's encoder is not "
+                              "model.backbone and timm publishes no weights for it; give its weights with "
+                              "model.init (a run directory or an exported file) instead.")
+
     def __init__(self, *, net: Net, flips: bool = False, vflip: bool = True) -> None:
         super().__init__()
         self.net = net

@@ -19,7 +19,16 @@ Hooks:
 - ``check_config(cfg)`` (class method): the method's own config rules, raising ConfigError;
   ``sslkit.config.validate`` calls it after the checks every method shares.
 - ``untrained_config(cfg)`` (class method): the config of the random-initialisation baseline
-  (fine-tuning drops its pretrained weights there).
+  (``model.init`` and ``model.pretrained`` dropped; fine-tuning drops ``finetune.init`` too).
+- ``init_source(cfg)`` (class method): ``(config key, path)`` of the weights the backbone starts
+  from, ``("model.init", cfg.model.init)`` by default (fine-tuning: ``finetune.init``).
+- ``backbone_copies() -> list[nn.Module]``: modules built as copies of ``backbone`` that must start
+  from the same weights: a momentum method's key encoder backbone, a DINO-style teacher's backbone
+  (none by default). ``load_backbone_state(state)`` loads the first weights (``model.init``,
+  ``model.pretrained``; ``sslkit.models.init`` has fitted them to ``backbone`` already) into
+  ``backbone`` and then copies ``backbone``'s whole state into each of them, so an EMA copy made at
+  construction, from random weights, starts equal to the loaded backbone. A method whose copies
+  need more than that overrides ``load_backbone_state``.
 - ``prepare(batch, generator) -> batch``: the loader's batch, on the training device, turned
   into this method's inputs (views, composites), every random number drawn from ``generator``
   so a resumed run repeats a straight one.
@@ -62,7 +71,7 @@ from typing import Any, ClassVar, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from sslkit.config import Config
+from sslkit.config import Config, apply_overrides
 from sslkit.data.augment import MEAN, STD, BatchViews
 from sslkit.methods.registry import add as _add
 from sslkit.methods.registry import entry as _entry
@@ -91,6 +100,7 @@ class Method(nn.Module, metaclass=ABCMeta):
     """Base class of the training methods; see the module docstring for the contract."""
 
     backbone: nn.Module  # a submodule or a property: the network fine-tuning takes and export writes by default
+    init_report: Optional[dict[str, Any]] = None  # what build_method loaded into the backbone (sslkit.models.init)
 
     momentum_encoder: ClassVar[bool] = False
     has_classifier: ClassVar[bool] = False
@@ -103,8 +113,27 @@ class Method(nn.Module, metaclass=ABCMeta):
 
     @classmethod
     def untrained_config(cls, cfg: Config) -> Config:
-        """The config that builds this method's random-initialisation baseline."""
-        return cfg
+        """The config that builds this method's random-initialisation baseline: no first weights."""
+        if cfg.model.init is None and not cfg.model.pretrained:
+            return cfg
+        return apply_overrides(cfg, ["model.init=null", "model.pretrained=false"])
+
+    @classmethod
+    def init_source(cls, cfg: Config) -> tuple[str, Optional[str]]:
+        """(config key, path) of the weights the backbone starts from; path None: none (or model.pretrained)."""
+        return "model.init", cfg.model.init
+
+    def backbone_copies(self) -> list[nn.Module]:
+        """Copies of ``backbone`` made at construction (EMA encoders) that start from its weights (none)."""
+        return []
+
+    @torch.no_grad()
+    def load_backbone_state(self, state: dict[str, Tensor]) -> None:
+        """Load ``state`` (fitted to ``backbone``: every key is one of its own, of its shape) into ``backbone``,
+        then copy ``backbone``'s whole state into each of ``backbone_copies()``."""
+        self.backbone.load_state_dict(state, strict=False)
+        for copy in self.backbone_copies():
+            copy.load_state_dict(self.backbone.state_dict(), strict=True)
 
     def prepare(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
         return batch
@@ -182,9 +211,19 @@ def method_class(name: str) -> type[Method]:
     return _entry(name).cls
 
 
-def build_method(cfg: Config) -> Method:
-    """Build ``cfg.method.name`` from the whole config (it reads model and method sections)."""
-    return _entry(cfg.method.name).build(cfg)
+def build_method(cfg: Config, *, init: bool = True) -> Method:
+    """Build ``cfg.method.name`` from the whole config (it reads model and method sections).
+
+    With ``init`` the backbone (and its copies) then load the first weights the config names
+    (``model.init``, ``model.pretrained``, ``finetune.init``: ``sslkit.models.init``). Without it they keep
+    their random initialisation: for a method whose checkpoint is loaded next (resume, ``load_trained``),
+    which must not depend on the init still being there."""
+    method = _entry(cfg.method.name).build(cfg)
+    if init:
+        from sslkit.models.init import init_backbone
+
+        init_backbone(method, cfg)
+    return method
 
 
 class TwoViewInputs:

@@ -255,6 +255,10 @@ class DINO(Method):
         norm = torch.stack([s.float().pow(2).sum() for s, _ in pairs]).sum()
         return {"health/key_distance": float((diff / norm.clamp_min(1e-12)).sqrt())}
 
+    def backbone_copies(self) -> list[nn.Module]:
+        """The teacher's backbone starts as the student's: ``model.init`` weights go into both."""
+        return [self.teacher.ema["backbone"]]
+
     # -- evaluation and export
 
     def encoder_module(self, encoder: str = "momentum") -> nn.Module:

@@ -10,13 +10,15 @@ Where the backbone's weights come from (``finetune.init``):
   model section (backbone, backbone_kwargs, in_chans) must match the run's, which
   ``finetune_config`` copies over before anything is built;
 - a ``.safetensors`` file holding a backbone state dict (timm key names);
-- None: random initialisation, the "from scratch" baseline.
+- a PyTorch/timm checkpoint file (``.pth``, ``.pt``, ``.bin``, ``.ckpt``; the recipe's model section);
+- None: random initialisation, or ``model.init`` / ``model.pretrained`` as for any method.
 
-The weights are loaded when the method is built, so the engine's resume and
-``load_trained`` of a fine-tuned run work unchanged: they build (loading the init again,
-which the checkpoint then overwrites) and load the fine-tuned checkpoint. A rebuild must
-not depend on the init still being there, so a missing init only warns at build time;
-``finetune_config`` -- what ``sslkit finetune`` calls before training -- refuses it.
+``build_method`` loads the weights through ``sslkit.models.init`` (the loader every method
+shares: key report, ``model.init_strict``, position embeddings and input channels adapted),
+reading ``finetune.init`` by ``Finetune.init_source``. The engine's resume and ``load_trained``
+build without it and load the fine-tuned checkpoint, so a fine-tuned run does not depend on its
+init still being there; ``finetune_config`` -- what ``sslkit finetune`` calls before training --
+refuses a missing one.
 """
 
 from __future__ import annotations
@@ -24,17 +26,14 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from sslkit.config import Config, ConfigError, apply_overrides, validate
+from sslkit.config import Config, ConfigError, apply_overrides, init_kind, validate
 from sslkit.data.augment import BatchViews, normalize
-from sslkit.errors import MissingInput
 from sslkit.methods.base import Method, StepOutput, register
 from sslkit.models import create_backbone
 
@@ -75,9 +74,21 @@ class Finetune(Method):
     needs_class_count = True
 
     @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if cfg.finetune.init is not None and (cfg.model.init is not None or cfg.model.pretrained):
+            other = "model.init" if cfg.model.init is not None else "model.pretrained"
+            raise ConfigError(f"Config keys 'finetune.init' and '{other}' both give the backbone's first weights; "
+                              f"fine-tuning takes finetune.init, so unset {other}.")
+
+    @classmethod
     def untrained_config(cls, cfg: Config) -> Config:
         """The run's config points at its pretrained weights: the random baseline must not load them."""
-        return apply_overrides(cfg, ["finetune.init=null"])
+        return apply_overrides(super().untrained_config(cfg), ["finetune.init=null"])
+
+    @classmethod
+    def init_source(cls, cfg: Config) -> tuple[str, Optional[str]]:
+        """``finetune.init``; without it ``model.init`` (or ``model.pretrained``) as for any method."""
+        return ("finetune.init", cfg.finetune.init) if cfg.finetune.init is not None else super().init_source(cfg)
 
     def __init__(
         self, *, backbone: nn.Module, num_classes: int, label_smoothing: float = 0.0,
@@ -145,60 +156,24 @@ class Finetune(Method):
 # ------------------------------------------------------------------ pretrained weights
 
 
-def _init_kind(init: str) -> str:
-    path = Path(init)
-    if path.is_dir():
-        return "run"
-    if path.suffix == ".safetensors" and path.is_file():
-        return "file"
-    if not path.exists():
-        raise ConfigError(f"Config key 'finetune.init' is '{init}', which does not exist; give a pretraining run "
-                          "directory, a .safetensors backbone file, or null to train from scratch.")
-    raise ConfigError(f"Config key 'finetune.init' is '{init}', which is neither a run directory nor a "
-                      ".safetensors backbone file; point it at one of those, or null to train from scratch.")
-
-
-def _init_run_config(run_dir: str | Path) -> Config:
-    """The stored config of the pretraining run ``finetune.init`` names (nothing is built)."""
-    from sslkit.rundir import stored_config
-
-    try:
-        return stored_config(run_dir)
-    except MissingInput:
-        raise ConfigError(f"Config key 'finetune.init' is '{run_dir}', which has no complete checkpoint under "
-                          "checkpoints/; pretrain it first or point finetune.init at another run.") from None
-
-
 def pretrained_backbone_state(init: str) -> dict[str, Tensor]:
     """The backbone state dict that ``finetune.init`` names (a run directory or a safetensors file)."""
-    if _init_kind(init) == "file":
-        return load_file(init)
-    from sslkit.rundir import load_trained
+    from sslkit.models.init import read_weights
 
-    _init_run_config(init)  # a clear error when the run has no checkpoint
-    with torch.random.fork_rng(devices=[]):  # building the pretrained method must not move our RNG
-        _, method, _ = load_trained(Path(init))
-    return {k: v.detach().clone() for k, v in method.backbone.state_dict().items()}
-
-
-def load_pretrained_weights(backbone: nn.Module, init: str, *, model_desc: str) -> None:
-    """Load ``init`` into ``backbone`` exactly (strict), or raise ConfigError in one sentence."""
-    state = pretrained_backbone_state(init)
-    try:
-        backbone.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first = str(err).split("\n\t")[1].strip() if "\n\t" in str(err) else str(err).splitlines()[0]
-        raise ConfigError(f"The weights in finetune.init '{init}' do not fit {model_desc} ({first}); set "
-                          "model.backbone, model.backbone_kwargs and model.in_chans to the pretrained "
-                          "network.") from None
+    return read_weights(init, "finetune.init")
 
 
 def _pretrained_model(init: str) -> dict[str, Any]:
     """What built the pretrained backbone: a run directory's model section, or the metadata that
     ``sslkit export`` writes into a .safetensors file (a file without it keeps the recipe's model)."""
-    if _init_kind(init) == "run":
-        stored = _init_run_config(init)
+    kind = init_kind(init, "finetune.init")
+    if kind == "run":
+        from sslkit.models.init import run_config
+
+        stored = run_config(init, "finetune.init")
         return {**{key: getattr(stored.model, key) for key in MODEL_KEYS}, "size": stored.data.size}
+    if kind == "checkpoint":  # a PyTorch/timm checkpoint says nothing about its network
+        return {}
     from safetensors import safe_open
 
     with safe_open(init, framework="pt") as f:
@@ -267,15 +242,8 @@ def build_finetune(cfg: Config) -> Finetune:
         raise ConfigError("Config key 'method.num_classes' is 0 and nothing filled it in from the manifest; "
                           "set it to the number of classes.")
     backbone = create_backbone(m.backbone, in_chans=m.in_chans, **m.backbone_kwargs)
-    method = Finetune(backbone=backbone, num_classes=cfg.method.num_classes, label_smoothing=ft.label_smoothing,
-                      freeze_backbone=ft.freeze_backbone, inputs=ClassifierInputs(cfg))
-    if ft.init is None:  # `sslkit finetune` says so when it trains; evaluation builds its random baseline so
+    if ft.init is None and m.init is None and not m.pretrained:  # `sslkit finetune` says so when it trains
         log.info("finetune.init is null: the backbone starts from a random initialisation.")
-    elif not Path(ft.init).exists():
-        # Rebuilding a fine-tuned run (resume, evaluation) loads its own checkpoint next.
-        log.warning("finetune.init '%s' does not exist; the backbone keeps its random initialisation.", ft.init)
-    else:
-        load_pretrained_weights(method.backbone, ft.init,
-                      model_desc=f"model.backbone={m.backbone} with {m.backbone_kwargs} and in_chans={m.in_chans}")
-        log.info("Loaded the backbone from %s.", ft.init)
-    return method
+    # build_method loads finetune.init into the backbone next (sslkit.models.init, Finetune.init_source)
+    return Finetune(backbone=backbone, num_classes=cfg.method.num_classes, label_smoothing=ft.label_smoothing,
+                    freeze_backbone=ft.freeze_backbone, inputs=ClassifierInputs(cfg))

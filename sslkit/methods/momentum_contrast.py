@@ -84,3 +84,7 @@ class MomentumContrast(Method):
     @property
     def backbone(self) -> nn.Module:
         return self.encoder.backbone
+
+    def backbone_copies(self) -> list[nn.Module]:
+        """The key encoder's backbone starts from the query backbone's first weights (``model.init``)."""
+        return [self.key_encoder.ema.backbone]

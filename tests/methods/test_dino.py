@@ -156,3 +156,22 @@ def test_dino_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="optim.layer_decay"):
         build_optimizer(load_config(None, ["optim.layer_decay=0.5"]).optim,
                         model=_method("model.backbone_kwargs.width=4"))
+
+
+def test_model_init_fills_student_and_teacher_and_resizes_position_embeddings(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(5)
+    source = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, depth=2, embed_dim=32, num_heads=2,
+                               num_classes=0)
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    method = _method(*VIT, f"model.init={path}")  # 32-pixel crops: an 8 x 8 grid becomes 4 x 4
+    expected = resample_abs_pos_embed(source.pos_embed.detach(), (4, 4), (8, 8), num_prefix_tokens=1)
+    for net in (method.student, method.teacher.ema):
+        state = net["backbone"].state_dict()
+        assert torch.equal(state["blocks.1.mlp.fc2.weight"], source.state_dict()["blocks.1.mlp.fc2.weight"])
+        assert torch.allclose(state["pos_embed"], expected)
+    assert method.init_report is not None
