@@ -253,3 +253,19 @@ def test_a_failed_write_leaves_no_half_written_file(ccrl_run, tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="mismatch"):
         export_run(ccrl_run, out)
     assert out.read_bytes() == b"the previous export" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_dino_teacher_vit_for_timm(root, tmp_path):
+    """The exported DINO teacher: timm rebuilds it with the image size and dynamic sizes, and it embeds as
+    `sslkit evaluate` does (the class token), on 32-pixel crops and at another size."""
+    run = _train(root, "dino-vit", "method.name=dino", "model.backbone=vit_tiny_patch16_224",
+                 "model.backbone_kwargs={patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}",
+                 "method.prototypes=32", "method.head_hidden=16", "method.head_bottleneck=8",
+                 "data.views.local_crops=1", "data.views.local_size=16", "model.projector=[16,8]")
+    path = tmp_path / "dino.safetensors"
+    summary = export_run(run, path)
+    assert summary["encoder"] == "momentum" and summary["num_features"] == 32
+    assert summary["backbone_kwargs"]["img_size"] == 32 and summary["backbone_kwargs"]["dynamic_img_size"]
+    _check_same_embeddings(run, path, "momentum", mean=0.5, std=0.5)
+    model, _ = load_backbone(path)
+    assert model(torch.zeros(2, 3, 48, 48)).shape == (2, 32)  # dynamic image size: another grid works
