@@ -113,7 +113,7 @@ def ema_center(center: Tensor, batch_mean: Tensor, momentum: float) -> Tensor:
     return center * momentum + batch_mean.to(center.dtype) * (1 - momentum)
 
 
-def dino_loss(student: list[Tensor], teacher: list[Tensor], student_temp: float) -> Tensor:
+def dino_loss(student: list[Tensor] | Tensor, teacher: list[Tensor] | Tensor, student_temp: float) -> Tensor:
     """DINO's cross-entropy between the teacher's global views and the student's other views.
 
     With T teacher views (the global crops) and S >= T student views, the first T of which are the
@@ -132,14 +132,15 @@ def dino_loss(student: list[Tensor], teacher: list[Tensor], student_temp: float)
     Returns:
         A scalar, at least float32, differentiable with respect to the student logits.
     """
-    n_teacher, n_student = len(teacher), len(student)
+    n_teacher, n_student = len(teacher), len(student)  # a (views, B, K) tensor works as the list of its views
     if n_teacher == 0 or n_student < n_teacher:
         raise ValueError(f"need 1 <= teacher views <= student views, got {n_teacher} and {n_student}")
     n_pairs = n_teacher * n_student - n_teacher
     if n_pairs == 0:
         raise ValueError("one view only: every pair would compare a view with itself")
-    log_p = F.log_softmax(_f32(torch.stack(student)) / student_temp, dim=-1)  # (S, B, K)
-    targets = _f32(torch.stack(teacher))  # (T, B, K)
+    stacked = student if isinstance(student, Tensor) else torch.stack(student)  # a tensor: no copy
+    log_p = F.log_softmax(_f32(stacked) / student_temp, dim=-1)  # (S, B, K)
+    targets = _f32(teacher if isinstance(teacher, Tensor) else torch.stack(teacher))  # (T, B, K)
     cross = -torch.einsum("tbk,sbk->ts", targets.to(log_p.dtype), log_p) / log_p.shape[1]  # (T, S) batch means
     same_view = torch.eye(n_teacher, n_student, dtype=torch.bool, device=cross.device)
     return cross.masked_fill(same_view, 0.0).sum() / n_pairs
