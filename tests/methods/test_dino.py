@@ -13,6 +13,7 @@ from sslkit.config import ConfigError, load_config
 from sslkit.engine import _Inputs
 from sslkit.losses import ibot_loss, teacher_probs
 from sslkit.methods import build_method
+from sslkit.methods.dino import vit_tokens
 from sslkit.optim import build_optimizer
 
 VIT = ["model.backbone=vit_tiny_patch16_224",
@@ -175,3 +176,21 @@ def test_model_init_fills_student_and_teacher_and_resizes_position_embeddings(tm
         assert torch.equal(state["blocks.1.mlp.fc2.weight"], source.state_dict()["blocks.1.mlp.fc2.weight"])
         assert torch.allclose(state["pos_embed"], expected)
     assert method.init_report is not None
+
+
+def test_vit_with_registers_and_patch_features():
+    """Register tokens sit between the class token and the patches: the patch outputs, the masks and
+    eval.features=patches skip them."""
+    method = _method("model.backbone=vit_tiny_patch16_224", "method.ibot=true",
+                     "model.backbone_kwargs={patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2, reg_tokens: 4}")
+    vit = method.student["backbone"]
+    assert vit.num_prefix_tokens == 5
+    batch = method.prepare({"image": _images()}, torch.Generator().manual_seed(0))
+    out = method(batch)
+    assert torch.isfinite(out.loss) and out.logs["ibot_loss"] > 0
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = vit.forward_features(images)  # (B, 1 + 4 + 16, D)
+    cls, patches = vit_tokens(vit, images)
+    assert torch.allclose(cls, tokens[:, 0], atol=1e-6) and torch.allclose(patches, tokens[:, 5:], atol=1e-6)
+    assert torch.allclose(method.embed(images, encoder="query", features="patches"), tokens[:, 5:].mean(1), atol=1e-6)
