@@ -150,6 +150,7 @@ class MethodConfig:
     head_bottleneck: int = 256  # DINO head: bottleneck before the last layer
     head_layers: int = 3  # DINO head: linear layers before the last one
     norm_last_layer: bool = True  # last layer's weight rows kept at unit norm (false: their norm is learned)
+    head_batch_norm: bool = False  # BatchNorm after the DINO head's hidden layers (helps ResNet backbones)
     freeze_last_layer_epochs: float = 1.0  # the last layer is not updated for this many epochs
     teacher_momentum: list[float] = field(default_factory=lambda: [0.996, 1.0])  # start, end (cosine over the run)
     student_temp: float = 0.1

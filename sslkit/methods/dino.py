@@ -48,14 +48,15 @@ class DINOHead(nn.Module):
     """(N, in_dim) -> (N, K): MLP to a bottleneck, L2-normalised, then the weight-normalised last layer."""
 
     def __init__(self, in_dim: int, out_dim: int, *, hidden: int = 2048, bottleneck: int = 256, layers: int = 3,
-                 norm_last_layer: bool = True) -> None:
+                 norm_last_layer: bool = True, batch_norm: bool = False) -> None:
+        """``batch_norm``: BatchNorm after each hidden layer (DINO's option for convolutional backbones)."""
         super().__init__()
         dims = [in_dim] + [hidden] * (layers - 1) + [bottleneck]
         mlp: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
             mlp.append(nn.Linear(a, b))
             if i < len(dims) - 2:
-                mlp.append(nn.GELU())
+                mlp += [nn.BatchNorm1d(b), nn.GELU()] if batch_norm else [nn.GELU()]
         self.mlp = nn.Sequential(*mlp)
         for module in self.mlp:
             if isinstance(module, nn.Linear):
@@ -322,6 +323,6 @@ def build_dino(cfg: Config) -> DINO:
 
     def head() -> DINOHead:
         return DINOHead(backbone.num_features, m.prototypes, hidden=m.head_hidden, bottleneck=m.head_bottleneck,
-                        layers=m.head_layers, norm_last_layer=m.norm_last_layer)
+                        layers=m.head_layers, norm_last_layer=m.norm_last_layer, batch_norm=m.head_batch_norm)
 
     return DINO(cfg, backbone=backbone, head=head(), patch_head=head() if m.ibot and m.ibot_separate_head else None)
