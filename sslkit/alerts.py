@@ -12,6 +12,11 @@ the row it logs (``metrics.jsonl`` keys) and the count of skipped steps:
   ``patience`` logged steps in a row. ``loss_chance`` is the method's loss when every embedding
   is the same (``Method.chance_loss``): an encoder that carries no information scores it, and
   every run starts near it. Methods without one (SCL, the autoencoder) are not judged.
+- ``uniform``: from step ``chance_after`` on, ``teacher_entropy`` (DINO: the entropy of the teacher's
+  distribution over its prototypes, divided by its largest value log K) above
+  ``train.alert.uniform_above`` (0.97) for ``patience`` logged steps: the teacher gives every image
+  the same flat target (DINO's uniform collapse; the loss then sits at log K). Methods that do not
+  log it are not judged.
 - ``nonfinite``: a step skipped for a non-finite loss or gradient norm since the previous
   logged step (``train.alert.nonfinite``). It fires at once: the engine itself stops after
   ``train.max_bad_steps`` such steps in a row, and this says so at the first.
@@ -37,7 +42,7 @@ from sslkit.config import AlertConfig
 
 @dataclass(frozen=True)
 class Alert:
-    rule: str  # collapse | rank | chance | nonfinite
+    rule: str  # collapse | rank | chance | uniform | nonfinite
     signal: str  # the metrics.jsonl key judged
     value: float  # its value at ``step``
     threshold: float
@@ -68,6 +73,11 @@ CAUSES = {
               "likely causes: weight decay too large (optim.weight_decay), a learning rate too high or too low "
               "(optim.lr), collapsed embeddings (see health/std_ratio) or a momentum too high for the key "
               "encoder to follow (method.momentum): change one and restart",
+    "uniform": "the teacher gives every image about the same flat distribution (DINO's uniform collapse), so the "
+               "student has nothing to learn; likely causes: centring stronger than sharpening, a teacher temperature "
+               "too high (method.teacher_temp) or a head whose outputs barely differ between images "
+               "(method.head_batch_norm=true helps convolutional backbones): lower the first or change the second, "
+               "and restart",
     "nonfinite": "the run is diverging; likely causes: a learning rate too high (optim.lr), no gradient clipping "
                  "(optim.grad_clip) or bf16/fp16 overflow (train.precision=no rules it out): lower the first, "
                  "set the second, and resume from the last checkpoint",
@@ -91,7 +101,7 @@ class Alerts:
         self.step, self.skipped = step, skipped
         fired = [self._below("collapse", "health/std_ratio", self.cfg.collapse_below, step, logs),
                  self._below("rank", "health/rankme_ratio", self.cfg.rank_below, step, logs),
-                 self._chance(step, logs), self._nonfinite(step, new, window)]
+                 self._chance(step, logs), self._uniform(step, logs), self._nonfinite(step, new, window)]
         return [alert for alert in fired if alert is not None]
 
     def _advance(self, rule: str, step: int, held: Optional[bool], patience: int) -> Optional[_Episode]:
@@ -129,6 +139,17 @@ class Alerts:
         text = (f"chance: loss {loss:.4g} >= {threshold:.4g} ({1 - margin:g} x loss_chance {chance:.4g}) for "
                 f"{self.cfg.patience} logged steps (since step {episode.since})")
         return Alert("chance", "loss", loss, threshold, step, episode.since, f"{text}: {CAUSES['chance']}.")
+
+    def _uniform(self, step: int, logs: dict[str, Any]) -> Optional[Alert]:
+        threshold, value = self.cfg.uniform_above, _finite(logs.get("teacher_entropy"))
+        judged = threshold is not None and value is not None and step >= self.cfg.chance_after
+        episode = self._advance("uniform", step, value > threshold if judged else None, self.cfg.patience)
+        if episode is None:
+            return None
+        text = (f"uniform: teacher_entropy {value:.4g} > {threshold:g} for {self.cfg.patience} logged steps "
+                f"(since step {episode.since})")
+        return Alert("uniform", "teacher_entropy", value, threshold, step, episode.since,
+                     f"{text}: {CAUSES['uniform']}.")
 
     def _nonfinite(self, step: int, new: int, window: int) -> Optional[Alert]:
         episode = self._advance("nonfinite", step, new > 0 if self.cfg.nonfinite else None, 1)

@@ -194,7 +194,8 @@ class AlertConfig:
     collapse_below: Optional[float] = 0.05  # collapse: health/std_ratio below this (1 uniform, 0 one point); null: off
     rank_below: Optional[float] = 0.05  # rank: health/rankme_ratio (effective rank / min(B, D)) below this; null: off
     chance_margin: Optional[float] = 0.03  # chance: loss above (1 - this) x the method's chance loss; null: off
-    chance_after: int = 100  # chance: judged from this optimizer step on (every run starts at chance)
+    chance_after: int = 100  # chance, uniform: judged from this optimizer step on (every run starts at chance)
+    uniform_above: Optional[float] = 0.97  # uniform: teacher_entropy (dino; 1: a uniform teacher) above this; null: off
     nonfinite: bool = True  # nonfinite: a step skipped for a non-finite loss or gradient since the last logged step
 
 
@@ -316,7 +317,8 @@ RANGES = {
     "train.epochs": "[0, inf)", "train.log_every": "[1, inf)", "train.ckpt_every": "[1, inf)",
     "train.keep_ckpts": "[1, inf)", "train.threads": "[0, inf)", "train.alert.patience": "[1, inf)",
     "train.alert.collapse_below": "(0, 1]", "train.alert.rank_below": "(0, 1]", "train.alert.chance_margin": "(0, 1)",
-    "train.alert.chance_after": "[0, inf)", "eval.k": "[1, inf)", "eval.restarts": "[1, inf)",
+    "train.alert.chance_after": "[0, inf)", "train.alert.uniform_above": "(0, 1]", "eval.k": "[1, inf)",
+    "eval.restarts": "[1, inf)",
     "eval.niter": "[1, inf)", "eval.whiten": "[0, inf)", "eval.kmeans_max_train": "[1, inf)",
     "eval.knn_tau": "(0, inf)", "eval.knn_exact_max": "[1, inf)", "eval.baseline_samples": "[1, inf)",
     "eval.batch_size": "[1, inf)", "eval.max_samples": "[1, inf)", "eval.gallery": "[0, inf)",

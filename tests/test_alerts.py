@@ -109,3 +109,21 @@ def test_rules_are_independent_and_off_switches_work():
                         nonfinite=False)
     assert _feed(Alerts(quiet), rows, skipped=[1, 1]) == {}
     assert _feed(Alerts(AlertConfig(patience=2, chance_after=0, action="off")), rows, skipped=[1, 1]) == {}
+
+
+def test_uniform_fires_on_a_dino_teacher_gone_flat_and_judges_nothing_else():
+    # dino-cpu's first recipe on CoNSeP: teacher_entropy 0.94 at step 10, 0.999 from step 40, 1.0 at the end,
+    # the loss at log K; the recipe kept (BatchNorm in the head, teacher temperature 0.04) stayed at 0.94-0.95
+    alerts = Alerts(AlertConfig(patience=3, chance_after=30))
+    entropy = [0.94, 0.97, 0.985, 0.999, 0.9995, 1.0, 1.0, 0.95, 0.99, 0.99, 0.99]
+    fired = _feed(alerts, [{"teacher_entropy": e, "loss": 8.3} for e in entropy])
+    assert list(fired) == [50, 110]  # judged from step 30; the dip to 0.95 at 80 ended the first episode
+    (alert,) = fired[50]
+    assert (alert.rule, alert.signal, alert.since, alert.threshold) == ("uniform", "teacher_entropy", 30, 0.97)
+    assert alert.message.startswith("uniform: teacher_entropy 0.9995 > 0.97 for 3 logged steps (since step 30): ")
+    assert "method.teacher_temp" in alert.message
+    healthy = _feed(Alerts(AlertConfig(patience=3, chance_after=0)), [{"teacher_entropy": 0.95}] * 6)
+    assert healthy == {}
+    off = _feed(Alerts(AlertConfig(patience=1, chance_after=0, uniform_above=None)), [{"teacher_entropy": 1.0}] * 3)
+    assert off == {}
+    assert _feed(Alerts(AlertConfig(patience=1, chance_after=0)), [{"loss": 8.3}] * 3) == {}  # other methods
