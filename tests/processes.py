@@ -96,3 +96,17 @@ def kill_all(procs: Iterable[psutil.Process]) -> None:
             proc.kill()
         except psutil.Error:
             pass
+
+
+def run_two_ranks(script: str, *args: str, out) -> list[dict]:  # noqa: ANN001 -- out: a pathlib.Path
+    """Run ``script ARGS OUT`` as 2 gloo ranks under torchrun; the records each rank saved as OUT/rank<r>.pt."""
+    import subprocess
+    import sys
+
+    import torch
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           *args, str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]

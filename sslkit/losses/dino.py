@@ -93,18 +93,19 @@ def sinkhorn_knopp(logits: Tensor, temp: float, iterations: int = 3) -> Tensor:
 
 @torch.no_grad()
 def batch_center(logits: Tensor) -> Tensor:
-    """The mean teacher logit over every row of every rank: (sum over ranks of each rank's column
-    sums) / (world * N). With one process, the plain mean over the rows.
+    """The mean teacher logit over every row of every rank: (sum over ranks of each rank's column sums) /
+    (sum over ranks of their row counts), so ranks may hold different numbers of rows (the masked patch
+    tokens of iBOT). With one process, the plain mean over the rows.
 
     Args:
-        logits: (N, K) this rank's teacher logits (every rank the same N).
+        logits: (N, K) this rank's teacher logits.
 
     Returns:
         (1, K), identical on every rank, at least float32, without gradient.
     """
     logits = _f32(logits)
-    total = dist.all_reduce_no_grad(logits.sum(dim=0, keepdim=True))
-    return total / (logits.shape[0] * dist.world_size())
+    total = dist.all_reduce_no_grad(torch.cat([logits.sum(dim=0), logits.new_tensor([logits.shape[0]])]))
+    return (total[:-1] / total[-1].clamp_min(1)).unsqueeze(0)
 
 
 @torch.no_grad()

@@ -33,7 +33,6 @@ from timm.layers import DropPath
 from timm.models import VisionTransformer, model_entrypoint
 from torch import Tensor, nn
 
-from sslkit import dist
 from sslkit.config import Config, ConfigError
 from sslkit.data.augment import MEAN, STD, BatchViews
 from sslkit.data.masks import block_masks
@@ -210,7 +209,7 @@ class DINO(Method):
         if self.m.centering == "sinkhorn_knopp":
             return sinkhorn_knopp(logits, temp)
         center = self.center if which == "center" else self.patch_center
-        self._staged.append((which, batch_center(logits) if which == "center" else _masked_mean(logits)))
+        self._staged.append((which, batch_center(logits)))
         return teacher_probs(logits, center, temp)
 
     def _ibot(self, s_patch: Tensor, t_patch: Tensor, mask: Tensor) -> Tensor:
@@ -250,13 +249,9 @@ class DINO(Method):
         self._staged.clear()
         self.progress += 1
 
-    @torch.no_grad()
     def health(self) -> dict[str, float]:
         """``key_distance``: ||teacher - student|| / ||student|| over the backbone and head parameters."""
-        pairs = list(zip(self.student.parameters(), self.teacher.ema.parameters()))
-        diff = torch.stack([(t.float() - s.float()).pow(2).sum() for s, t in pairs]).sum()
-        norm = torch.stack([s.float().pow(2).sum() for s, _ in pairs]).sum()
-        return {"health/key_distance": float((diff / norm.clamp_min(1e-12)).sqrt())}
+        return {"health/key_distance": self.teacher.distance(self.student)}
 
     def backbone_copies(self) -> list[nn.Module]:
         """The teacher's backbone starts as the student's: ``model.init`` weights go into both."""
@@ -294,12 +289,6 @@ def _cpu_generator(generator: Optional[torch.Generator]) -> Optional[torch.Gener
         return generator
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     return torch.Generator().manual_seed(seed)
-
-
-def _masked_mean(rows: Tensor) -> Tensor:
-    """(1, K) mean of ``rows`` (M, K) over every rank's rows (M may differ between ranks)."""
-    total = dist.all_reduce_no_grad(torch.cat([rows.sum(0), rows.new_tensor([rows.shape[0]])]))
-    return (total[:-1] / total[-1].clamp_min(1)).unsqueeze(0)
 
 
 def backbone_kwargs(cfg: Config) -> dict[str, Any]:

@@ -72,11 +72,8 @@ class MomentumContrast(Method):
         """``key_distance``: ||theta_k - theta_q|| / ||theta_q|| over the encoder's parameters (0 right
         after a copy; it stays near 0 when the momentum is too high for the key encoder to follow);
         ``queue_filled``: the fraction of the queue holding keys."""
-        pairs = list(zip(self.encoder.parameters(), self.key_encoder.ema.parameters()))
-        diff = torch.stack([(k.float() - q.float()).pow(2).sum() for q, k in pairs]).sum()
-        norm = torch.stack([q.float().pow(2).sum() for q, _ in pairs]).sum()
-        distance, filled = torch.stack([(diff / norm.clamp_min(1e-12)).sqrt(), self.queue.filled.float()]).tolist()
-        return {"health/key_distance": distance, "health/queue_filled": filled / self.queue.size}
+        filled = float(self.queue.filled) / self.queue.size
+        return {"health/key_distance": self.key_encoder.distance(self.encoder), "health/queue_filled": filled}
 
     def encoder_module(self, encoder: str = "momentum") -> nn.Module:
         return self.key_encoder.ema.backbone if encoder == "momentum" else self.encoder.backbone

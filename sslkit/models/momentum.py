@@ -31,6 +31,15 @@ class MomentumEncoder(nn.Module):
         torch._foreach_mul_(ema_params, momentum)
         torch._foreach_add_(ema_params, online_params, alpha=1.0 - momentum)
 
+    @torch.no_grad()
+    def distance(self, online: nn.Module) -> float:
+        """||theta_ema - theta_online|| / ||theta_online|| over all parameters: 0 right after the copy, near 0
+        while the momentum is too high for the copy to follow."""
+        pairs = list(zip(online.parameters(), self.ema.parameters()))
+        diff = torch.stack([(e.float() - o.float()).pow(2).sum() for o, e in pairs]).sum()
+        norm = torch.stack([o.float().pow(2).sum() for o, _ in pairs]).sum()
+        return float((diff / norm.clamp_min(1e-12)).sqrt())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.ema(x)

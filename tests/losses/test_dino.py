@@ -7,7 +7,6 @@ two real gloo processes against one process on the whole batch (Sinkhorn-Knopp, 
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -354,11 +353,9 @@ def _worker(out: Path) -> None:
 
 
 def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
-           str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    from processes import run_two_ranks  # tests/ (the ranks run this file as a script, without it)
+
+    ranks = run_two_ranks(__file__, out=tmp_path)
     assert [r["world"] for r in ranks] == [2, 2]
     whole = _global_logits()
     one_process = sinkhorn_knopp(whole, TEMP, 3)

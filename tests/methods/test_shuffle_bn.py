@@ -10,7 +10,6 @@ the permuted halves and putting the rows back in order.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -49,11 +48,9 @@ def _worker(out: Path) -> None:
 
 
 def test_keys_come_from_the_shuffled_shares_on_two_processes(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
-           str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    from processes import run_two_ranks  # tests/ (the ranks run this file as a script, without it)
+
+    ranks = run_two_ranks(__file__, out=tmp_path)
     assert [r["world"] for r in ranks] == [2, 2]
     assert torch.equal(ranks[0]["keys"], ranks[1]["keys"])  # gathered keys identical on both ranks
     assert torch.equal(ranks[0]["next_order"], ranks[1]["next_order"])  # rank 0's permutation, broadcast

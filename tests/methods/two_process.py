@@ -18,7 +18,6 @@ method has a queue) and the final state (weights, momentum encoder, queue).
 from __future__ import annotations
 
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -96,11 +95,9 @@ def main(case_path: str, out: Path) -> None:
 
 def compare(case_path: str | Path, tmp_path: Path, *, rtol: float = 1e-4, atol: float = 1e-5) -> list[dict]:
     """Run the case on 2 processes and on 1, assert they agree; returns the ranks' records."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           __file__, str(case_path), str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    from processes import run_two_ranks  # tests/ (the ranks run this file as a script, without it)
+
+    ranks = run_two_ranks(__file__, str(case_path), out=tmp_path)
     assert [r["world_size"] for r in ranks] == [2, 2]
 
     case = load_case(case_path)
