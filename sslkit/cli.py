@@ -11,6 +11,7 @@
     sslkit report runs/demo                                        # runs/demo/report.html
     sslkit export runs/demo --out demo.safetensors                 # backbone for timm.create_model
     sslkit finetune supcam-finetune finetune.init=runs/supcam      # then test metrics on eval.shards
+    sslkit extract runs/demo --slides slides/ --out bags/demo --mpp 0.5 --tile 256   # <slide>.h5 feature bags
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     shard, shard_sub = _add_shard_parsers(sub, argv)
     _add_training_parsers(sub)
     _add_run_parsers(sub)
+    _add_extract_parser(sub)
     for command in [*shard_sub.choices.values(), *sub.choices.values()]:  # --debug after the command works too
         if command is not shard:
             command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -240,6 +242,13 @@ def _add_run_parsers(sub: argparse._SubParsersAction) -> None:
     emb.add_argument("--features", choices=("backbone", "projector"), default="backbone")
     emb.add_argument("--out", help="output folder (default RUN_DIR/embeddings)")
     emb.set_defaults(fn=_cmd_embed)
+
+
+def _add_extract_parser(sub: argparse._SubParsersAction) -> None:
+    """``sslkit extract``: per-slide feature bags (``sslkit.slides.extract``)."""
+    from sslkit.slides.extract import add_parser
+
+    add_parser(sub)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
