@@ -254,6 +254,8 @@ class _Run:
         dataset = SlideChunks(self.source, [(i, self.jobs[i]) for i in todo], self.encoder.transform,
                               self.batch_size)
         workers = min(self.workers, len(todo))
+        if workers and hasattr(self.source, "preload"):
+            self.source.preload()
         return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=self.device.type == "cuda",
                           prefetch_factor=4 if workers else None)
 

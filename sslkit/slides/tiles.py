@@ -18,6 +18,7 @@ yields one item with its ``error`` instead (after any chunks already sent).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tarfile
@@ -78,6 +79,15 @@ class SlideFiles:
 
     def settings(self) -> dict:
         return _setting_keys(self.wsi.params())
+
+    def preload(self) -> None:
+        """Import what reading slides needs (OpenSlide, scipy, scikit-image) in this process, so that
+        DataLoader workers forked from it do not each import them again."""
+        import importlib
+
+        for module in self.wsi.preload:
+            with contextlib.suppress(ImportError):
+                importlib.import_module(module)
 
     def jobs(self) -> list[SlideJob]:
         return [SlideJob(u.id, u.path, u.cost) for u in self.wsi.units()]

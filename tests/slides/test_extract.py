@@ -18,11 +18,14 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import psutil
 import pytest
 import tifffile
 import torch
 
 pytest.importorskip("openslide")
+
+from processes import wait_until_gone  # noqa: E402
 
 from sslkit.cli import main  # noqa: E402
 from sslkit.errors import MissingInput, UsageError  # noqa: E402
@@ -375,15 +378,19 @@ def test_kill_9_then_resume_gives_the_same_files(slides, reference, tmp_path):
     out = tmp_path / "bags"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, *_command(folder, out, "--workers", "1")], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     def bags() -> int:  # finished bags; pathlib's glob also matches the hidden temporary files
         return sum(not p.name.startswith(".") for p in out.glob("*.h5"))
 
     deadline = time.monotonic() + 120
     while not bags() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.001)
-    os.killpg(proc.pid, signal.SIGKILL)
+    workers = psutil.Process(proc.pid).children(recursive=True)  # the DataLoader worker
+    os.kill(proc.pid, signal.SIGKILL)  # the command alone: its worker must notice and end too
     proc.wait()
+    left = wait_until_gone(lambda: [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE],
+                           timeout=15)
+    assert not left, f"{len(left)} DataLoader worker(s) outlived the killed command"
     before = bags()
     assert 1 <= before < len(names), "the kill did not land mid-collection"
     done = subprocess.run([sys.executable, *_command(folder, out, "--workers", "1")], cwd=REPO, env=env,
