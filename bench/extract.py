@@ -110,8 +110,8 @@ def run_plain(encoder: TileEncoder, paths: list[str], out: Path, args: argparse.
                 image = handle.read_region((x, y), geom.level, (side, side)).convert("RGB")
                 if side != args.tile:
                     image = image.resize((args.tile, args.tile), Image.Resampling.BILINEAR)
-                batch.append(encoder.transform(image))
-            feats.append(encoder.module(torch.stack(batch)).float().numpy())
+                batch.append(encoder.pixels(image))
+            feats.append(encoder.embed(torch.stack(batch)).float().numpy())
         handle.close()
         write_bag(out / f"{Path(path).stem}.h5", np.concatenate(feats), np.asarray(corners), {"slide_path": path})
         tiles += len(corners)

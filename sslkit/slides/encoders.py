@@ -3,8 +3,8 @@
     enc = load_encoder("runs/demo")                                     # method.embed, as `sslkit embed`
     enc = load_encoder("demo.safetensors")                              # `sslkit export`'s file
     enc = load_encoder("timm:resnet50", weights="r50.safetensors")      # a published encoder, local weights
-    x = enc.transform(pil_tile)                                         # (C, size, size) float32
-    feats = enc.module(x[None])                                         # (1, D)
+    x = enc.pixels(pil_tile)                                            # (C, size, size) uint8
+    feats = enc.embed(x[None])                                          # (1, D): scaled, normalised, encoded
 
 How each kind sees a tile (the whole tile is resized, never cropped: it is the unit a bag row
 stands for):
@@ -40,16 +40,33 @@ from sslkit.errors import MissingInput, UsageError
 
 @dataclass
 class TileEncoder:
-    """What extraction needs of an encoder: the module, how to feed it, and how to name it."""
+    """What extraction needs of an encoder: how to make its input from a tile, the module, and a name.
+
+    DataLoader workers make ``pixels(tile)`` (uint8, a quarter of float32's bytes to pass
+    between processes and to the device); ``embed`` scales and normalises a batch of them
+    where the model runs (the same arithmetic, element by element, as the evaluation transform)
+    and applies the module."""
 
     module: Callable[[torch.Tensor], torch.Tensor]  # (B, C, size, size) float32 -> (B, D); an nn.Module or a call
-    transform: Callable[[Any], torch.Tensor]  # PIL image -> (C, size, size) float32, picklable (DataLoader workers)
+    pixels: Callable[[Any], torch.Tensor]  # PIL image -> (C, size, size) uint8, picklable (DataLoader workers)
+    mean: list[float]
+    std: list[float]
     size: int  # input side in pixels
     channels: int
     identity: str
     sha256: str
     feature_kind: str  # "backbone" or "projector"
     to: Callable[[torch.device], None]  # moves the weights to a device
+
+    def inputs(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) uint8 -> the module's float input: x / 255, then (x - mean) / std."""
+        from torchvision.transforms.v2 import functional as F
+
+        return F.normalize(F.to_dtype(pixels, torch.float32, scale=True), self.mean, self.std)
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) uint8 -> (B, D) features."""
+        return self.module(self.inputs(pixels))
 
 
 def file_sha256(path: str | Path) -> str:
@@ -60,9 +77,11 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def tile_transform(*, size: int | tuple[int, int], channels: int, mean: list[float], std: list[float],
-                   interpolation: str = "bilinear") -> Callable[[Any], torch.Tensor]:
-    """PIL image -> (C, H, W) float32: the whole image resized (antialiased), scaled to [0, 1], normalised."""
+def tile_pixels(*, size: int | tuple[int, int], channels: int,
+                interpolation: str = "bilinear") -> Callable[[Any], torch.Tensor]:
+    """PIL image -> (C, H, W) uint8: the whole image in ``channels`` (RGB or L) resized, antialiased.
+    For a run's ``data.size`` with bilinear interpolation this is ``build_decode_transform``: the
+    pixels the evaluation transform then scales and normalises."""
     from torchvision.transforms import v2
 
     from sslkit.data.augment import _Mode
@@ -71,8 +90,7 @@ def tile_transform(*, size: int | tuple[int, int], channels: int, mean: list[flo
              "nearest": v2.InterpolationMode.NEAREST, "lanczos": v2.InterpolationMode.LANCZOS}
     hw = (size, size) if isinstance(size, int) else tuple(size)
     return v2.Compose([_Mode(channels), v2.Resize(hw, interpolation=modes.get(interpolation, modes["bilinear"]),
-                                                  antialias=True),
-                       v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+                                                  antialias=True), v2.ToImage()])
 
 
 def _moves(module: nn.Module) -> Callable[[torch.device], None]:
@@ -109,7 +127,7 @@ def _no_timm_flags(spec: str, *, weights: Optional[str], model_args: Optional[di
 
 def _run_encoder(run_dir: Path, *, encoder: Optional[str], features: str, input_size: Optional[int]) -> TileEncoder:
     """A run's method, fed as ``sslkit embed`` feeds it (``build_eval_transform`` at ``data.size``)."""
-    from sslkit.data.augment import build_eval_transform
+    from sslkit.data.augment import MEAN, STD, build_decode_transform
     from sslkit.rundir import load_trained
 
     cfg, method, state = load_trained(run_dir)
@@ -127,8 +145,9 @@ def _run_encoder(run_dir: Path, *, encoder: Optional[str], features: str, input_
     def embed(x: torch.Tensor) -> torch.Tensor:
         return method.embed(x, encoder=encoder, features=features)
 
-    return TileEncoder(module=embed, transform=build_eval_transform(size=size, channels=channels), size=size,
-                       channels=channels, identity=identity, sha256=sha, feature_kind=features, to=_moves(method))
+    return TileEncoder(module=embed, pixels=build_decode_transform(size=size, channels=channels),
+                       mean=[MEAN] * channels, std=[STD] * channels, size=size, channels=channels, identity=identity,
+                       sha256=sha, feature_kind=features, to=_moves(method))
 
 
 def _exported_encoder(path: Path, *, input_size: Optional[int]) -> TileEncoder:
@@ -138,12 +157,11 @@ def _exported_encoder(path: Path, *, input_size: Optional[int]) -> TileEncoder:
     model, info = load_backbone(path)
     channels, size = int(info["in_chans"]), input_size or int(info["input_size"][-1])
     sha = file_sha256(path)
-    transform = tile_transform(size=size, channels=channels, mean=info["mean"], std=info["std"],
-                               interpolation=info.get("interpolation", "bilinear"))
+    pixels = tile_pixels(size=size, channels=channels, interpolation=info.get("interpolation", "bilinear"))
     identity = f"{path} ({info['architecture']}, {info.get('method', '?')} step {info.get('step', '?')}, " \
                f"sha256 {sha[:16]})"
-    return TileEncoder(module=model, transform=transform, size=size, channels=channels, identity=identity,
-                       sha256=sha, feature_kind="backbone", to=_moves(model))
+    return TileEncoder(module=model, pixels=pixels, mean=list(info["mean"]), std=list(info["std"]), size=size,
+                       channels=channels, identity=identity, sha256=sha, feature_kind="backbone", to=_moves(model))
 
 
 def _timm_encoder(name: str, *, weights: Optional[str], input_size: Optional[int],
@@ -168,13 +186,14 @@ def _timm_encoder(name: str, *, weights: Optional[str], input_size: Optional[int
     config = resolve_model_data_config(model)
     channels, (height, width) = int(config["input_size"][0]), config["input_size"][1:]
     size = input_size or int(width)
-    transform = tile_transform(size=(input_size or height, size), channels=channels, mean=config["mean"],
-                               std=config["std"], interpolation=config.get("interpolation", "bilinear"))
+    pixels = tile_pixels(size=(input_size or height, size), channels=channels,
+                         interpolation=config.get("interpolation", "bilinear"))
     sha = file_sha256(weights)
     kwargs = f" {json.dumps(model_args, sort_keys=True)}" if model_args else ""
     identity = f"timm {name}{kwargs} weights {weights} (sha256 {sha[:16]})"
-    return TileEncoder(module=model.eval(), transform=transform, size=size, channels=channels, identity=identity,
-                       sha256=sha, feature_kind="backbone", to=_moves(model))
+    return TileEncoder(module=model.eval(), pixels=pixels, mean=list(config["mean"]), std=list(config["std"]),
+                       size=size, channels=channels, identity=identity, sha256=sha, feature_kind="backbone",
+                       to=_moves(model))
 
 
 def _load_weights(model: nn.Module, weights: str, name: str) -> None:
@@ -221,4 +240,4 @@ def parse_model_args(items: list[str]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["TileEncoder", "file_sha256", "load_encoder", "parse_model_args", "tile_transform"]
+__all__ = ["TileEncoder", "file_sha256", "load_encoder", "parse_model_args", "tile_pixels"]

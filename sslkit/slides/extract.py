@@ -16,11 +16,12 @@ each rank's last run (tiles/s, ``data_wait_share``).
 - Ranks: under ``accelerate launch`` or ``torchrun`` (``RANK``/``WORLD_SIZE``) each process takes
   its share of the slides (``partition``: largest first, no slide twice) and the GPU
   ``LOCAL_RANK``; the ranks do not talk to each other.
-- Pipeline: DataLoader workers each take whole slides, decode and transform their tiles and
-  send them in chunks of ``--batch-size`` tiles of one slide; the main process embeds each
-  chunk on the device (bf16 autocast when the launcher's mixed precision says bf16, on a GPU)
-  and writes a slide's bag when its last chunk is embedded, so memory holds only the slides in
-  flight. ``data_wait_share`` = time spent waiting for the loader / the run's wall time.
+- Pipeline: DataLoader workers each take whole slides, decode their tiles, resize them to the
+  encoder's input (uint8) and send them in chunks of ``--batch-size`` tiles of one slide; the
+  main process scales, normalises and embeds each chunk on the device (bf16 autocast when the
+  launcher's mixed precision says bf16, on a GPU) and writes a slide's bag when its last
+  chunk is embedded, so memory holds only the slides in flight. ``data_wait_share`` = time
+  spent waiting for the loader / the run's wall time.
 - Resume: a slide whose bag is there and readable is skipped; files are written under a
   temporary name and renamed, so a killed run leaves no half bag, and a slide it was working
   on is done again. Each rank appends a record per slide to ``OUT/.extract/rank-NNN.jsonl``;
@@ -251,7 +252,7 @@ class _Run:
 
         from sslkit.slides.tiles import SlideChunks
 
-        dataset = SlideChunks(self.source, [(i, self.jobs[i]) for i in todo], self.encoder.transform,
+        dataset = SlideChunks(self.source, [(i, self.jobs[i]) for i in todo], self.encoder.pixels,
                               self.batch_size)
         workers = min(self.workers, len(todo))
         if workers and hasattr(self.source, "preload"):
@@ -309,7 +310,7 @@ class _Run:
             self.pending[index] = {"features": [], "coords": [], "info": item["info"], "bar": bar, "slot": slot}
         state = self.pending[index]
         images = item["images"].to(self.device, non_blocking=True)
-        state["features"].append(self.encoder.module(images).float().cpu().numpy())
+        state["features"].append(self.encoder.embed(images).float().cpu().numpy())
         state["coords"].append(item["coords"].numpy())
         state["bar"].update(len(images))
         if item["last"]:

@@ -10,10 +10,11 @@ and settings (``SlideFiles`` runs ``WsiSource.produce``, the code that wrote the
 pixels are the same up to the shards' encoding (exactly the same for ``--encode png``).
 
 ``SlideChunks`` is the DataLoader dataset: DataLoader workers split the slides (never a slide's
-tiles), read and transform the tiles of each, and yield them in chunks of at most
-``batch_size`` tiles of one slide, in order, the last one marked, so the main process can
-finish a slide's bag as soon as its last chunk is embedded. A slide that cannot be read
-yields one item with its ``error`` instead (after any chunks already sent).
+tiles), read the tiles of each, make the encoder's input pixels of them (uint8,
+``TileEncoder.pixels``) and yield them in chunks of at most ``batch_size`` tiles of one slide,
+in order, the last one marked, so the main process can finish a slide's bag as soon as its
+last chunk is embedded. A slide that cannot be read yields one item with its ``error``
+instead (after any chunks already sent).
 """
 
 from __future__ import annotations
@@ -206,13 +207,13 @@ def failure_reason(err: BaseException) -> str:
 
 
 class SlideChunks(IterableDataset):
-    """Items ``{"slide", "images" (b, C, H, W), "coords" (b, 2) int64, "total", "last", "info", "error"}``
+    """Items ``{"slide", "images" (b, C, H, W) uint8, "coords" (b, 2) int64, "total", "last", "info", "error"}``
     for the slides ``jobs`` = [(index, SlideJob)]; workers take every n-th slide (see the module notes)."""
 
-    def __init__(self, source: Any, jobs: list[tuple[int, SlideJob]], transform: Callable[[Image.Image], torch.Tensor],
+    def __init__(self, source: Any, jobs: list[tuple[int, SlideJob]], pixels: Callable[[Image.Image], torch.Tensor],
                  batch_size: int) -> None:
         super().__init__()
-        self.source, self.jobs, self.transform, self.batch_size = source, jobs, transform, batch_size
+        self.source, self.jobs, self.pixels, self.batch_size = source, jobs, pixels, batch_size
 
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
@@ -235,7 +236,7 @@ class SlideChunks(IterableDataset):
         images, coords, sent = [], [], 0
         try:
             for x, y, image in tiles:
-                images.append(self.transform(image))
+                images.append(self.pixels(image))
                 coords.append((x, y))
                 if len(images) == self.batch_size or sent + len(images) == total:
                     yield {"slide": index, "images": torch.stack(images), "last": sent + len(images) == total,
