@@ -37,18 +37,21 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the sslkit command does before torch loads OpenMP
 
-from sslkit.sharding.wsi.command import plan_tiles
-from sslkit.sharding.wsi.slides import open_slide
-from sslkit.slides.bags import write_bag
-from sslkit.slides.encoders import TileEncoder, load_encoder
-from sslkit.slides.extract import extract_bags
-from sslkit.slides.tiles import SlideFiles
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from sslkit.sharding.wsi.command import plan_tiles  # noqa: E402
+from sslkit.sharding.wsi.slides import open_slide  # noqa: E402
+from sslkit.slides.bags import write_bag  # noqa: E402
+from sslkit.slides.encoders import TileEncoder, load_encoder  # noqa: E402
+from sslkit.slides.extract import extract_bags  # noqa: E402
+from sslkit.slides.tiles import SlideFiles  # noqa: E402
 
 DEFAULT_SLIDE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
-ENCODERS = {"demo": ("preact_resnet18", {"width": 16}), "resnet18": ("resnet18", {})}
+ENCODERS = {"tiny": ("preact_resnet18", {"width": 4}), "demo": ("preact_resnet18", {"width": 16}),
+            "resnet18": ("resnet18", {})}
 MIN_TISSUE = 0.5
 
 

@@ -410,3 +410,24 @@ def test_kill_9_then_resume_gives_the_same_files(slides, reference, tmp_path):
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["done"] == len(names) and set(manifest["slides"]) == set(names)
+
+
+def test_precision(slides, reference, encoder, tmp_path, monkeypatch):
+    from sslkit.slides.extract import resolve_precision
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert resolve_precision("auto", cpu) == "no" and resolve_precision("auto", gpu) == "bf16"
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    assert resolve_precision("auto", gpu) == "no"
+    with pytest.raises(UsageError, match="fp16 needs a GPU"):
+        resolve_precision("fp16", cpu)
+    summary = extract_bags(encoder, SlideFiles([str(slides / "alpha.tif")], mpp=MPP, tile=TILE), tmp_path,
+                           workers=0, precision="bf16", progress=False)
+    assert summary["precision"] == "bf16" and summary["manifest"]["settings"]["precision"] == "bf16"
+    f_bf16, coords, _ = load_bag(tmp_path / "alpha.h5")
+    f_fp32, ref_coords, _ = load_bag(reference / "alpha.h5")
+    np.testing.assert_array_equal(coords, ref_coords)
+    assert f_bf16.dtype == np.float32 and not np.array_equal(f_bf16, f_fp32)  # bf16 arithmetic did run
+    cosine = np.sum(f_bf16 * f_fp32, 1) / np.linalg.norm(f_bf16, axis=1) / np.linalg.norm(f_fp32, axis=1)
+    assert cosine.min() > 0.99
