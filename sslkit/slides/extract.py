@@ -171,22 +171,26 @@ def _bag_attrs(job: Any, info: dict, source: Any, encoder: Any) -> dict:
             "overlap": int(source.overlap)}
 
 
-def _todo(out: Path, jobs: list, mine: list[int], records: Records) -> list[int]:
+def _todo(out: Path, jobs: list, mine: list[int], records: Records, *, pt: bool) -> list[int]:
     """This rank's slides without a readable bag. A bag found without a record (a run killed between
-    the rename and the record) is recorded now; temporary files of this rank's slides are removed."""
-    from sslkit.slides.bags import bag_rows
+    the rename and the record) is recorded now, and with ``pt`` a missing .pt is written from its bag;
+    temporary files of this rank's slides are removed."""
+    from sslkit.slides.bags import bag_rows, load_bag, write_pt
 
     known, _ = read_records(out)
     todo = []
     for i in mine:
         job = jobs[i]
-        for stale in out.glob(f".{job.id}.tmp-*"):
+        for stale in [*out.glob(f".{job.id}.tmp-*"), *(out / "pt_files").glob(f".{job.id}.tmp-*")]:
             stale.unlink(missing_ok=True)
         rows = bag_rows(out / f"{job.id}.h5")
         if rows is None:
             todo.append(i)
-        elif known.get(job.id, {}).get("status") != "done":
+            continue
+        if known.get(job.id, {}).get("status") != "done":
             records.add({"slide": job.id, "status": "done", "tiles": rows, "path": job.path, "bag": f"{job.id}.h5"})
+        if pt and not (out / "pt_files" / f"{job.id}.pt").is_file():
+            write_pt(out / "pt_files" / f"{job.id}.pt", load_bag(out / f"{job.id}.h5")[0])
     return todo
 
 
@@ -222,7 +226,7 @@ def extract_bags(encoder: Any, source: Any, out: str | Path, *, batch_size: int 
     jobs = source.jobs()
     mine = partition([Unit(j.id, j.path, j.cost) for j in jobs], world_size)[rank]
     records = Records(out, rank)
-    todo = _todo(out, jobs, mine, records)
+    todo = _todo(out, jobs, mine, records, pt=pt)
     run = _Run(encoder, source, out, jobs, records, batch_size=batch_size, workers=workers, pt=pt,
                precision=precision, device=device, progress=progress and rank == 0,
                label=f"rank {rank} " if world_size > 1 else "")
