@@ -57,6 +57,7 @@ class TileEncoder:
     sha256: str
     feature_kind: str  # "backbone" or "projector"
     to: Callable[[torch.device], None]  # moves the weights to a device
+    variant: str = ""  # what else, with the weights, decides the features: a run's encoder, a timm name
 
     def inputs(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) uint8 -> the module's float input: x / 255, then (x - mean) / std."""
@@ -147,7 +148,7 @@ def _run_encoder(run_dir: Path, *, encoder: Optional[str], features: str, input_
 
     return TileEncoder(module=embed, pixels=build_decode_transform(size=size, channels=channels),
                        mean=[MEAN] * channels, std=[STD] * channels, size=size, channels=channels, identity=identity,
-                       sha256=sha, feature_kind=features, to=_moves(method))
+                       sha256=sha, feature_kind=features, to=_moves(method), variant=f"{encoder} encoder")
 
 
 def _exported_encoder(path: Path, *, input_size: Optional[int]) -> TileEncoder:
@@ -193,7 +194,7 @@ def _timm_encoder(name: str, *, weights: Optional[str], input_size: Optional[int
     identity = f"timm {name}{kwargs} weights {weights} (sha256 {sha[:16]})"
     return TileEncoder(module=model.eval(), pixels=pixels, mean=list(config["mean"]), std=list(config["std"]),
                        size=size, channels=channels, identity=identity, sha256=sha, feature_kind="backbone",
-                       to=_moves(model))
+                       to=_moves(model), variant=f"timm {name}{kwargs}")
 
 
 def _load_weights(model: nn.Module, weights: str, name: str) -> None:

@@ -219,10 +219,10 @@ def extract_bags(encoder: Any, source: Any, out: str | Path, *, batch_size: int 
     if workers < 0:
         raise UsageError(f"--workers must be 0 (read in this process) or more, got {workers}.")
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    head = {"encoder": encoder.identity, "encoder_sha256": encoder.sha256, "feature_kind": encoder.feature_kind,
-            "source": source.kind, "settings": {**source.settings(), "input_size": encoder.size,
-                                                "precision": precision}}
-    _check_settings(out, {k: head[k] for k in ("encoder_sha256", "feature_kind", "settings")})
+    head = {"encoder": encoder.identity, "encoder_sha256": encoder.sha256, "encoder_variant": encoder.variant,
+            "feature_kind": encoder.feature_kind, "source": source.kind,
+            "settings": {**source.settings(), "input_size": encoder.size, "precision": precision}}
+    _check_settings(out, {k: head[k] for k in ("encoder_sha256", "encoder_variant", "feature_kind", "settings")})
     jobs = source.jobs()
     mine = partition([Unit(j.id, j.path, j.cost) for j in jobs], world_size)[rank]
     records = Records(out, rank)

@@ -198,8 +198,10 @@ def test_manifest_pt_files_and_resume_skips_done_slides(slides, reference, encod
     same_bags(reference, out, [name for name, _, _ in SLIDES])
     again = extract_bags(encoder, source, out, batch_size=16, workers=0, progress=False)
     assert again["skipped"] == 3 and again["tiles"] == 0 and again["manifest"]["slides"] == manifest["slides"]
-    with pytest.raises(UsageError, match="other settings"):
+    with pytest.raises(UsageError, match="other settings.*tile: 32 before, 48 now"):
         extract_bags(encoder, SlideFiles([str(slides)], mpp=MPP, tile=48), out, workers=0, progress=False)
+    with pytest.raises(UsageError, match="encoder_variant: 'momentum encoder' before, 'query encoder' now"):
+        extract_bags(load_encoder(str(RUN), encoder="query"), source, out, workers=0, progress=False)
     visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     assert visible == ["alpha.h5", "beta.h5", "gamma.h5", "manifest.json", "pt_files"]
 
