@@ -73,17 +73,21 @@ def _check_settings(out: Path, settings: dict) -> None:
 
 
 class Records:
-    """This rank's records, one JSON line per slide, appended and synced as each slide ends."""
+    """This rank's records, one JSON line per slide, appended (and flushed) as each slide ends.
+
+    No fsync: a bag is renamed into place before its record is written, and a bag found
+    without a record is recorded on the next run (``_todo``), so a lost line loses nothing."""
 
     def __init__(self, out: Path, rank: int) -> None:
+        import threading
+
         self.path = out / STATE_DIR / f"rank-{rank:03d}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Lock()  # the main thread records failures, the writer thread bags
 
     def add(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as handle:
+        with self.lock, open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({**record, "time": time.time()}) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
 
 
 def read_records(out: Path) -> tuple[dict[str, dict], list[dict]]:
@@ -240,6 +244,29 @@ def extract_bags(encoder: Any, source: Any, out: str | Path, *, batch_size: int 
     return {**stats, "manifest": manifest}
 
 
+class _Writer:
+    """One background thread that writes finished slides while the model embeds the next ones; at
+    most ``backlog`` slides wait for it (their features are in memory). An error raised there is
+    raised again in the caller at the next ``submit`` or ``drain``."""
+
+    def __init__(self, backlog: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool, self.backlog, self.futures = ThreadPoolExecutor(1, thread_name_prefix="bags"), backlog, []
+
+    def submit(self, fn: Any, *args: Any) -> None:
+        self.futures.append(self.pool.submit(fn, *args))
+        self.drain(self.backlog)
+
+    def drain(self, keep: int) -> None:
+        """Wait until at most ``keep`` writes are outstanding."""
+        while len(self.futures) > keep:
+            self.futures.pop(0).result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
 class _Run:
     """One rank's pass over its slides: the loader, the model, the bags (``extract_bags``)."""
 
@@ -249,7 +276,8 @@ class _Run:
         self.batch_size, self.workers, self.pt, self.precision, self.device = batch_size, workers, pt, precision, device
         self.progress, self.label = progress, label
         self.pending: dict[int, dict] = {}  # slide index -> features, coords, info, bar of a slide in flight
-        self.done, self.failures, self.tiles = 0, [], 0
+        self.done, self.failures, self.tiles = 0, [], 0  # done and tiles: counted by the writer thread
+        self.writer = _Writer(backlog=2)
 
     def loader(self, todo: list[int]) -> Any:
         from torch.utils.data import DataLoader
@@ -285,7 +313,9 @@ class _Run:
                     break
                 with torch.inference_mode(), autocast:
                     self.take(item)
+            self.writer.drain(0)
         finally:
+            self.writer.close()
             for state in self.pending.values():
                 state["bar"].close()
             self.bar.close()
@@ -296,7 +326,8 @@ class _Run:
                 "data_wait_share": round(wait / seconds, 4) if seconds > 0 else 0.0}
 
     def take(self, item: dict) -> None:
-        """One loader item: embed a chunk (and finish its slide on the last one), or record a failure."""
+        """One loader item: embed a chunk (and finish its slide on the last one), or record a failure.
+        Features stay on the device until the slide's last chunk, so no chunk waits for a copy back."""
         from tqdm.auto import tqdm
 
         index, job = item["slide"], self.jobs[item["slide"]]
@@ -314,17 +345,21 @@ class _Run:
             self.pending[index] = {"features": [], "coords": [], "info": item["info"], "bar": bar, "slot": slot}
         state = self.pending[index]
         images = item["images"].to(self.device, non_blocking=True)
-        state["features"].append(self.encoder.embed(images).float().cpu().numpy())
+        state["features"].append(self.encoder.embed(images).float())
         state["coords"].append(item["coords"].numpy())
         state["bar"].update(len(images))
         if item["last"]:
-            self.finish(index, self.pending.pop(index))
+            import torch
 
-    def finish(self, index: int, state: dict) -> None:
+            state = self.pending.pop(index)
+            features = torch.cat(state["features"]).cpu().numpy()
+            self.writer.submit(self.finish, index, state, features, np.concatenate(state["coords"]))
+
+    def finish(self, index: int, state: dict, features: np.ndarray, coords: np.ndarray) -> None:
+        """Write a slide's bag (and .pt) and its record; runs on the writer thread, beside the model."""
         from sslkit.slides.bags import write_bag, write_pt
 
         job = self.jobs[index]
-        features, coords = np.concatenate(state["features"]), np.concatenate(state["coords"])
         order = np.lexsort((coords[:, 0], coords[:, 1]))  # rows by (y, x)
         features, coords = features[order], coords[order]
         write_bag(self.out / f"{job.id}.h5", features, coords, _bag_attrs(job, state["info"], self.source,
