@@ -1,26 +1,31 @@
 """Feature-bag extraction throughput: ``sslkit extract --slides`` against a plain OpenSlide loop.
 
-    python bench/extract.py [--slide ../shared/data/slides/CMU-1-Small-Region.svs] [--copies 8]
-                            [--encoder demo|resnet18] [--mpp 0.5] [--tile 128] [--batch-size 64]
-                            [--workers 2] [--repeats 3] [--rss 2,8]
+    python bench/extract.py [--slide ../shared/data/slides/CMU-1-Small-Region.svs] [--copies 64]
+                            [--encoder tiny|demo|resnet18] [--mpp 0.5] [--tile 256] [--batch-size 64]
+                            [--workers 2] [--repeats 3] [--rss 4,32] [--device cuda --precision bf16]
 
 1. Per process, side by side, alternating, medians of ``--repeats`` runs on ``--copies`` links to
    the slide: sslkit (``extract_bags``, the code path of ``sslkit extract --slides``: tissue
-   mask, tile plan, DataLoader workers reading and transforming tiles, the encoder in the main
-   process, one .h5 bag per slide) against a plain loop in one process: for each slide the
+   mask, tile plan, DataLoader workers reading tiles and resizing them to the encoder's input,
+   the encoder in the main process, one .h5 bag per slide) against a plain loop in one process: for each slide the
    same plan (``plan_tiles``, timed on this side too), then per tile OpenSlide's
    ``read_region`` at the plan's level (resized to the tile when the level is not at the
    target um/px), the encoder's own transform, and the encoder on batches of the same size
    cut the same way (per slide), the features written to .h5 the same way. Both sides'
-   features of the first slide are compared ("max diff"; the pixels of the two readers
-   differ only by JPEG decoder rounding).
+   features of the first slide are compared ("max feature diff"; 0 when both readers decode
+   the same pixels).
 2. Peak RSS (VmHWM) of the main process and of the largest DataLoader worker extracting the
    ``--rss`` numbers of links, each in a fresh process: it must not grow with the slides.
 
-Encoders: ``demo``, the architecture of ``sslkit demo``'s encoder (pre-activation ResNet-18,
-width 16, 32 px input, random weights saved to a local file and loaded as
-``timm:preact_resnet18``), or ``resnet18`` (timm's, 224 px input, ImageNet mean/std). The last
-line is ``ratio=<sslkit tiles/s / plain loop tiles/s>``.
+On a GPU (``--device cuda``) both sides run the encoder there; ``data_wait_share`` then says
+how much of the run the GPU waited for tiles.
+
+Encoders, random weights saved to a local file and loaded as ``sslkit extract`` loads a timm
+model: ``tiny`` (the default), a pre-activation ResNet-18 of width 4 at 32 px, cheap next to
+decoding as an encoder on a GPU is, so the data path is what is timed; ``demo``, the
+architecture of ``sslkit demo``'s encoder (width 16, 32 px); ``resnet18``, timm's, 224 px,
+ImageNet mean/std, which on a CPU is the bottleneck on both sides. The last line is
+``ratio=<sslkit tiles/s / plain loop tiles/s>``.
 """
 
 from __future__ import annotations
@@ -87,7 +92,8 @@ def run_sslkit(encoder: TileEncoder, paths: list[str], out: Path, args: argparse
 
     shutil.rmtree(out, ignore_errors=True)
     source = SlideFiles(paths, mpp=args.mpp, tile=args.tile, min_tissue=MIN_TISSUE)
-    return extract_bags(encoder, source, out, batch_size=args.batch_size, workers=args.workers, progress=False)
+    return extract_bags(encoder, source, out, batch_size=args.batch_size, workers=args.workers, progress=False,
+                        device=args.device, precision=args.precision)
 
 
 @torch.inference_mode()
@@ -96,7 +102,9 @@ def run_plain(encoder: TileEncoder, paths: list[str], out: Path, args: argparse.
     import openslide
     from PIL import Image
 
-    tiles = 0
+    tiles, device = 0, torch.device(args.device)
+    encoder.to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     for path in paths:
         slide = open_slide(path, "openslide")
         try:
@@ -114,7 +122,8 @@ def run_plain(encoder: TileEncoder, paths: list[str], out: Path, args: argparse.
                 if side != args.tile:
                     image = image.resize((args.tile, args.tile), Image.Resampling.BILINEAR)
                 batch.append(encoder.pixels(image))
-            feats.append(encoder.embed(torch.stack(batch)).float().numpy())
+            with autocast:
+                feats.append(encoder.embed(torch.stack(batch).to(device)).float().cpu().numpy())
         handle.close()
         write_bag(out / f"{Path(path).stem}.h5", np.concatenate(feats), np.asarray(corners), {"slide_path": path})
         tiles += len(corners)
@@ -191,7 +200,7 @@ def _rss_child(args: argparse.Namespace, work: Path, copies: int) -> None:
 def peak_rss(args: argparse.Namespace, work: Path, copies: int) -> tuple[float, float]:
     cmd = [sys.executable, __file__, "--slide", str(args.slide), "--encoder", args.encoder, "--mpp", str(args.mpp),
            "--tile", str(args.tile), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-           "--work", str(work), "--_rss", str(copies)]
+           "--device", args.device, "--precision", args.precision, "--work", str(work), "--_rss", str(copies)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     main_mib, worker_mib = out.stdout.strip().splitlines()[-1].split()
     return float(main_mib), float(worker_mib)
@@ -200,14 +209,16 @@ def peak_rss(args: argparse.Namespace, work: Path, copies: int) -> tuple[float, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slide", type=Path, default=DEFAULT_SLIDE)
-    parser.add_argument("--copies", type=int, default=8, help="links to the slide per timed run (default 8)")
-    parser.add_argument("--encoder", choices=sorted(ENCODERS), default="demo")
+    parser.add_argument("--copies", type=int, default=64, help="links to the slide per timed run (default 64)")
+    parser.add_argument("--encoder", choices=sorted(ENCODERS), default="tiny")
     parser.add_argument("--mpp", type=float, default=0.5)
-    parser.add_argument("--tile", type=int, default=128)
+    parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rss", default="2,8", help="link counts whose peak RSS is compared (default 2,8)")
+    parser.add_argument("--device", default="cpu", help="where both sides run the encoder (default cpu)")
+    parser.add_argument("--precision", choices=("no", "bf16"), default="no", help="autocast, both sides")
+    parser.add_argument("--rss", default="4,32", help="link counts whose peak RSS is compared (default 4,32)")
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--_rss", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -221,7 +232,8 @@ def main() -> None:
         encoder = make_encoder(args.encoder, work)
         print(f"{args.slide.name}: {args.tile} px tiles at {args.mpp} um/px, min tissue {MIN_TISSUE}; encoder "
               f"{encoder.identity.split(' weights')[0]} at {encoder.size} px, batch {args.batch_size}, "
-              f"{torch.get_num_threads()} torch threads", flush=True)
+              f"{args.device} ({args.precision}), {torch.get_num_threads()} torch threads, "
+              f"{len(os.sched_getaffinity(0))} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
         ratio = per_process(encoder, links(args.slide, work / "links", args.copies), work, args)
         counts = [int(n) for n in args.rss.split(",")]
         peaks = [peak_rss(args, work, n) for n in counts]
