@@ -8,6 +8,7 @@ glass); the encoder is the committed tiny CCRL run (tests/fixtures/run-0.1-ccrl,
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -230,12 +231,14 @@ def test_damaged_slides_are_recorded_and_the_rest_extracted(slides, reference, t
     write_slide(folder / "blank.tif", np.full((640, 768, 3), 250, np.uint8), 0.5)
     shutil.copy(slides / "beta.tif", folder / "torn.tif")
     damage_tile(folder / "torn.tif", 1, 5)  # level 1 is read for the tiles; tile 5 holds tissue
+    listed = tmp_path / "more.txt"
+    listed.write_text("slides/alpha.tif\nslides/gone.svs\n")  # alpha once more (taken once), and a missing file
     out = tmp_path / "bags"
     with pytest.raises(SystemExit) as exit_info:
-        main(["extract", str(RUN), "--encoder", "momentum", "--slides", str(folder), "--out", str(out), *FLAGS,
-              "--batch-size", "4", "--workers", "1", "--no-progress"])
+        main(["extract", str(RUN), "--encoder", "momentum", "--slides", str(folder), f"@{listed}", "--out", str(out),
+              *FLAGS, "--batch-size", "4", "--workers", "1", "--no-progress"])
     assert exit_info.value.code == 3
-    manifest = __import__("json").loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
     status = {sid: entry["status"] for sid, entry in manifest["slides"].items()}
     assert status == {"alpha": "done", "gamma": "done", "blank": "failed", "cut": "failed", "garbage": "failed",
                       "torn": "failed"}
@@ -243,6 +246,7 @@ def test_damaged_slides_are_recorded_and_the_rest_extracted(slides, reference, t
     assert "no tissue" in errors["blank"] and "Cannot open" in errors["garbage"]
     assert "Reading" in errors["torn"] and "damaged" in errors["torn"]
     assert all(errors[sid].endswith(".") and errors[sid].count("\n") == 0 for sid in ("blank", "cut", "garbage"))
+    assert [item["source"] for item in manifest["failed_inputs"]] == [str(tmp_path / "slides" / "gone.svs")]
     assert sorted(p.name for p in out.glob("*.h5")) == ["alpha.h5", "gamma.h5"]
     same_bags(reference, out, ["alpha", "gamma"], same_path=False)
     assert "failed: " in capsys.readouterr().out
@@ -358,8 +362,6 @@ def test_two_ranks_write_the_files_one_process_writes(slides, reference, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = [name for name, _, _ in SLIDES]
     same_bags(reference, out, names)
-    import json
-
     taken = [{json.loads(line).get("slide") for line in (out / ".extract" / f"rank-00{r}.jsonl").read_text()
               .splitlines()} - {None} for r in (0, 1)]
     assert not taken[0] & taken[1] and taken[0] | taken[1] == set(names) and all(taken)  # each slide once
@@ -408,8 +410,6 @@ def test_kill_9_then_resume_gives_the_same_files(slides, reference, tmp_path):
         assert attrs["slide_id"] == name and {k: v for k, v in attrs.items() if k not in ("slide_id", "slide_path")} \
             == {k: v for k, v in ref_attrs.items() if k not in ("slide_id", "slide_path")}
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".extract") == []
-    import json
-
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["done"] == len(names) and set(manifest["slides"]) == set(names)
 
