@@ -5,6 +5,7 @@
     sslkit shard wsi slides/ --out shards/wsi --mpp 0.5 --tile 256
     sslkit shard cells --format consep --input CoNSeP/Train --out shards/consep --window-scale 2 --size 32
     sslkit shard folder cells/ --out shards/cells --size 64 --split 0.8,0.1,0.1     # class sub-folders
+    sslkit make-slides --out slides-demo --num 24                  # synthetic slides with a planted label
     sslkit pretrain configs/ccrl.yaml data.shards=shards/consep optim.lr=3e-4
     accelerate launch --config_file launch/cpu-2proc.yaml -m sslkit pretrain demo
     sslkit evaluate runs/demo                                      # eval/metrics.json and plots
@@ -131,6 +132,16 @@ def _cmd_demo(args: argparse.Namespace) -> None:
              splits=demo_splits(num_train=args.num_train, num_eval=args.num_eval))
 
 
+def _cmd_make_slides(args: argparse.Namespace) -> None:
+    from sslkit.slides.synthetic import make_slide_collection
+
+    summary = make_slide_collection(args.out, num_slides=args.num, seed=args.seed,
+                                    command=shlex.join(["sslkit", *sys.argv[1:]]))
+    positive = sum(label == "positive" for label in summary["labels"].values())
+    print(f"Wrote {len(summary['slides'])} slides ({positive} positive) to {Path(args.out) / 'slides'}; labels in "
+          f"{summary['labels_csv']}, planted regions in {summary['regions_json']}.")
+
+
 def _add_collection_parsers(shard_sub: argparse._SubParsersAction) -> None:
     """``sslkit shard wsi|cells|folder``: imported only for ``sslkit shard`` (they pull in scipy, OpenSlide)."""
     from sslkit.sharding import cells, folder, wsi
@@ -148,6 +159,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     shard, shard_sub = _add_shard_parsers(sub, argv)
     _add_training_parsers(sub)
     _add_run_parsers(sub)
+    _add_make_slides_parser(sub)
     for command in [*shard_sub.choices.values(), *sub.choices.values()]:  # --debug after the command works too
         if command is not shard:
             command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -240,6 +252,16 @@ def _add_run_parsers(sub: argparse._SubParsersAction) -> None:
     emb.add_argument("--features", choices=("backbone", "projector"), default="backbone")
     emb.add_argument("--out", help="output folder (default RUN_DIR/embeddings)")
     emb.set_defaults(fn=_cmd_embed)
+
+
+def _add_make_slides_parser(sub: argparse._SubParsersAction) -> None:
+    """``sslkit make-slides``: the synthetic slide collection (sslkit.slides.synthetic)."""
+    mk = sub.add_parser("make-slides", help="synthetic pyramidal TIFF slides with a planted slide-level label",
+                        epilog="example: sslkit make-slides --out slides-demo --num 24 --seed 0")
+    mk.add_argument("--out", required=True, help="output folder: slides/, labels.csv, regions.json")
+    mk.add_argument("--num", type=int, default=24, help="number of slides, even, at least 4 (default 24)")
+    mk.add_argument("--seed", type=int, default=0)
+    mk.set_defaults(fn=_cmd_make_slides)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

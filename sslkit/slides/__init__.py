@@ -1,0 +1,5 @@
+"""From slides to slide-level answers.
+
+- ``synthetic``: a small collection of pyramidal TIFF slides with a planted slide-level label
+  (``sslkit make-slides``), for running and testing the slide path on a CPU.
+"""
