@@ -1,0 +1,1 @@
+"""Slide-level work: per-slide feature bags, attention-MIL classification, synthetic slide collections."""
