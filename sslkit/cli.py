@@ -11,6 +11,7 @@
     sslkit report runs/demo                                        # runs/demo/report.html
     sslkit export runs/demo --out demo.safetensors                 # backbone for timm.create_model
     sslkit finetune supcam-finetune finetune.init=runs/supcam      # then test metrics on eval.shards
+    sslkit mil mil mil.features=bags/demo mil.labels=labels.csv    # attention-MIL on slide feature bags
 """
 
 from __future__ import annotations
@@ -84,6 +85,18 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         print(f"Run directory: {out} (metrics in {out / 'eval' / 'classification.json'})")
 
 
+def _cmd_mil(args: argparse.Namespace) -> None:
+    from sslkit.config import load_mil_config, run_dir
+
+    cfg = load_mil_config(recipe_path(args.config), args.overrides)  # bad keys and paths fail before any work
+    from sslkit.slides.mil import format_table, run_mil
+
+    results = run_mil(cfg)
+    print(format_table(results))
+    print(f"Written to {run_dir(cfg) / 'eval' / 'mil'}: metrics.json, predictions.csv, confusion.png"
+          + (f", {len(results['heatmaps'])} heatmaps" if results["heatmaps"] else ""))
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from sslkit import dist
     from sslkit.evaluate.run import evaluate_run, format_table
@@ -148,6 +161,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     shard, shard_sub = _add_shard_parsers(sub, argv)
     _add_training_parsers(sub)
     _add_run_parsers(sub)
+    _add_mil_parser(sub)
     for command in [*shard_sub.choices.values(), *sub.choices.values()]:  # --debug after the command works too
         if command is not shard:
             command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -240,6 +254,16 @@ def _add_run_parsers(sub: argparse._SubParsersAction) -> None:
     emb.add_argument("--features", choices=("backbone", "projector"), default="backbone")
     emb.add_argument("--out", help="output folder (default RUN_DIR/embeddings)")
     emb.set_defaults(fn=_cmd_embed)
+
+
+def _add_mil_parser(sub: argparse._SubParsersAction) -> None:
+    """``sslkit mil``: slide classification on feature bags."""
+    mil = sub.add_parser("mil", help="attention-MIL slide classification on feature bags, cross-validated by patient",
+                         epilog="example: sslkit mil mil mil.features=bags/demo mil.labels=slides/labels.csv "
+                                "mil.folds=5")
+    mil.add_argument("config", help="YAML file or recipe name (mil)")
+    mil.add_argument("overrides", nargs="*", help="dotted key=value overrides (mil.*, run.name, run.seed)")
+    mil.set_defaults(fn=_cmd_mil)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
