@@ -13,8 +13,8 @@ Per slide, ``draw_slide`` writes
   each with its attention weight and level-0 (x, y).
 
 The thumbnail comes from the slide file: the file in ``mil.slides`` whose slide id (as
-``sslkit shard wsi`` and ``sslkit extract`` name slides) is the bag's, else the bag's
-``slide_path`` attribute. Without a readable slide file the heatmap is drawn on a blank canvas the
+``sslkit shard wsi`` and ``sslkit extract`` name slides) is the bag's, else the file the bag's
+``slide_path`` attribute names. Without a readable slide file the heatmap is drawn on a blank canvas the
 size of the tiles' extent (tiles in grey), the title says so, and no gallery is drawn.
 """
 
@@ -52,17 +52,22 @@ def patch_size(coords: np.ndarray, attrs: dict[str, Any]) -> int:
 
 
 def slide_file(slide_id: str, attrs: dict[str, Any], slides_dir: Optional[str]) -> tuple[Optional[str], str]:
-    """(path of the slide file or None, why none was found)."""
+    """(path of the slide file or None, why none was found): the file of ``slide_id`` in ``slides_dir`` (slide ids
+    as ``sslkit shard wsi`` gives them), else the bag's ``slide_path`` attribute when that is a file."""
     from sslkit.sharding.wsi.files import SLIDE_EXTENSIONS, slide_ids
 
+    reasons = []
     if slides_dir:
         paths = sorted(str(p) for p in Path(slides_dir).iterdir() if p.suffix.lower() in SLIDE_EXTENSIONS)
         found = dict(zip(slide_ids(paths), paths)).get(slide_id)
-        return (found, "") if found else (None, f"no file of slide '{slide_id}' in {slides_dir}")
+        if found:
+            return found, ""
+        reasons.append(f"no file of slide '{slide_id}' in {slides_dir}")
     given = attrs.get("slide_path")
     if given and Path(given).is_file():
         return str(given), ""
-    return None, f"the bag's slide_path '{given}' is not a file" if given else "the bag names no slide_path"
+    reasons.append(f"the bag's slide_path '{given}' is not a file" if given else "the bag names no slide_path")
+    return None, "; ".join(reasons)
 
 
 def _blank(coords: np.ndarray, patch: int) -> tuple[np.ndarray, tuple[int, int]]:

@@ -302,7 +302,7 @@ def test_heatmap_over_the_slide_and_gallery_of_its_planted_tiles(tmp_path):
     attention /= attention.sum()
     out = tmp_path / "out"
     record = heatmaps.draw_slide(out, slide, coords=coords, attrs=attrs, attention=attention, title="t",
-                                 slides_dir=str(cohort["slides"]), top_tiles=len(planted))
+                                 slides_dir=None, top_tiles=len(planted))  # the file the bag's slide_path names
     assert record["thumbnail"] == str(cohort["slides"] / f"{slide}.tif")
     image = _png(out / record["heatmap"])
     assert image.shape == (round(heatmaps.HEATMAP_INCHES[1] * 150), round(heatmaps.HEATMAP_INCHES[0] * 150), 3)
@@ -353,3 +353,12 @@ def test_sslkit_mil_end_to_end_then_report(tmp_path, capsys):
     assert shown and all(f"id='mil-heatmap-{h['slide_id']}'" in page for h in shown)
     images = re.findall(r"src='data:image/png;base64,([^']+)'", page)
     assert len(images) == 1 + len(shown) + sum(bool(h["gallery"]) for h in shown)  # the confusion matrix too
+
+
+def test_the_command_names_a_missing_input_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["mil", "mil", f"mil.features={tmp_path}", "mil.labels=none.csv"])
+    assert err.value.code == 2
+    assert capsys.readouterr().err == ("sslkit: error: Config key 'mil.labels' is 'none.csv', which does not exist; "
+                                       "give a file that exists (set by override 'mil.labels=none.csv').\n")
+    assert not (tmp_path / "runs").exists()
