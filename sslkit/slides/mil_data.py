@@ -203,10 +203,11 @@ def _check_classes(cohort: Cohort, mil: MilConfig) -> None:
         patients = {p for p, y in zip(cohort.patients, cohort.labels) if y == k}
         if len(patients) < mil.folds:
             slides = int((cohort.labels == k).sum())
+            fix = (f"lower mil.folds to {len(patients)} or label more patients" if len(patients) >= 2
+                   else "label slides of at least two patients of that class")
             raise ConfigError(f"Class '{name}' has {len(patients)} patient{'s' if len(patients) != 1 else ''} "
                               f"({slides} slide{'s' if slides != 1 else ''}) but mil.folds is {mil.folds}, and every "
-                              "test fold needs a patient of every class; lower mil.folds to "
-                              f"{max(2, len(patients))} or label more patients.")
+                              f"test fold needs a patient of every class; {fix}.")
 
 
 def patient_folds(labels: np.ndarray, patients: list[str], *, folds: int, seed: int) -> np.ndarray:
