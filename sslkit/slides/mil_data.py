@@ -23,6 +23,7 @@ Bags are read with h5py in the layout CLAM and TRIDENT read (``features`` N x D 
 from __future__ import annotations
 
 import csv
+import io
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -65,9 +66,12 @@ def _open_bag(path: Path, *, features: bool) -> tuple[tuple[int, ...], np.ndarra
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"Bag '{path}' cannot be read ({err}); extract that slide again with `sslkit extract`.") \
             from None
-    if len(shape) != 2 or shape[0] < 1 or coords.shape != (shape[0], 2):
+    if len(shape) == 2 and shape[0] == 0:
+        raise ConfigError(f"Bag '{path}' holds no tiles (no tissue was found at the extraction's settings); remove its "
+                          "row, or set mil.missing_bags=skip.")
+    if len(shape) != 2 or coords.shape != (shape[0], 2):
         raise ConfigError(f"Bag '{path}' has features of shape {shape} and coords of shape {coords.shape}; a bag "
-                          "holds N x D features and N x 2 coords with N >= 1: extract that slide again.")
+                          "holds N x D features and N x 2 coords: extract that slide again.")
     if feats is not None and not np.isfinite(feats).all():
         raise ConfigError(f"Bag '{path}' holds NaN or infinite features; extract that slide again.")
     return shape, feats, coords, attrs
@@ -105,28 +109,46 @@ def _raise_rows(csv_path: str, problems: list[tuple[int, str]], *, fix: str) -> 
                       f"{'s' if len(problems) > 1 else ''} ({named}{more}); {fix}.")
 
 
+def _columns(mil: MilConfig, header: list[str]) -> tuple[str | None, str]:
+    """The patient column to use (None: each slide its own patient) and the grouping sentence; ConfigError
+    naming a configured column the header lacks (the default patient column may be absent)."""
+    patient = mil.patient_column
+    missing = [(key, col) for key, col in (("slide_column", mil.slide_column), ("label_column", mil.label_column),
+                                           ("patient_column", patient)) if col is not None and col not in header]
+    if ("patient_column", patient) in missing and patient == MilConfig.patient_column:
+        missing.remove(("patient_column", patient))
+        patient, grouping = None, f"each slide is its own patient (the labels file has no '{patient}' column)"
+    else:
+        grouping = (f"patients from column '{patient}'" if patient is not None
+                    else "each slide is its own patient (mil.patient_column is null)")
+    if missing:
+        key, col = missing[0]
+        raise ConfigError(f"Labels file '{mil.labels}' has no column '{col}' (mil.{key}); its columns are "
+                          f"{', '.join(header) or 'none'}: name the right one with mil.{key}=NAME.")
+    return patient, grouping
+
+
 def _read_rows(mil: MilConfig) -> tuple[list[tuple[int, str, str, str | None]], str]:
     """(line, slide id, label, patient or None) of every row, and the grouping sentence; ConfigError naming
-    the lines of empty values and of slides listed twice, and a missing column."""
-    with open(mil.labels, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: spreadsheets write a BOM
-        reader = csv.DictReader(f)
+    the lines of empty values and of slides listed twice, a missing column, or a file that is not UTF-8 CSV."""
+    try:
+        text = Path(mil.labels).read_text(encoding="utf-8-sig")  # utf-8-sig: spreadsheets write a BOM
+    except UnicodeDecodeError:
+        raise ConfigError(f"Labels file '{mil.labels}' (mil.labels) is not UTF-8 text; save it as UTF-8 CSV.") \
+            from None
+    except OSError as err:
+        raise ConfigError(f"Labels file '{mil.labels}' (mil.labels) cannot be read ({err.strerror}); check its "
+                          "permissions.") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
         header = [name.strip() for name in (reader.fieldnames or [])]
         reader.fieldnames = header
-        patient = mil.patient_column
-        missing = [(key, col) for key, col in (("slide_column", mil.slide_column), ("label_column", mil.label_column),
-                                               ("patient_column", patient)) if col is not None and col not in header]
-        if patient is not None and (("patient_column", patient) in missing) and patient == MilConfig.patient_column:
-            missing.remove(("patient_column", patient))
-            patient, grouping = None, f"each slide is its own patient (the labels file has no '{patient}' column)"
-        else:
-            grouping = (f"patients from column '{patient}'" if patient is not None
-                        else "each slide is its own patient (mil.patient_column is null)")
-        if missing:
-            key, col = missing[0]
-            raise ConfigError(f"Labels file '{mil.labels}' has no column '{col}' (mil.{key}); its columns are "
-                              f"{', '.join(header) or 'none'}: name the right one with mil.{key}=NAME.")
+        patient, grouping = _columns(mil, header)
         rows = [(reader.line_num, *((row.get(c) or "").strip() for c in (mil.slide_column, mil.label_column)),
                  (row.get(patient) or "").strip() if patient is not None else None) for row in reader]
+    except csv.Error as err:
+        raise ConfigError(f"Labels file '{mil.labels}' (mil.labels) is not valid CSV at line {reader.line_num} "
+                          f"({err}); fix that line.") from None
     problems = [(line, f"empty {what}") for line, *values in rows
                 for what, value in zip(("slide id", "label", "patient"), values) if value == ""]
     seen: dict[str, list[int]] = defaultdict(list)
@@ -147,7 +169,8 @@ def read_cohort(mil: MilConfig) -> Cohort:
     rules. Bag headers are read here (shapes and attributes), their features when training uses them."""
     rows, grouping = _read_rows(mil)
     folder = Path(mil.features)
-    bags = {p.name[:-len(BAG_SUFFIX)]: p for p in folder.iterdir() if p.name.endswith(BAG_SUFFIX)}
+    bags = {p.name[:-len(BAG_SUFFIX)]: p for p in folder.iterdir()  # hidden: a bag being written (sslkit.atomic)
+            if p.name.endswith(BAG_SUFFIX) and not p.name.startswith(".")}
     kept, problems, skipped, shapes = [], [], [], {}
     for line, slide, label, patient in rows:
         reason = None

@@ -236,10 +236,13 @@ def test_bad_rows_are_named_with_their_lines(small, text, expected):
 def test_skipped_rows_and_unlabelled_bags_are_listed(small, tmp_path):
     text = ("slide_id,label,patient\n" + "".join(f"slide-00{i},{'normal' if i < 4 else 'tumour'},p{i}\n"
                                                   for i in (0, 1, 2, 4, 5, 6)) + "gone,tumour,p9\n")
-    mil = _labels(small, text, "mil.missing_bags=skip")
+    mil = _labels(small, text + "empty,tumour,p10\n", "mil.missing_bags=skip")
+    write_bag(small["bags"] / "empty.h5", np.zeros((0, DIM)), np.zeros((0, 2)))  # a slide without tissue
+    write_bag(small["bags"] / ".slide-008.tmp-99.h5", np.zeros((1, DIM)), np.zeros((1, 2)))  # one being written
     cohort = read_cohort(mil)
-    assert cohort.skipped == [{"line": 8, "slide_id": "gone",
-                               "reason": f"slide 'gone' has no bag gone.h5 in '{small['bags']}'"}]
+    assert cohort.skipped[0] == {"line": 8, "slide_id": "gone",
+                                 "reason": f"slide 'gone' has no bag gone.h5 in '{small['bags']}'"}
+    assert cohort.skipped[1]["line"] == 9 and "holds no tiles" in cohort.skipped[1]["reason"]
     assert cohort.unlabelled == ["slide-003", "slide-007"] and len(cohort.slides) == 6
     assert cohort.grouping == "patients from column 'patient'"
 
@@ -251,6 +254,10 @@ def test_class_and_column_faults_are_one_sentence(small):
     with pytest.raises(ConfigError, match=r"no column 'diagnosis' \(mil.label_column\); its columns are slide_id, "
                                           r"label, patient"):
         read_cohort(_labels(small, "slide_id,label,patient\nslide-000,normal,a\n", "mil.label_column=diagnosis"))
+    mil = _labels(small, "")
+    small["labels"].write_bytes("slide_id,label\nslide-000,tumeur-caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"\(mil.labels\) is not UTF-8 text; save it as UTF-8 CSV.$"):
+        read_cohort(mil)
     # the default patient column may be absent: each slide is then its own patient, and the run says so
     no_patient = "slide_id,label\nslide-000,normal\nslide-001,normal\nslide-004,tumour\nslide-005,tumour\n"
     cohort = read_cohort(_labels(small, no_patient))
