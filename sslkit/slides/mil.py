@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sslkit.atomic import replacing, write_json, write_text
-from sslkit.config import Config, ConfigError, git_sha, run_dir, to_dict, to_yaml
+from sslkit.config import Config, ConfigError, MilConfig, git_sha, run_dir, to_dict, to_yaml
 from sslkit.slides.mil_data import Bags, Cohort, patient_folds, read_cohort, validation_split
 from sslkit.slides.mil_metrics import SCORES, slide_metrics, summarize
 from sslkit.slides.mil_model import predict, train_fold
@@ -179,7 +179,7 @@ def _confusion_figure(out: Path, results: dict[str, Any]) -> dict[str, str]:
 
 
 def _heatmaps(out: Path, cohort: Cohort, bags: Bags, folds: np.ndarray, probs: np.ndarray,
-              attention: list[np.ndarray], mil: Any) -> list[dict[str, Any]]:
+              attention: list[np.ndarray], mil: MilConfig) -> list[dict[str, Any]]:
     from sslkit.slides.heatmaps import draw_slide
 
     drawn = []
