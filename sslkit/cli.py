@@ -12,6 +12,7 @@
     sslkit report runs/demo                                        # runs/demo/report.html
     sslkit export runs/demo --out demo.safetensors                 # backbone for timm.create_model
     sslkit finetune supcam-finetune finetune.init=runs/supcam      # then test metrics on eval.shards
+    sslkit mil mil mil.features=bags/demo mil.labels=labels.csv    # attention-MIL on slide feature bags
 """
 
 from __future__ import annotations
@@ -83,6 +84,18 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     if dist.is_main_process():
         print(format_report(results))
         print(f"Run directory: {out} (metrics in {out / 'eval' / 'classification.json'})")
+
+
+def _cmd_mil(args: argparse.Namespace) -> None:
+    from sslkit.config import load_mil_config, run_dir
+
+    cfg = load_mil_config(recipe_path(args.config), args.overrides)  # bad keys and paths fail before any work
+    from sslkit.slides.mil import format_table, run_mil
+
+    results = run_mil(cfg)
+    print(format_table(results))
+    print(f"Written to {run_dir(cfg) / 'eval' / 'mil'}: metrics.json, predictions.csv, confusion.png"
+          + (f", {len(results['heatmaps'])} heatmaps" if results["heatmaps"] else ""))
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -160,6 +173,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_training_parsers(sub)
     _add_run_parsers(sub)
     _add_make_slides_parser(sub)
+    _add_mil_parser(sub)
     for command in [*shard_sub.choices.values(), *sub.choices.values()]:  # --debug after the command works too
         if command is not shard:
             command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -262,6 +276,16 @@ def _add_make_slides_parser(sub: argparse._SubParsersAction) -> None:
     mk.add_argument("--num", type=int, default=24, help="number of slides, even, at least 4 (default 24)")
     mk.add_argument("--seed", type=int, default=0)
     mk.set_defaults(fn=_cmd_make_slides)
+
+
+def _add_mil_parser(sub: argparse._SubParsersAction) -> None:
+    """``sslkit mil``: slide classification on feature bags."""
+    mil = sub.add_parser("mil", help="attention-MIL slide classification on feature bags, cross-validated by patient",
+                         epilog="example: sslkit mil mil mil.features=bags/demo mil.labels=slides/labels.csv "
+                                "mil.folds=5")
+    mil.add_argument("config", help="YAML file or recipe name (mil)")
+    mil.add_argument("overrides", nargs="*", help="dotted key=value overrides (mil.*, run.name, run.seed)")
+    mil.set_defaults(fn=_cmd_mil)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

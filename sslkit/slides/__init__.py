@@ -2,4 +2,6 @@
 
 - ``synthetic``: a small collection of pyramidal TIFF slides with a planted slide-level label
   (``sslkit make-slides``), for running and testing the slide path on a CPU.
+- ``mil``, ``mil_data``, ``mil_model``, ``mil_metrics``, ``heatmaps``, ``mil_report``: attention-MIL
+  slide classification on feature bags (``sslkit mil``), cross-validated by patient.
 """
