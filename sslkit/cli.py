@@ -5,6 +5,7 @@
     sslkit shard wsi slides/ --out shards/wsi --mpp 0.5 --tile 256
     sslkit shard cells --format consep --input CoNSeP/Train --out shards/consep --window-scale 2 --size 32
     sslkit shard folder cells/ --out shards/cells --size 64 --split 0.8,0.1,0.1     # class sub-folders
+    sslkit make-slides --out slides-demo --num 24                  # synthetic slides with a planted label
     sslkit pretrain configs/ccrl.yaml data.shards=shards/consep optim.lr=3e-4
     accelerate launch --config_file launch/cpu-2proc.yaml -m sslkit pretrain demo
     sslkit evaluate runs/demo                                      # eval/metrics.json and plots
@@ -12,6 +13,7 @@
     sslkit export runs/demo --out demo.safetensors                 # backbone for timm.create_model
     sslkit finetune supcam-finetune finetune.init=runs/supcam      # then test metrics on eval.shards
     sslkit extract runs/demo --slides slides/ --out bags/demo --mpp 0.5 --tile 256   # <slide>.h5 feature bags
+    sslkit mil mil mil.features=bags/demo mil.labels=labels.csv    # attention-MIL on slide feature bags
 """
 
 from __future__ import annotations
@@ -85,6 +87,18 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         print(f"Run directory: {out} (metrics in {out / 'eval' / 'classification.json'})")
 
 
+def _cmd_mil(args: argparse.Namespace) -> None:
+    from sslkit.config import load_mil_config, run_dir
+
+    cfg = load_mil_config(recipe_path(args.config), args.overrides)  # bad keys and paths fail before any work
+    from sslkit.slides.mil import format_table, run_mil
+
+    results = run_mil(cfg)
+    print(format_table(results))
+    print(f"Written to {run_dir(cfg) / 'eval' / 'mil'}: metrics.json, predictions.csv, confusion.png"
+          + (f", {len(results['heatmaps'])} heatmaps" if results["heatmaps"] else ""))
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from sslkit import dist
     from sslkit.evaluate.run import evaluate_run, format_table
@@ -132,6 +146,16 @@ def _cmd_demo(args: argparse.Namespace) -> None:
              splits=demo_splits(num_train=args.num_train, num_eval=args.num_eval))
 
 
+def _cmd_make_slides(args: argparse.Namespace) -> None:
+    from sslkit.slides.synthetic import make_slide_collection
+
+    summary = make_slide_collection(args.out, num_slides=args.num, seed=args.seed,
+                                    command=shlex.join(["sslkit", *sys.argv[1:]]))
+    positive = sum(label == "positive" for label in summary["labels"].values())
+    print(f"Wrote {len(summary['slides'])} slides ({positive} positive) to {Path(args.out) / 'slides'}; labels in "
+          f"{summary['labels_csv']}, planted regions in {summary['regions_json']}.")
+
+
 def _add_collection_parsers(shard_sub: argparse._SubParsersAction) -> None:
     """``sslkit shard wsi|cells|folder``: imported only for ``sslkit shard`` (they pull in scipy, OpenSlide)."""
     from sslkit.sharding import cells, folder, wsi
@@ -150,6 +174,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_training_parsers(sub)
     _add_run_parsers(sub)
     _add_extract_parser(sub)
+    _add_make_slides_parser(sub)
+    _add_mil_parser(sub)
     for command in [*shard_sub.choices.values(), *sub.choices.values()]:  # --debug after the command works too
         if command is not shard:
             command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -249,6 +275,26 @@ def _add_extract_parser(sub: argparse._SubParsersAction) -> None:
     from sslkit.slides.extract import add_parser
 
     add_parser(sub)
+
+
+def _add_make_slides_parser(sub: argparse._SubParsersAction) -> None:
+    """``sslkit make-slides``: the synthetic slide collection (sslkit.slides.synthetic)."""
+    mk = sub.add_parser("make-slides", help="synthetic pyramidal TIFF slides with a planted slide-level label",
+                        epilog="example: sslkit make-slides --out slides-demo --num 24 --seed 0")
+    mk.add_argument("--out", required=True, help="output folder: slides/, labels.csv, regions.json")
+    mk.add_argument("--num", type=int, default=24, help="number of slides, even, at least 4 (default 24)")
+    mk.add_argument("--seed", type=int, default=0)
+    mk.set_defaults(fn=_cmd_make_slides)
+
+
+def _add_mil_parser(sub: argparse._SubParsersAction) -> None:
+    """``sslkit mil``: slide classification on feature bags."""
+    mil = sub.add_parser("mil", help="attention-MIL slide classification on feature bags, cross-validated by patient",
+                         epilog="example: sslkit mil mil mil.features=bags/demo mil.labels=slides/labels.csv "
+                                "mil.folds=5")
+    mil.add_argument("config", help="YAML file or recipe name (mil)")
+    mil.add_argument("overrides", nargs="*", help="dotted key=value overrides (mil.*, run.name, run.seed)")
+    mil.set_defaults(fn=_cmd_mil)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -264,6 +264,34 @@ class TrackerConfig:
 
 
 @dataclass
+class MilConfig:
+    """Attention-MIL slide classification on per-slide feature bags (``sslkit mil``; docs/slides.md)."""
+
+    features: Optional[str] = None  # folder of <slide_id>.h5 bags (what `sslkit extract --out` writes)
+    labels: Optional[str] = None  # CSV with one row per slide: its id, its label and (optionally) its patient
+    slide_column: str = "slide_id"  # the CSV column holding the slide id (a bag's file name without .h5)
+    label_column: str = "label"  # the CSV column holding the class name (any text; classes sorted by name)
+    # the CSV column naming each slide's patient (no patient in two folds); null, or a CSV without a column
+    # 'patient' when left at this default: each slide is its own patient
+    patient_column: Optional[str] = "patient"
+    missing_bags: str = "error"  # a CSV row whose slide has no bag: error | skip (listed in metrics.json)
+    slides: Optional[str] = None  # folder of the slide files, for heatmap thumbnails; null: each bag's slide_path
+    folds: int = 5  # k of the k-fold cross-validation, grouped by patient and stratified by label
+    val_share: float = 0.2  # share of each fold's training patients held out for early stopping; 0: none
+    epochs: int = 50  # most passes over the training slides (one slide per optimizer step)
+    patience: int = 10  # stop after this many epochs without a lower validation loss (best weights kept)
+    lr: float = 2.0e-4  # Adam
+    weight_decay: float = 1.0e-4  # Adam's L2 penalty
+    hidden: int = 128  # width of the tile embedding h = ReLU(fc(x))
+    attention_dim: int = 128  # width of the gated attention branches V and U
+    dropout: float = 0.25  # after the tile embedding, in training
+    class_weights: bool = True  # cross-entropy weighted by inverse class frequency of the training slides
+    heatmaps: bool = True  # attention heatmap and top-tile gallery PNG per slide (eval/mil/heatmaps/)
+    top_tiles: int = 16  # tiles in each slide's gallery of the most attended tiles
+    device: str = "auto"  # auto (the GPU when there is one) | cpu | cuda
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -274,6 +302,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    mil: MilConfig = field(default_factory=MilConfig)
 
 
 CHOICES = {
@@ -296,6 +325,8 @@ CHOICES = {
     "eval.projection": ("umap", "tsne"),
     "tracker.name": ("wandb", "tensorboard", "none"),
     "tracker.mode": ("offline", "online"),
+    "mil.missing_bags": ("error", "skip"),
+    "mil.device": ("auto", "cpu", "cuda"),
 }
 
 
@@ -331,6 +362,9 @@ RANGES = {
     "method.ibot_weight": "[0, inf)", "method.mask_ratio": "[0, 1]", "method.mask_share": "[0, 1]",
     "method.koleo_weight": "[0, inf)", "optim.weight_decay_end": "[0, inf)", "optim.layer_decay": "(0, 1]",
     "optim.patch_embed_lr_mult": "[0, inf)",
+    "mil.folds": "[2, inf)", "mil.val_share": "[0, 0.5]", "mil.epochs": "[1, inf)", "mil.patience": "[1, inf)",
+    "mil.lr": "(0, inf)", "mil.weight_decay": "[0, inf)", "mil.hidden": "[1, inf)", "mil.attention_dim": "[1, inf)",
+    "mil.dropout": "[0, 1)", "mil.top_tiles": "[0, inf)",
 }
 MAX_VALUES = 100_000  # values a config may hold with YAML aliases expanded ("billion laughs" would hang the merge)
 _DOTTED_KEY = re.compile(r"[A-Za-z_]\w*(\.\w+)*")
@@ -684,6 +718,28 @@ def _check_init(model: ModelConfig) -> None:
                           "both give the backbone's first weights; set model.pretrained=false or model.init=null.")
 
 
+def check_mil(mil: MilConfig) -> None:
+    """What ``sslkit mil`` needs beyond ``validate``: the bag folder, the labels CSV and the slide folder
+    exist, and the CSV columns are named apart. Not part of ``validate``: other commands leave them unset."""
+    for key, value, what in (("features", mil.features, "the folder of <slide>.h5 bags that `sslkit extract --out` "
+                                                         "wrote"),
+                             ("labels", mil.labels, "the CSV of slide labels (columns slide_id,label[,patient])")):
+        if not value:
+            raise ConfigError(f"Config key 'mil.{key}' is not set; give {what}, e.g. mil.{key}=PATH.")
+    checks = (("features", mil.features, Path.is_dir, "a folder"), ("labels", mil.labels, Path.is_file, "a file"),
+              ("slides", mil.slides, Path.is_dir, "a folder"))
+    for key, value, test, kind in checks:
+        if value is not None and not test(Path(value)):
+            found = "does not exist" if not Path(value).exists() else f"is not {kind}"
+            fallback = " (or null: thumbnails from each bag's slide_path)" if key == "slides" else ""
+            raise ConfigError(f"Config key 'mil.{key}' is '{_clean(value)}', which {found}; give {kind} that "
+                              f"exists{fallback}.")
+    columns = [c for c in (mil.slide_column, mil.label_column, mil.patient_column) if c is not None]
+    if any(not c.strip() for c in columns) or len(set(columns)) != len(columns):
+        raise ConfigError(f"Config keys 'mil.slide_column', 'mil.label_column' and 'mil.patient_column' must name "
+                          f"different, non-empty CSV columns, got {_show(columns)}.")
+
+
 def _check_method(cfg: Config) -> None:
     """The method's own rules (its module's ``check_config``). They run after the checks above, and
     import the method's module (torch): a config with a mistake every method shares fails earlier."""
@@ -716,6 +772,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             init_kind(cfg.model.init, "model.init")
         except ConfigError as err:
             raise ConfigError(_attributed(str(err), overrides, file)) from None
+    return cfg
+
+
+def load_mil_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """``load_config``, then ``check_mil``: the config of ``sslkit mil``, its errors naming where each key was set."""
+    cfg = load_config(path, overrides)
+    try:
+        check_mil(cfg.mil)
+    except ConfigError as err:
+        file = (Path(path), _read_file(Path(path))) if path is not None else None
+        raise ConfigError(_attributed(str(err), overrides, file)) from None
     return cfg
 
 
@@ -837,5 +904,5 @@ def git_sha() -> Optional[str]:
         return None
 
 
-__all__ = ["Config", "ConfigError", "init_kind", "load_config", "recipe_path", "apply_overrides", "to_yaml",
-           "to_dict", "from_dict", "run_dir", "git_sha", "MISSING"]
+__all__ = ["Config", "ConfigError", "check_mil", "init_kind", "load_config", "load_mil_config", "recipe_path",
+           "apply_overrides", "to_yaml", "to_dict", "from_dict", "run_dir", "git_sha", "MISSING"]

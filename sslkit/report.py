@@ -2,9 +2,10 @@
 
 Everything is inside the file (CSS inline, plots as base64 PNG), so it opens offline, can be
 mailed, and stays readable when the run directory moves. It reads what ``sslkit evaluate``
-wrote (``eval/metrics.json`` with its list of figures, ``eval/classification.json``) and the
-training log (``metrics.jsonl``, ``config.yaml``); nothing is recomputed except the training
-curves when evaluation did not draw them. Where the method has published figures
+wrote (``eval/metrics.json`` with its list of figures, ``eval/classification.json``), what
+``sslkit mil`` wrote (``eval/mil/``: ``sslkit.slides.mil_report``; a run directory may hold either
+or both) and the training log (``metrics.jsonl``, ``config.yaml``); nothing is recomputed except
+the training curves when evaluation did not draw them. Where the method has published figures
 (as the papers report them), they are shown beside the run's own, with the paper's dataset named.
 """
 
@@ -190,22 +191,11 @@ def _knn_search_note(knn: dict[str, Any]) -> str:
             f"search on {knn['recall_queries']} sampled crops)")
 
 
-def write_report(run_dir: str | Path, *, out: Optional[Path] = None) -> Path:
-    """Write ``report.html`` for a run evaluated with ``sslkit evaluate``; returns its path."""
-    run_dir = Path(run_dir)
-    metrics_path = run_dir / "eval" / "metrics.json"
-    if not metrics_path.is_file():
-        raise MissingInput(f"No {metrics_path}; run `sslkit evaluate {run_dir}` first, then `sslkit report`.")
-    metrics = json.loads(metrics_path.read_text())
-    config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
-    cfg = yaml.safe_load(config_text) or {}
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{run_dir / 'config.yaml'} is not a config mapping; it was not written by sslkit.")
+def _evaluation_body(run_dir: Path, metrics: dict[str, Any], cfg: dict[str, Any], name: str, git: str) -> list[str]:
+    """The page's sections on what ``sslkit evaluate`` wrote."""
     figures = _curves(run_dir, metrics.get("figures", []), cfg)
-    git = config_text.splitlines()[0].removeprefix("# git: ") if config_text.startswith("# git:") else "unknown"
-    name = cfg.get("run", {}).get("name", run_dir.name)
     probe = metrics.get("probe", {})
-    body = [
+    return [
         f"<h1>{_esc(name)}: {_esc(metrics.get('method', ''))}</h1>",
         f"<p class='sub'>Step {metrics.get('step')} &middot; git {_esc(git)} &middot; "
         f"{metrics.get('num_samples')} evaluation crops from {_esc(metrics.get('shards', ''))} &middot; "
@@ -218,8 +208,31 @@ def write_report(run_dir: str | Path, *, out: Optional[Path] = None) -> Path:
         "and budget, for orientation only.</p>",
         _online_section(run_dir), _classification_section(run_dir / "eval"),
         "<h2>Figures</h2>", _figures_section(run_dir, figures),
-        f"<h2>Configuration</h2><details><summary>config.yaml</summary><pre>{_esc(config_text)}</pre></details>",
     ]
+
+
+def write_report(run_dir: str | Path, *, out: Optional[Path] = None) -> Path:
+    """Write ``report.html`` for a run evaluated with ``sslkit evaluate`` and/or ``sslkit mil``; returns its path."""
+    from sslkit.slides.mil_report import mil_section
+
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "eval" / "metrics.json"
+    has_mil = (run_dir / "eval" / "mil" / "metrics.json").is_file()
+    if not metrics_path.is_file() and not has_mil:
+        raise MissingInput(f"No {metrics_path}; run `sslkit evaluate {run_dir}` first (or `sslkit mil CONFIG` for "
+                           "slide classification), then `sslkit report`.")
+    config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
+    cfg = yaml.safe_load(config_text) or {}
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{run_dir / 'config.yaml'} is not a config mapping; it was not written by sslkit.")
+    git = config_text.splitlines()[0].removeprefix("# git: ") if config_text.startswith("# git:") else "unknown"
+    name = cfg.get("run", {}).get("name", run_dir.name)
+    if metrics_path.is_file():
+        body = _evaluation_body(run_dir, json.loads(metrics_path.read_text()), cfg, name, git)
+    else:  # a slide-classification run: no pretraining, no crop-level evaluation
+        body = [f"<h1>{_esc(name)}: slide classification</h1>", f"<p class='sub'>git {_esc(git)}</p>"]
+    body += [mil_section(run_dir),
+             f"<h2>Configuration</h2><details><summary>config.yaml</summary><pre>{_esc(config_text)}</pre></details>"]
     page = ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>sslkit report: {_esc(name)}</title><style>{_CSS}</style></head><body>"
             + "".join(body) + "</body></html>")

@@ -58,6 +58,48 @@ def test_report_is_self_contained(tmp_path):
     assert "git abc1234" in page and "train split" in page
 
 
+def _fake_mil(run: Path) -> None:
+    """What `sslkit mil` leaves in RUN/eval/mil, with made-up numbers: two folds, four heatmaps."""
+    out = run / "eval" / "mil"
+    (out / "heatmaps").mkdir(parents=True)
+    scores = {"balanced_accuracy": 0.75, "f1": 0.7, "auc": 0.8, "accuracy": 0.75}
+    drawn = [("right-a", "a", "a", 0.9), ("wrong", "a", "b", 0.8), ("right-b", "b", "b", 0.7),
+             ("right-a2", "a", "a", 0.6)]
+    folds = [{"fold": k, **scores, "test_slides": 4, "epochs_run": 20, "best_epoch": 12} for k in (0, 1)]
+    metrics = {"model": "gated attention-MIL", "folds": 2, "num_slides": 8, "num_patients": 4, "grouping": "by patient",
+               "classes": ["a", "b"], "features": "bags/x", "feature_dim": 16, "encoders": ["enc"], "per_fold": folds,
+               "mean": scores, "std": {key: 0.01 for key in scores}, "pooled": {**scores, "num_slides": 8},
+               "chance": {"balanced_accuracy": 0.5, "accuracy": 0.5, "auc": 0.5}, "skipped": [],
+               "figures": [{"name": "mil_confusion", "file": "confusion.png", "title": "Confusion", "caption": "c"}],
+               "heatmaps": [{"slide_id": s, "label": y, "predicted": p, "probability": q,
+                             "heatmap": f"heatmaps/{s}.png", "gallery": None, "thumbnail": "blank"}
+                            for s, y, p, q in drawn]}
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    for name in ["confusion", *(f"heatmaps/{s}" for s, *_ in drawn)]:
+        _png(out / f"{name}.png", (0, 128, 0))
+
+
+def test_report_adds_slide_classification_to_an_evaluated_run(tmp_path):
+    run = _fake_run(tmp_path / "run")
+    _fake_mil(run)
+    page = write_report(run).read_text()
+    assert page.count("<tr class=") == 5 + 2  # the metrics table as before; mean and chance rows of the MIL table
+    table = page[page.index("<table id='mil'>"):]
+    table = table[:table.index("</table>")]
+    assert table.count("<tr>") == 1 + 2 + 1 and "0.750 &plusmn; 0.010" in table  # header, folds, pooled
+    # misclassified first, then the most confident right slide of each class; the rest stay on disk
+    shown = [page.index(f"id='mil-heatmap-{s}'") for s in ("wrong", "right-a", "right-b")]
+    assert shown == sorted(shown) and "mil-heatmap-right-a2" not in page
+    assert len(re.findall(r"src='data:image/png;base64,", page)) == 3 + 1 + 3
+
+
+def test_report_of_a_slide_classification_run_alone(tmp_path):
+    run = tmp_path / "run"
+    _fake_mil(run)
+    page = write_report(run).read_text()
+    assert "<table id='metrics'>" not in page and "<table id='mil'>" in page
+
+
 def test_report_without_evaluation_names_the_fix(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     with pytest.raises(SystemExit) as err:

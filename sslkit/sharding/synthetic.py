@@ -322,6 +322,32 @@ def render_batch(indices: Iterable[int], *, size: int, seed: int) -> tuple[np.nd
     return _render(_stack(draws), size), labels
 
 
+def render_cells(rng: np.random.Generator, classes: np.ndarray, *, size: int, even_stain: bool = True) -> np.ndarray:
+    """Crops (N, size, size, 3) uint8 whose nuclei have the given classes: ``classes`` (N, 4) int,
+    the centre nucleus then the 3 neighbour slots (a neighbour is present with probability 0.4).
+
+    For tiling a larger field (``sslkit.slides.synthetic``): with ``even_stain`` every crop gets
+    the same stain vectors, stain amounts, illumination and focus (the middle of each range), so
+    side-by-side crops look like one section; texture, fibres, shapes and noise still vary.
+    All random numbers come from ``rng``, crop by crop in a fixed order.
+    """
+    classes = np.asarray(classes, dtype=np.int64).reshape(-1, _K)
+    _check(int(classes.min(initial=0)), size)
+    _check(int(classes.max(initial=0)), size)
+    if not len(classes):
+        return np.zeros((0, size, size, 3), dtype=np.uint8)
+    draws = []
+    for row in classes:
+        raw = _draw(rng, int(row[0]), _canvas(size), size)
+        raw["labels"] = row.copy()
+        if even_stain:  # columns as in _image_params: stain normals 0-8, h/e scale and i0 (15-17), blur (26)
+            raw["stain"][:] = 0
+            raw["u_img"][15:18] = 0.5
+            raw["u_img"][26] = 1.5 / len(_BLUR_LEVELS)  # _BLUR_LEVELS[1]
+        draws.append(raw)
+    return _render(_stack(draws), size)
+
+
 def samples(indices: range, *, size: int, seed: int, prefix: str) -> Iterator[Sample]:
     """Crops ``indices`` as Samples: key ``{prefix}-{index:07d}``, label index % 4, meta index and class."""
     images, labels = render_batch(indices, size=size, seed=seed)
