@@ -12,6 +12,7 @@
     sslkit report runs/demo                                        # runs/demo/report.html
     sslkit export runs/demo --out demo.safetensors                 # backbone for timm.create_model
     sslkit finetune supcam-finetune finetune.init=runs/supcam      # then test metrics on eval.shards
+    sslkit extract runs/demo --slides slides/ --out bags/demo --mpp 0.5 --tile 256   # <slide>.h5 feature bags
     sslkit mil mil mil.features=bags/demo mil.labels=labels.csv    # attention-MIL on slide feature bags
 """
 
@@ -172,6 +173,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     shard, shard_sub = _add_shard_parsers(sub, argv)
     _add_training_parsers(sub)
     _add_run_parsers(sub)
+    _add_extract_parser(sub)
     _add_make_slides_parser(sub)
     _add_mil_parser(sub)
     for command in [*shard_sub.choices.values(), *sub.choices.values()]:  # --debug after the command works too
@@ -266,6 +268,13 @@ def _add_run_parsers(sub: argparse._SubParsersAction) -> None:
     emb.add_argument("--features", choices=("backbone", "projector"), default="backbone")
     emb.add_argument("--out", help="output folder (default RUN_DIR/embeddings)")
     emb.set_defaults(fn=_cmd_embed)
+
+
+def _add_extract_parser(sub: argparse._SubParsersAction) -> None:
+    """``sslkit extract``: per-slide feature bags (``sslkit.slides.extract``)."""
+    from sslkit.slides.extract import add_parser
+
+    add_parser(sub)
 
 
 def _add_make_slides_parser(sub: argparse._SubParsersAction) -> None:

@@ -19,7 +19,8 @@ OpenSlide; OpenSlide's metadata stays in charge (``sslkit.sharding.wsi.slides``)
   A target finer than level 0 fails the slide: upsampling invents detail.
 - Grid: tiles of ``tile`` target pixels with stride ``tile - overlap`` from the top-left
   corner; only whole tiles inside the slide, so a strip narrower than the stride is left out
-  at the right and bottom. Keys ``<slide>_<x>_<y>`` with x, y in level-0 pixels.
+  at the right and bottom. Keys ``<slide>_<x>_<y>`` with x, y in level-0 pixels; the
+  manifest's entry of each slide gives ``tile_level0``, a tile's side in level-0 pixels.
 - Tissue (``tissue_mask``): saturation, Otsu threshold kept within fixed bounds and above
   the glass's own level, hysteresis so pale stain joined to clear tissue stays in, green/blue
   marker and black excluded, small holes filled and specks removed (sizes in um^2). Blank
@@ -131,6 +132,7 @@ def plan_tiles(slide: Slide, *, mpp: float, tile: int, overlap: int, min_tissue:
     keep = fractions >= min_tissue - 1e-9
     info = {"mpp": mpp, "mpp_source": source, "level0_mpp": round(mx, 6), "level": geom.level,
             "level_mpp": round(geom.level_mpp[0], 6), "downsample": round(geom.scale[0], 6),
+            "tile_level0": round(tile * geom.scale[0] * geom.downsample),
             "level_downsample": round(geom.downsample, 6), "reader": slide.reader, "tiles": int(keep.sum()),
             "grid_tiles": len(corners), "tissue_fraction": round(float(mask.mean()), 4),
             "mask_source": overview_source}
