@@ -142,6 +142,13 @@ def _cmd_embed(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from sslkit.demo import demo_splits, run_demo
 
+    if args.slides:
+        from sslkit.slides.demo import run_slide_demo
+
+        mil = [item for item in args.overrides if item.startswith("mil.")]  # the rest configure the encoder's run
+        run_slide_demo(shards=Path(args.shards), encoder_overrides=[o for o in args.overrides if o not in mil],
+                       mil_overrides=mil)
+        return
     run_demo(shards=Path(args.shards), overrides=args.overrides,
              splits=demo_splits(num_train=args.num_train, num_eval=args.num_eval))
 
@@ -230,7 +237,10 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--num-train", type=int, default=num_train,
                       help=f"training crops to generate (default {num_train})")
     demo.add_argument("--num-eval", type=int, default=num_eval, help=f"held-out crops to generate (default {num_eval})")
-    demo.add_argument("overrides", nargs="*", help="dotted key=value overrides of configs/demo.yaml")
+    demo.add_argument("--slides", action="store_true", help="the slide path instead: synthetic slides, feature bags "
+                      "from the demo's encoder, attention-MIL, heatmaps, report (sslkit.slides.demo)")
+    demo.add_argument("overrides", nargs="*", help="dotted key=value overrides of configs/demo.yaml "
+                      "(with --slides, mil.* keys go to configs/mil.yaml)")
     demo.set_defaults(fn=_cmd_demo)
 
 
