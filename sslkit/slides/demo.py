@@ -18,21 +18,23 @@ second run only trains the MIL model again.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from sslkit.config import load_config, load_mil_config, recipe_path, run_dir
 
 MIL_SETTINGS = ["mil.lr=1e-3", "mil.epochs=40", "mil.patience=15"]  # a 24-slide cohort: docs/slides.md
 
 
-def ensure_encoder(shards: Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
-    """The crop demo's run directory, pretrained (or resumed to its last step) on the demo shards."""
-    from sslkit.demo import ensure_demo_shards
+def ensure_encoder(shards: Path, overrides: list[str] | tuple[str, ...] = (),
+                   splits: Optional[dict[str, dict[str, int]]] = None) -> Path:
+    """The crop demo's run directory, pretrained (or resumed to its last step) on the demo shards
+    (``splits``: their sizes and seeds, ``sslkit.demo.DEMO_SPLITS`` by default)."""
+    from sslkit.demo import DEMO_SPLITS, ensure_demo_shards
     from sslkit.engine import train
 
     cfg = load_config(recipe_path("demo"), [f"data.shards={shards / 'train'}", f"eval.shards={shards / 'eval'}",
                                             *overrides])
-    ensure_demo_shards(shards, size=cfg.data.size)
+    ensure_demo_shards(shards, size=cfg.data.size, splits=splits or DEMO_SPLITS)
     print(f"Encoder: CCRL on {shards / 'train'} ({cfg.train.max_steps} steps; run directory {run_dir(cfg)})")
     return Path(train(cfg))
 
@@ -49,22 +51,25 @@ def ensure_collection(root: Path, *, num_slides: int = 24, seed: int = 0) -> Non
 
 def run_slide_demo(*, shards: Path = Path("shards/demo"), slides: Path = Path("slides-demo"),
                    bags: Path = Path("bags/demo-slides"), encoder_overrides: list[str] | tuple[str, ...] = (),
-                   mil_overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+                   mil_overrides: list[str] | tuple[str, ...] = (), num_slides: int = 24,
+                   splits: Optional[dict[str, dict[str, int]]] = None, run: Optional[Path] = None) -> dict[str, Any]:
+    """Steps 1-5 of the module notes; returns what ``RUN/eval/mil/metrics.json`` holds. ``run``: the
+    MIL run directory (default ``runs/demo-slides``)."""
     from sslkit.report import write_report
     from sslkit.slides.encoders import load_encoder
     from sslkit.slides.extract import describe, extract_bags
     from sslkit.slides.mil import format_table, run_mil
     from sslkit.slides.tiles import SlideFiles
 
-    encoder_dir = ensure_encoder(shards, encoder_overrides)
-    ensure_collection(slides)
+    encoder_dir = ensure_encoder(shards, encoder_overrides, splits)
+    ensure_collection(slides, num_slides=num_slides)
     encoder = load_encoder(str(encoder_dir), input_size=64)
     source = SlideFiles([str(slides / "slides")], mpp=0.5, tile=64, min_tissue=0.5)
     summary = extract_bags(encoder, source, bags)
     print(describe(summary, bags))
     cfg = load_mil_config(recipe_path("mil"), [f"mil.features={bags}", f"mil.labels={slides / 'labels.csv'}",
                                                f"mil.slides={slides / 'slides'}", "run.name=demo-slides",
-                                               *MIL_SETTINGS, *mil_overrides])
+                                               *MIL_SETTINGS, *([f"run.dir={run}"] if run else []), *mil_overrides])
     results = run_mil(cfg)
     print()
     print(format_table(results))
