@@ -84,11 +84,14 @@ class SlideFiles:
     def preload(self) -> None:
         """Import what reading slides needs (OpenSlide, scipy, scikit-image) in this process, so that
         DataLoader workers forked from it do not each import them again."""
-        import importlib
-
-        for module in self.wsi.preload:
-            with contextlib.suppress(ImportError):
-                importlib.import_module(module)
+        with contextlib.suppress(ImportError):  # the modules of WsiSource.preload, each named here
+            import openslide  # noqa: F401
+        with contextlib.suppress(ImportError):
+            import imagecodecs  # noqa: F401
+        import scipy.ndimage  # noqa: F401
+        import skimage.filters  # noqa: F401
+        import skimage.morphology  # noqa: F401
+        import tifffile  # noqa: F401
 
     def jobs(self) -> list[SlideJob]:
         return [SlideJob(u.id, u.path, u.cost) for u in self.wsi.units()]
