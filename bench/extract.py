@@ -46,6 +46,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the sslkit command doe
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from shard_wsi import DEFAULT_SLIDE, links  # noqa: E402 -- bench/ is on sys.path as a script
 
 from sslkit.sharding.wsi.command import plan_tiles  # noqa: E402
 from sslkit.sharding.wsi.slides import open_slide  # noqa: E402
@@ -54,21 +55,9 @@ from sslkit.slides.encoders import TileEncoder, load_encoder  # noqa: E402
 from sslkit.slides.extract import extract_bags  # noqa: E402
 from sslkit.slides.tiles import SlideFiles  # noqa: E402
 
-DEFAULT_SLIDE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
 ENCODERS = {"tiny": ("preact_resnet18", {"width": 4}), "demo": ("preact_resnet18", {"width": 16}),
             "resnet18": ("resnet18", {})}
 MIN_TISSUE = 0.5
-
-
-def links(slide: Path, folder: Path, n: int) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        path = folder / f"slide-{i:03d}{slide.suffix}"
-        if not path.exists():
-            path.symlink_to(slide.resolve())
-        paths.append(str(path))
-    return paths
 
 
 def make_encoder(name: str, work: Path) -> TileEncoder:

@@ -26,6 +26,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 # Before torch loads OpenMP: its threads must not spin while DataLoader workers need the
 # same cores (measured on 2 CPU cores: about 2.5x more training throughput).
@@ -216,19 +217,14 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
     """``sslkit pretrain``, ``sslkit finetune`` and ``sslkit demo``."""
     from sslkit.demo import DEMO_SPLITS
 
-    pre = sub.add_parser("pretrain", help="pretrain a method on shards",
-                         epilog="example: sslkit pretrain configs/ccrl.yaml data.shards=shards/consep "
-                                "train.max_steps=1000")
-    pre.add_argument("config", help="YAML file or recipe name (demo, ccrl)")
-    pre.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    pre.set_defaults(fn=_cmd_pretrain)
+    _add_config_command(sub, "pretrain", _cmd_pretrain, help="pretrain a method on shards", recipes="demo, ccrl",
+                        epilog="example: sslkit pretrain configs/ccrl.yaml data.shards=shards/consep "
+                               "train.max_steps=1000")
 
-    ft = sub.add_parser("finetune", help="train a classifier on a pretrained backbone, then test it on eval.shards",
+    _add_config_command(sub, "finetune", _cmd_finetune, recipes="supcam-finetune, sscl-finetune",
+                        help="train a classifier on a pretrained backbone, then test it on eval.shards",
                         epilog="example: sslkit finetune supcam-finetune finetune.init=runs/supcam "
                                "finetune.freeze_backbone=true")
-    ft.add_argument("config", help="YAML file or recipe name (supcam-finetune, sscl-finetune)")
-    ft.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    ft.set_defaults(fn=_cmd_finetune)
 
     demo = sub.add_parser("demo", help="make demo shards, pretrain CCRL, evaluate against baselines",
                           epilog="example: sslkit demo train.max_steps=100")
@@ -299,12 +295,20 @@ def _add_make_slides_parser(sub: argparse._SubParsersAction) -> None:
 
 def _add_mil_parser(sub: argparse._SubParsersAction) -> None:
     """``sslkit mil``: slide classification on feature bags."""
-    mil = sub.add_parser("mil", help="attention-MIL slide classification on feature bags, cross-validated by patient",
-                         epilog="example: sslkit mil mil mil.features=bags/demo mil.labels=slides/labels.csv "
-                                "mil.folds=5")
-    mil.add_argument("config", help="YAML file or recipe name (mil)")
-    mil.add_argument("overrides", nargs="*", help="dotted key=value overrides (mil.*, run.name, run.seed)")
-    mil.set_defaults(fn=_cmd_mil)
+    _add_config_command(sub, "mil", _cmd_mil, recipes="mil", overrides="(mil.*, run.name, run.seed)",
+                        help="attention-MIL slide classification on feature bags, cross-validated by patient",
+                        epilog="example: sslkit mil mil mil.features=bags/demo mil.labels=slides/labels.csv "
+                               "mil.folds=5")
+
+
+def _add_config_command(sub: argparse._SubParsersAction, name: str, fn: Any, *, help: str, epilog: str,
+                        recipes: str, overrides: str = "") -> argparse.ArgumentParser:
+    """A command that takes CONFIG (a YAML file or a recipe name) and dotted ``key=value`` overrides."""
+    parser = sub.add_parser(name, help=help, epilog=epilog)
+    parser.add_argument("config", help=f"YAML file or recipe name ({recipes})")
+    parser.add_argument("overrides", nargs="*", help=" ".join(filter(None, ["dotted key=value overrides", overrides])))
+    parser.set_defaults(fn=fn)
+    return parser
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -43,18 +43,25 @@ def ensure_demo_shards(root: Path, *, size: int = 32, splits: dict[str, dict[str
                        shard_size=2000, prefix=f"demo-{split}")
 
 
-def run_demo(*, shards: Path = Path("shards/demo"), overrides: list[str] | tuple[str, ...] = (),
-             splits: dict[str, dict[str, int]] = DEMO_SPLITS) -> dict[str, Any]:
+def pretrain_demo(*, shards: Path = Path("shards/demo"), overrides: list[str] | tuple[str, ...] = (),
+                  splits: dict[str, dict[str, int]] = DEMO_SPLITS) -> Path:
+    """Steps 1 and 2: the demo shards, then CCRL on them (resumed; nothing to do once finished); the run directory."""
     from sslkit.engine import train
-    from sslkit.evaluate.run import evaluate_run, format_table
-    from sslkit.report import write_report
 
     cfg = load_config(recipe_path("demo"), [f"data.shards={shards / 'train'}",
                                             f"eval.shards={shards / 'eval'}", *overrides])
     ensure_demo_shards(shards, size=cfg.data.size, splits=splits)
     print(f"CCRL on {shards / 'train'}: {cfg.train.max_steps} steps of {cfg.data.batch_size} crop pairs; "
           f"run directory {run_dir(cfg)}")
-    out = train(cfg)
+    return Path(train(cfg))
+
+
+def run_demo(*, shards: Path = Path("shards/demo"), overrides: list[str] | tuple[str, ...] = (),
+             splits: dict[str, dict[str, int]] = DEMO_SPLITS) -> dict[str, Any]:
+    from sslkit.evaluate.run import evaluate_run, format_table
+    from sslkit.report import write_report
+
+    out = pretrain_demo(shards=shards, overrides=overrides, splits=splits)
     results = evaluate_run(out)
     print()
     print(format_table(results))

@@ -20,23 +20,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from sslkit.config import load_config, load_mil_config, recipe_path, run_dir
+from sslkit.config import load_mil_config, recipe_path, run_dir
+from sslkit.demo import DEMO_SPLITS, pretrain_demo
 
 MIL_SETTINGS = ["mil.lr=1e-3", "mil.epochs=40", "mil.patience=15"]  # a 24-slide cohort: docs/slides.md
-
-
-def ensure_encoder(shards: Path, overrides: list[str] | tuple[str, ...] = (),
-                   splits: Optional[dict[str, dict[str, int]]] = None) -> Path:
-    """The crop demo's run directory, pretrained (or resumed to its last step) on the demo shards
-    (``splits``: their sizes and seeds, ``sslkit.demo.DEMO_SPLITS`` by default)."""
-    from sslkit.demo import DEMO_SPLITS, ensure_demo_shards
-    from sslkit.engine import train
-
-    cfg = load_config(recipe_path("demo"), [f"data.shards={shards / 'train'}", f"eval.shards={shards / 'eval'}",
-                                            *overrides])
-    ensure_demo_shards(shards, size=cfg.data.size, splits=splits or DEMO_SPLITS)
-    print(f"Encoder: CCRL on {shards / 'train'} ({cfg.train.max_steps} steps; run directory {run_dir(cfg)})")
-    return Path(train(cfg))
 
 
 def ensure_collection(root: Path, *, num_slides: int = 24, seed: int = 0) -> None:
@@ -61,7 +48,7 @@ def run_slide_demo(*, shards: Path = Path("shards/demo"), slides: Path = Path("s
     from sslkit.slides.mil import format_table, run_mil
     from sslkit.slides.tiles import SlideFiles
 
-    encoder_dir = ensure_encoder(shards, encoder_overrides, splits)
+    encoder_dir = pretrain_demo(shards=shards, overrides=encoder_overrides, splits=splits or DEMO_SPLITS)
     ensure_collection(slides, num_slides=num_slides)
     encoder = load_encoder(str(encoder_dir), input_size=64)
     source = SlideFiles([str(slides / "slides")], mpp=0.5, tile=64, min_tissue=0.5)

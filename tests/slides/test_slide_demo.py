@@ -23,6 +23,11 @@ def need(n: int, p: float) -> int:
     return int(binom.ppf(1 - P_VALUE, n, p)) + 1
 
 
+def predictions(root) -> list[dict]:
+    """The rows of the MIL run's predictions.csv."""
+    return list(csv.DictReader((root / "mil" / "eval" / "mil" / "predictions.csv").read_text().splitlines()))
+
+
 def in_regions(coords: np.ndarray, tile0: int, regions: list) -> np.ndarray:
     """(N,) whether each tile's centre (top-left ``coords`` + half of ``tile0`` level-0 px) is in a region."""
     centres = coords + tile0 / 2
@@ -47,7 +52,7 @@ def demo(tmp_path_factory):
 @pytest.mark.slow
 def test_abmil_finds_the_planted_label_by_a_binomial_margin(demo):
     root, results = demo
-    rows = list(csv.DictReader(open(root / "mil" / "eval" / "mil" / "predictions.csv")))
+    rows = predictions(root)
     assert len(rows) == 24 and results["num_slides"] == 24
     correct = sum(row["predicted"] == row["label"] for row in rows)
     assert correct >= need(24, 0.5), f"{correct} of 24 slides right out of fold"  # 20 of 24
@@ -58,7 +63,7 @@ def test_abmil_finds_the_planted_label_by_a_binomial_margin(demo):
 def test_the_most_attended_tile_lies_in_a_planted_region_more_often_than_chance(demo):
     root, _ = demo
     regions = json.loads((root / "slides-demo" / "regions.json").read_text())
-    rows = {row["slide_id"]: row for row in csv.DictReader(open(root / "mil" / "eval" / "mil" / "predictions.csv"))}
+    rows = {row["slide_id"]: row for row in predictions(root)}
     hits, shares = 0, []
     for slide, entry in regions.items():
         if not entry["regions"]:
