@@ -25,8 +25,8 @@ import logging
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 # Before torch loads OpenMP: its threads must not spin while DataLoader workers need the
 # same cores (measured on 2 CPU cores: about 2.5x more training throughput).
@@ -301,14 +301,13 @@ def _add_mil_parser(sub: argparse._SubParsersAction) -> None:
                                "mil.folds=5")
 
 
-def _add_config_command(sub: argparse._SubParsersAction, name: str, fn: Any, *, help: str, epilog: str,
-                        recipes: str, overrides: str = "") -> argparse.ArgumentParser:
+def _add_config_command(sub: argparse._SubParsersAction, name: str, fn: Callable[[argparse.Namespace], None], *,
+                        help: str, epilog: str, recipes: str, overrides: str = "") -> None:
     """A command that takes CONFIG (a YAML file or a recipe name) and dotted ``key=value`` overrides."""
     parser = sub.add_parser(name, help=help, epilog=epilog)
     parser.add_argument("config", help=f"YAML file or recipe name ({recipes})")
     parser.add_argument("overrides", nargs="*", help=" ".join(filter(None, ["dotted key=value overrides", overrides])))
     parser.set_defaults(fn=fn)
-    return parser
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

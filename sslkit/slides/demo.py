@@ -39,7 +39,7 @@ def ensure_collection(root: Path, *, num_slides: int = 24, seed: int = 0) -> Non
 def run_slide_demo(*, shards: Path = Path("shards/demo"), slides: Path = Path("slides-demo"),
                    bags: Path = Path("bags/demo-slides"), encoder_overrides: list[str] | tuple[str, ...] = (),
                    mil_overrides: list[str] | tuple[str, ...] = (), num_slides: int = 24,
-                   splits: Optional[dict[str, dict[str, int]]] = None, run: Optional[Path] = None) -> dict[str, Any]:
+                   splits: dict[str, dict[str, int]] = DEMO_SPLITS, run: Optional[Path] = None) -> dict[str, Any]:
     """Steps 1-5 of the module notes; returns what ``RUN/eval/mil/metrics.json`` holds. ``run``: the
     MIL run directory (default ``runs/demo-slides``)."""
     from sslkit.report import write_report
@@ -48,7 +48,7 @@ def run_slide_demo(*, shards: Path = Path("shards/demo"), slides: Path = Path("s
     from sslkit.slides.mil import format_table, run_mil
     from sslkit.slides.tiles import SlideFiles
 
-    encoder_dir = pretrain_demo(shards=shards, overrides=encoder_overrides, splits=splits or DEMO_SPLITS)
+    encoder_dir = pretrain_demo(shards=shards, overrides=encoder_overrides, splits=splits)
     ensure_collection(slides, num_slides=num_slides)
     encoder = load_encoder(str(encoder_dir), input_size=64)
     source = SlideFiles([str(slides / "slides")], mpp=0.5, tile=64, min_tissue=0.5)

@@ -19,7 +19,6 @@ instead (after any chunks already sent).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import tarfile
@@ -84,14 +83,7 @@ class SlideFiles:
     def preload(self) -> None:
         """Import what reading slides needs (OpenSlide, scipy, scikit-image) in this process, so that
         DataLoader workers forked from it do not each import them again."""
-        with contextlib.suppress(ImportError):  # the modules of WsiSource.preload, each named here
-            import openslide  # noqa: F401
-        with contextlib.suppress(ImportError):
-            import imagecodecs  # noqa: F401
-        import scipy.ndimage  # noqa: F401
-        import skimage.filters  # noqa: F401
-        import skimage.morphology  # noqa: F401
-        import tifffile  # noqa: F401
+        self.wsi.import_readers()
 
     def jobs(self) -> list[SlideJob]:
         return [SlideJob(u.id, u.path, u.cost) for u in self.wsi.units()]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
+import subprocess
 import sys
 import tarfile
 import warnings
@@ -571,3 +573,12 @@ def test_two_ranks_from_the_environment_shard_disjoint_slides(tmp_path, monkeypa
     assert [s["status"] for s in manifest["sources"]] == ["done"] * 5
     assert manifest["num_samples"] == sum(s["samples"] for s in manifest["sources"]) > 0
     assert verify_shards(tmp_path / "out")["ok"]
+
+
+def test_import_readers_imports_every_installed_module_that_preload_names():
+    """The forkserver's names (WsiSource.preload) and the imports of import_readers() are two lists: they must agree."""
+    code = ("import sys; from sslkit.sharding.wsi.command import WsiSource; WsiSource.import_readers(); "
+            "print(' '.join(m for m in WsiSource.preload if m not in sys.modules))")
+    missing = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    installed = [m for m in missing if importlib.util.find_spec(m.split(".")[0]) is not None]
+    assert installed == [], f"import_readers() does not import {installed}"

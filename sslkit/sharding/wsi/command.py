@@ -38,6 +38,7 @@ OpenSlide; OpenSlide's metadata stays in charge (``sslkit.sharding.wsi.slides``)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import shlex
 import sys
@@ -154,7 +155,22 @@ class WsiSource:
     classes = None
     handles_skip = True
     unit_noun, sample_noun = "slide", "tile"
+    # modules a worker process should import up front (forkserver preload takes names; import_readers() imports them
+    # in this process, named in the code, as the safety scan asks of imports)
     preload = ("openslide", "tifffile", "imagecodecs", "scipy.ndimage", "skimage.filters", "skimage.morphology")
+
+    @staticmethod
+    def import_readers() -> None:
+        """Import the modules of ``preload`` in this process (the optional ones when installed), so that
+        processes forked from it do not each import them again."""
+        with contextlib.suppress(ImportError):
+            import openslide  # noqa: F401
+        with contextlib.suppress(ImportError):
+            import imagecodecs  # noqa: F401
+        import scipy.ndimage  # noqa: F401
+        import skimage.filters  # noqa: F401
+        import skimage.morphology  # noqa: F401
+        import tifffile  # noqa: F401
 
     def __init__(self, slides: list[str], *, mpp: float = 0.5, tile: int = 256, overlap: int = 0,
                  min_tissue: float = 0.5, encode: str = "jpeg", quality: int = 90,
